@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's Python 3.12 virtual environment in .venv and install the package
+# with its dev tools, pinned by constraints.txt. Idempotent: a stamp file skips the install when
+# pyproject.toml and constraints.txt have not changed since the last successful run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+find_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  for cand in python3.12 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+      command -v "$cand"; return
+    fi
+  done
+  # pyenv installs 3.12 without exposing it globally: ask pyenv directly
+  if command -v pyenv >/dev/null 2>&1; then
+    local v
+    v=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$' | sort -V | tail -n1 || true)
+    if [ -n "$v" ]; then echo "$(pyenv root)/versions/$v/bin/python3.12"; return; fi
+  fi
+  echo "error: Python 3.12 not found (megatron-core 0.19.2 requires Python >= 3.12). Install it, or set PYTHON=/path/to/python3.12" >&2
+  exit 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  py=$(find_python)
+  echo "==> creating $VENV with $py ($("$py" --version))"
+  "$py" -m venv "$VENV"
+fi
+
+stamp="$VENV/.dms_megatron_installed"
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "==> $VENV is up to date"
+  exit 0
+fi
+echo "==> installing dms_megatron[dev] into $VENV (torch ~1 min from a cold cache)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+"$VENV/bin/python" -m pip check
+echo "$want" > "$stamp"
+echo "==> ready: $("$VENV/bin/python" -c 'import torch, importlib.metadata as m; print("torch", torch.__version__, "| megatron-core", m.version("megatron-core"))')"

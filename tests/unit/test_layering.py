@@ -1,0 +1,55 @@
+"""The import rules of docs/architecture.md, checked in fresh interpreters."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FRAMEWORKS = ("megatron", "hydra", "omegaconf", "wandb", "transformers")
+
+# package -> top-level dms_megatron subpackages it may import (besides itself)
+ALLOWED = {
+    "core": set(),
+    "kernels": {"core"},
+    "megatron": {"core", "kernels", "config"},
+    "config": {"core"},
+}
+
+
+def test_importing_core_loads_no_framework():
+    code = (
+        "import sys, dms_megatron.core; "
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"dms_megatron.core pulled in: {out.stdout}"
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layers_import_only_downward(layer):
+    base = ROOT / "dms_megatron" / layer
+    files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+    files = [f for f in files if f.exists()]
+    for f in files:
+        for name in _imports(f):
+            parts = name.split(".")
+            if parts[0] == "dms_megatron" and len(parts) > 1 and parts[1] != layer:
+                assert parts[1] in ALLOWED[layer], f"{f.relative_to(ROOT)} imports {name}"
+            if layer != "megatron":
+                assert parts[0] != "megatron", f"{f.relative_to(ROOT)} imports megatron"
+            assert parts[0] not in ("hydra", "omegaconf"), f"{f.relative_to(ROOT)}: Hydra only in launch/"

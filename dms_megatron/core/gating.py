@@ -55,12 +55,13 @@ def neuron_evict_logits(
 
     Call it on q after q-layernorm and before RoPE. The result keeps q's layout with the head axis
     reduced to one entry per KV group and the channel axis dropped (``[..., Hkv]`` for the default
-    ``head_axis=-2``). Differentiable in q.
+    ``head_axis=-2``). Differentiable in q. Scaled in fp32 (bf16 times 100 would be too coarse).
     """
     axis, g = _neuron_index(q, num_kv_heads, head_axis)
     channel = q[..., -1]  # drops the channel axis; the head axis keeps its index
     first_heads = torch.arange(0, q.shape[axis], g, device=q.device)
-    return channel.index_select(axis, first_heads) * scale - offset
+    raw = channel.index_select(axis, first_heads)
+    return raw.to(torch.promote_types(raw.dtype, torch.float32)) * scale - offset
 
 
 def zero_neuron(q: torch.Tensor, num_kv_heads: int, head_axis: int = -2) -> torch.Tensor:
@@ -81,7 +82,7 @@ class EvictionAdapter(nn.Module):
     """The learned adapter: ``scale * Linear(RMSNorm(x)) - offset`` with a zero-initialised Linear.
 
     Reads the layer's *pre-norm* residual stream ``x [..., d]`` and returns ``[..., Hkv]`` logits,
-    all exactly ``-offset`` at initialisation.
+    all exactly ``-offset`` at initialisation (scaled in at least fp32).
     """
 
     def __init__(
@@ -112,7 +113,8 @@ class EvictionAdapter(nn.Module):
             raise ValueError(
                 f"adapter expects hidden size {self.norm.normalized_shape[0]}, got input {tuple(x.shape)}"
             )
-        return self.proj(self.norm(x)) * self.scale - self.offset
+        raw = self.proj(self.norm(x))
+        return raw.to(torch.promote_types(raw.dtype, torch.float32)) * self.scale - self.offset
 
 
 def per_layer_logits(logits: torch.Tensor, head_axis: int = -1) -> torch.Tensor:

@@ -7,9 +7,36 @@ from dms_megatron.megatron.compat import SUPPORTED_MEGATRON_CORE, MegatronVersio
 
 MEGATRON_CORE_VERSION = check_megatron_version()
 
+from dms_megatron.megatron.attention import (  # noqa: E402  (after the version gate)
+    DMSCoreAttention,
+    DMSSelfAttention,
+    DMSTransformerLayer,
+)
+from dms_megatron.megatron.pipeline import (  # noqa: E402
+    DECISION_CHANNELS,
+    adjust_p2p_shapes,
+    attach_dms_pipeline,
+    dms_compression_loss,
+    dms_run_state,
+    reduce_decision_stats,
+)
+from dms_megatron.megatron.spec import apply_dms  # noqa: E402
+from dms_megatron.megatron.state import DMSRunState  # noqa: E402
+
 __all__ = [
+    "DECISION_CHANNELS",
     "MEGATRON_CORE_VERSION",
     "SUPPORTED_MEGATRON_CORE",
+    "DMSCoreAttention",
+    "DMSRunState",
+    "DMSSelfAttention",
+    "DMSTransformerLayer",
     "MegatronVersionError",
+    "adjust_p2p_shapes",
+    "apply_dms",
+    "attach_dms_pipeline",
     "check_megatron_version",
+    "dms_compression_loss",
+    "dms_run_state",
+    "reduce_decision_stats",
 ]

@@ -1,0 +1,39 @@
+"""Attention backends behind one dispatcher, all with the contract of ``core.dms_attention_reference``.
+
+``reference``: the dense chunked core implementation (CPU, tests, oracle).
+``flex``: PyTorch FlexAttention with a causal/document block mask (CUDA).
+``auto``: flex for CUDA tensors, reference otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dms_megatron.core.attention import dms_attention_reference
+
+BACKENDS = ("auto", "reference", "flex")
+
+
+def dms_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    relaxed: torch.Tensor | None,
+    window: int,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Delayed-eviction attention ``[B, Hq, T, Dv]``; ``relaxed=None`` = plain causal (teacher)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "reference"
+    if backend == "flex":
+        from dms_megatron.kernels.flex import dms_attention_flex
+
+        return dms_attention_flex(q, k, v, relaxed, window, scale, doc_ids)
+    return dms_attention_reference(q, k, v, relaxed, window, scale, doc_ids)
+
+
+__all__ = ["BACKENDS", "dms_attention"]

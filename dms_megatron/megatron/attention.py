@@ -1,0 +1,293 @@
+"""DMS attention modules for megatron-core's layer specs.
+
+``DMSSelfAttention`` (a ``SelfAttention`` subclass) computes the eviction logits where the
+algorithm needs them: the neuron variant reads q channel D-1 of each KV group's first head after
+q-layernorm and before RoPE (and zeroes it); the adapter variant reads the layer's pre-norm
+residual. The logits reach ``DMSCoreAttention`` (the ``core_attention`` slot) either directly
+(``pending_logits``) or, under selective recompute of the core attention, as a checkpoint input
+through megatron's ``core_attention_extra_kwargs`` so their gradient survives recompute.
+
+Shape legend (Megatron layout, per TP rank): hidden ``[s(/tp), b, h]``; query ``[s, b, np, hn]``;
+key/value ``[s, b, ng, hn]``; THD: ``[t, np|ng, hn]``; logits ``[s, b, ng]`` (THD ``[t, 1, ng]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from dms_megatron.config import DMSConfig
+from dms_megatron.core.gating import EvictionAdapter, neuron_evict_logits, relaxed_decisions, zero_neuron
+from dms_megatron.core.noise import NoiseKey, logistic_noise
+from dms_megatron.core.shift import doc_ids_from_cu_seqlens
+from dms_megatron.kernels import dms_attention
+from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState
+
+log = logging.getLogger(__name__)
+
+
+def validate_parallel_layout(config: Any, tp_size: int) -> None:
+    """Build-time checks for layouts DMS does not support (clear errors, not silent garbage)."""
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise NotImplementedError(
+            "DMS attention does not support context parallelism yet (context_parallel_size="
+            f"{config.context_parallel_size}); set context_parallel_size=1"
+        )
+    if getattr(config, "fused_single_qkv_rope", False):
+        raise ValueError("DMS needs the separate q tensor: set TransformerConfig.fused_single_qkv_rope=False")
+    ng = config.num_query_groups or config.num_attention_heads
+    if ng % tp_size != 0:
+        raise ValueError(
+            f"DMS needs whole KV heads per tensor-parallel rank: num_query_groups={ng} is not divisible "
+            f"by tensor_model_parallel_size={tp_size} (KV-head replication is not supported)"
+        )
+
+
+class DMSSelfAttention(SelfAttention):
+    """Self-attention that produces DMS eviction logits for its core attention."""
+
+    def __init__(
+        self,
+        config: Any,
+        submodules: Any,
+        layer_number: int,
+        *args: Any,
+        dms_config: DMSConfig,
+        dms_state: DMSRunState,
+        residual_is_input: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        self.dms_config, self.dms_state = dms_config, dms_state
+        tp = self.pg_collection.tp
+        self.tp_size, self.tp_rank = tp.size(), tp.rank()
+        validate_parallel_layout(self.config, self.tp_size)
+        self.num_kv_heads = self.config.num_query_groups or self.config.num_attention_heads
+        # With the TE spec the input norm is fused into linear_qkv, so forward() sees the pre-norm
+        # residual; with the local spec DMSTransformerLayer hands it over in ``dms_residual``.
+        self.residual_is_input = residual_is_input
+        self.dms_residual: torch.Tensor | None = None
+        self.adapter: EvictionAdapter | None = None
+        if dms_config.variant == "adapter":
+            self.adapter = EvictionAdapter(
+                self.config.hidden_size,
+                self.num_kv_heads,
+                scale=dms_config.logit_scale,
+                offset=dms_config.logit_offset,
+                eps=dms_config.adapter_eps,
+                bias=dms_config.adapter_bias,
+                dtype=self.config.params_dtype,
+            )
+            for p in self.adapter.parameters():
+                # replicated over TP; under SP each rank sees a sequence shard, so the grads are
+                # partial sums that finalize_model_grads all-reduces over TP (params tagged so)
+                p.sequence_parallel = self.config.sequence_parallel
+
+    # -- logits -------------------------------------------------------------------------------
+    def _adapter_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states if self.residual_is_input else self.dms_residual
+        if x is None:
+            raise RuntimeError("adapter variant needs the pre-norm residual; build the spec with apply_dms")
+        logits = self.adapter(x)  # [s(/tp), b, Hkv] (all KV heads)
+        if self.tp_size == 1:
+            return logits
+        tp = self.pg_collection.tp
+        if self.config.sequence_parallel:
+            # tiny [s/tp, b, Hkv] gather instead of gathering the hidden states; backward
+            # reduce-scatters, so each rank's head slice gradient reaches the right sequence shard
+            logits = tensor_parallel.gather_from_sequence_parallel_region(logits, group=tp)
+            ng = self.num_query_groups_per_partition
+            return logits[..., self.tp_rank * ng : (self.tp_rank + 1) * ng]
+        # full sequence on every rank: keep this rank's heads; backward all-gathers so every rank
+        # holds the full (identical) adapter gradient, as for any replicated parameter
+        return tensor_parallel.scatter_to_tensor_model_parallel_region(logits, group=tp)
+
+    def _per_layer(self, logits: torch.Tensor) -> torch.Tensor:
+        """Broadcast global KV head 0's logit to this rank's heads."""
+        if self.tp_size > 1:
+            # head 0 lives on rank 0; backward reduce-scatters so every rank's use of it counts
+            logits = tensor_parallel.all_gather_last_dim_from_tensor_parallel_region(
+                logits.contiguous(), group=self.pg_collection.tp
+            )
+        return logits[..., :1].expand(*logits.shape[:-1], self.num_query_groups_per_partition)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
+        query = out[0]
+        ng = self.num_query_groups_per_partition
+        if self.dms_config.variant == "neuron":
+            logits = neuron_evict_logits(
+                query, ng, self.dms_config.logit_scale, self.dms_config.logit_offset, head_axis=-2
+            )
+            query = zero_neuron(query, ng)  # before RoPE (the core zeroes again after RoPE)
+            out = (query, *out[1:])
+        else:
+            if self.adapter is None:
+                raise RuntimeError("adapter variant without an adapter")
+            if self.dms_config.decisions_per == "layer":
+                x = hidden_states if self.residual_is_input else self.dms_residual
+                full = self.adapter(x)
+                if self.config.sequence_parallel and self.tp_size > 1:
+                    full = tensor_parallel.gather_from_sequence_parallel_region(
+                        full, group=self.pg_collection.tp
+                    )
+                logits = full[..., :1].expand(*full.shape[:-1], ng)
+            else:
+                logits = self._adapter_logits(hidden_states)
+        if self.dms_config.decisions_per == "layer" and self.dms_config.variant == "neuron":
+            logits = self._per_layer(logits)
+        self.core_attention.pending_logits = logits
+        return out
+
+    def _checkpointed_attention_forward(self, query, key, value, attention_mask, *args, **kwargs):
+        # selective recompute: pass the logits as a checkpoint input so their gradient survives
+        extra = dict(kwargs.pop("core_attention_extra_kwargs", None) or {})
+        extra["dms_logits"] = self.core_attention.pending_logits
+        self.core_attention.pending_logits = None
+        return super()._checkpointed_attention_forward(
+            query, key, value, attention_mask, *args, core_attention_extra_kwargs=extra, **kwargs
+        )
+
+
+class DMSCoreAttention(MegatronModule):
+    """Delayed-eviction core attention: noise, relaxed decisions, the attention backend, and the
+    decision bookkeeping (compression-loss channel, per-head statistics)."""
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str = "self",
+        cp_comm_type: str | None = None,
+        softmax_scale: float | None = None,
+        pg_collection: Any = None,
+        *,
+        dms_config: DMSConfig,
+        dms_state: DMSRunState,
+        **_: Any,
+    ) -> None:
+        super().__init__(config=config)
+        self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
+        self.dms_config, self.dms_state = dms_config, dms_state
+        self.softmax_scale = softmax_scale
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.tp_group = pg_collection.tp
+        self.pending_logits: torch.Tensor | None = None
+        self.dms_accumulator: DecisionAccumulator | None = None  # set by attach_dms_pipeline
+
+    def _noise(self, B: int, H: int, T: int, device: torch.device) -> torch.Tensor | None:
+        if not (self.training and self.dms_config.train_noise):
+            return None
+        per_layer = self.dms_config.decisions_per == "layer"
+        key = NoiseKey(
+            seed=self.dms_config.seed,
+            step=self.dms_state.step,
+            micro_batch=self.dms_state.micro_batch,
+            dp_rank=parallel_state.get_data_parallel_rank()
+            if parallel_state.model_parallel_is_initialized()
+            else 0,
+            layer=self.layer_number - 1,
+        )
+        head_offset = 0 if per_layer else self.tp_group.rank() * H
+        n = logistic_noise(key, (B, 1 if per_layer else H, T), head_offset=head_offset, device=device)
+        return n.expand(B, H, T) if per_layer else n
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+        dms_logits: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("DMS attention does not take an additive attention_bias")
+        logits = dms_logits if dms_logits is not None else self.pending_logits
+        self.pending_logits = None
+        ng = key.shape[-2]
+        if self.dms_config.variant == "neuron":
+            query = zero_neuron(query, ng)  # after RoPE: RoPE rotated channel D/2-1 into D-1
+        thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", None) == "thd"
+        doc_ids = None
+        if thd:  # [t, heads, hn] -> [1, heads, t, hn]
+            q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            doc_ids = doc_ids_from_cu_seqlens(cu.to(torch.long), total_len=q.shape[2])
+            logits_bht = None if logits is None else logits.reshape(q.shape[2], ng).t().unsqueeze(0)
+        else:  # [s, b, heads, hn] -> [b, heads, s, hn]
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            logits_bht = None if logits is None else logits.permute(1, 2, 0)
+        B, _, T, _ = q.shape
+        if self.dms_config.teacher_mode or logits_bht is None:
+            relaxed = None
+        else:
+            noise = self._noise(B, ng, T, q.device)
+            decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
+        out = dms_attention(
+            q,
+            k,
+            v,
+            relaxed,
+            self.dms_config.window,
+            self.softmax_scale,
+            doc_ids,
+            backend=self.dms_config.attention_backend,
+        )
+        # [b, np, s, hn] -> [s, b, np*hn]   (THD: [t, np*hn], reshaped by Attention.forward)
+        out = out.permute(2, 0, 1, 3).reshape(T, B, -1)
+        if thd:
+            out = out.squeeze(1)
+        if relaxed is not None:
+            out = self._account(out, decisions, thd)
+        return out
+
+    def _account(self, out: torch.Tensor, decisions: torch.Tensor, thd: bool) -> torch.Tensor:
+        """Record statistics and wire this layer's decisions into the compression-loss channel."""
+        acc = self.dms_accumulator
+        if acc is not None and acc.open:
+            self.dms_state.record(
+                self.layer_number - 1,
+                decisions.detach().sum(dim=(0, 2)),
+                torch.full(
+                    (decisions.shape[1],),
+                    decisions.shape[0] * decisions.shape[2],
+                    dtype=torch.float32,
+                    device=decisions.device,
+                ),
+            )
+        if acc is None or self.dms_config.compression_loss != "global":
+            return out
+        count = decisions.sum(dim=1).t()  # [s, b]: decisions summed over this rank's KV heads
+        if self.tp_group.size() > 1:
+            if self.config.sequence_parallel:
+                count = tensor_parallel.reduce_scatter_to_sequence_parallel_region(count, group=self.tp_group)
+            else:
+                count = tensor_parallel.reduce_from_tensor_model_parallel_region(count, group=self.tp_group)
+        return acc.add(out, count)
+
+
+class DMSTransformerLayer(TransformerLayer):
+    """Hands the pre-norm residual to the DMS adapter (local spec: the input norm is a module of
+    the layer, so ``SelfAttention.forward`` only sees normalised states)."""
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        self.self_attention.dms_residual = hidden_states
+        try:
+            return super()._forward_attention(hidden_states, *args, **kwargs)
+        finally:
+            self.self_attention.dms_residual = None

@@ -1,0 +1,169 @@
+"""Pipeline glue for DMS: the decision channel between stages, the exact compression loss on the
+last stage, and once-per-step metric reduction. See ``state.py`` for the gradient mechanics.
+
+This is the one place that modifies upstream objects, and only per instance, explicitly, logged:
+
+* ``TransformerBlock.set_input_tensor`` (per block instance): the received activation is
+  ``[s, b, h + 2]`` on non-first stages; the last two channels are split off as the incoming decision
+  count. Needed for megatron-core 0.19.2 (P2P carries one tensor of one shape); remove if megatron
+  gains a side channel for per-stage tensors.
+* a forward pre-hook and a forward hook on each ``TransformerBlock`` (public torch API).
+
+Decision counts ride as two channels (hi = multiple of 256, lo < 256) so that they stay exact in a
+bf16 pipeline (bf16 holds integers exactly only up to 256).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from dms_megatron.megatron.attention import DMSCoreAttention
+from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState, close_stage
+
+log = logging.getLogger(__name__)
+DECISION_CHANNELS = 2
+
+
+def dms_run_state(model: torch.nn.Module) -> DMSRunState:
+    """The ``DMSRunState`` shared by the DMS modules of ``model``."""
+    for m in model.modules():
+        if isinstance(m, DMSCoreAttention):
+            return m.dms_state
+    raise ValueError("model has no DMS attention (build its layer spec with apply_dms)")
+
+
+def _blocks(model: torch.nn.Module) -> list[TransformerBlock]:
+    return [m for m in model.modules() if isinstance(m, TransformerBlock)]
+
+
+def _encode(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lo = torch.remainder(acc.detach(), 256.0)
+    return torch.stack([acc - lo, lo], dim=-1).to(dtype)  # gradient flows through the hi channel
+
+
+def attach_dms_pipeline(model: torch.nn.Module) -> DMSRunState:
+    """Wire the decision channel into every model chunk of ``model`` (idempotent). Returns the state.
+
+    Call once after building the model, before wrapping it in DDP.
+    """
+    state = dms_run_state(model)
+    if parallel_state.model_parallel_is_initialized():
+        vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        if vp is not None and vp > 1:
+            raise NotImplementedError("DMS does not support virtual (interleaved) pipeline parallelism yet")
+    for block in _blocks(model):
+        if getattr(block, "_dms_attached", False):
+            continue
+        acc = DecisionAccumulator()
+        state.accumulators[id(block)] = acc
+        for m in block.modules():
+            if isinstance(m, DMSCoreAttention):
+                m.dms_accumulator = acc
+        hidden = block.config.hidden_size
+
+        def set_input_tensor(self, input_tensor, _acc=acc, _h=hidden):
+            if isinstance(input_tensor, list | tuple):
+                input_tensor = input_tensor[0]
+            if input_tensor is not None and input_tensor.shape[-1] == _h + DECISION_CHANNELS:
+                _acc.acc_in = input_tensor[..., _h:].float().sum(-1)
+                input_tensor = input_tensor[..., :_h]
+            TransformerBlock.set_input_tensor(self, input_tensor)
+
+        block.set_input_tensor = types.MethodType(set_input_tensor, block)
+
+        def pre_hook(module, args, kwargs, _acc=acc):
+            _acc.begin()
+
+        def post_hook(module, args, kwargs, output, _acc=acc):
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            hidden_out, acc_out = close_stage(hidden_out, _acc)
+            if module.post_process:
+                _acc.total = acc_out
+                new = hidden_out
+            else:
+                new = torch.cat([hidden_out, _encode(acc_out, hidden_out.dtype)], dim=-1)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        block.register_forward_hook(post_hook, with_kwargs=True)
+        block._dms_attached = True
+        log.info(
+            "DMS: decision channel attached to %s (post_process=%s)", type(block).__name__, block.post_process
+        )
+    return state
+
+
+def adjust_p2p_shapes(
+    recv_shapes: list[tuple[int, ...]], send_shapes: list[tuple[int, ...]]
+) -> tuple[list, list]:
+    """``adjust_tensor_shapes_fn`` for the 1F1B schedule: widen activations by the decision channels."""
+
+    def widen(shapes):
+        return [(*s[:-1], s[-1] + DECISION_CHANNELS) if len(s) else s for s in shapes]
+
+    return widen(recv_shapes), widen(send_shapes)
+
+
+def dms_compression_loss(
+    model: torch.nn.Module, valid: torch.Tensor, target_fraction: float, num_layers: int, num_kv_heads: int
+) -> torch.Tensor:
+    """Exact global compression loss on the last stage: ``mean_b relu(target - frac_b)``.
+
+    ``valid [b, s]``: True where a position counts. ``num_layers``/``num_kv_heads``: the whole model's.
+    """
+    blocks = [b for b in _blocks(model) if b.post_process]
+    if len(blocks) != 1:
+        raise ValueError("dms_compression_loss runs on the last pipeline stage of a non-interleaved model")
+    state = dms_run_state(model)
+    acc = state.accumulators.get(id(blocks[0]))
+    if acc is None or acc.total is None:
+        raise RuntimeError("no decision counts: call attach_dms_pipeline(model) and run a forward first")
+    total = acc.total  # [s(/tp), b]
+    config = blocks[0].config
+    v = valid.t().to(total.dtype)  # [s, b]
+    tp = (
+        parallel_state.get_tensor_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1
+    )
+    if config.sequence_parallel and tp > 1:
+        shard = total.shape[0]
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        per_sample = (total * v[rank * shard : (rank + 1) * shard]).sum(0)
+        per_sample = tensor_parallel.reduce_from_tensor_model_parallel_region(per_sample)
+    else:
+        per_sample = (total * v).sum(0)
+    count = valid.to(total.dtype).sum(1) * (num_layers * num_kv_heads)
+    frac = per_sample / count.clamp(min=1.0)
+    return torch.relu(target_fraction - frac).mean()
+
+
+def reduce_decision_stats(
+    state: DMSRunState, num_layers: int, num_kv_heads: int, device: Any = None
+) -> torch.Tensor:
+    """Eviction rate per ``[layer, KV head]`` of this step, reduced over TP, PP and DP. Collective:
+    every rank must call it once per step, outside any forward. Clears the step's statistics."""
+    sums = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64, device=device)
+    counts = torch.zeros_like(sums)
+    tp_rank = (
+        parallel_state.get_tensor_model_parallel_rank()
+        if parallel_state.model_parallel_is_initialized()
+        else 0
+    )
+    for layer, (s, c) in state.stats.items():
+        ng = s.numel()
+        sums[layer, tp_rank * ng : (tp_rank + 1) * ng] += s.double().to(sums.device)
+        counts[layer, tp_rank * ng : (tp_rank + 1) * ng] += c.double().to(sums.device)
+    if torch.distributed.is_initialized():
+        both = torch.stack([sums, counts])
+        torch.distributed.all_reduce(both, group=parallel_state.get_model_parallel_group())
+        torch.distributed.all_reduce(both, group=parallel_state.get_data_parallel_group())
+        sums, counts = both[0], both[1]
+    state.reset_stats()
+    return sums / counts.clamp(min=1.0)

@@ -1,0 +1,267 @@
+"""Rank-side jobs for the DMS Megatron tests (run inside ``runner.run_distributed``).
+
+Each job builds the tiny GPT with a DMS layer spec at some TP/PP/SP layout from the same master
+weights, runs megatron's schedule on the same micro-batches with loss = vocab-parallel KD against
+fixed teacher logits + the exact global compression loss, and returns losses, full gradients and
+per-[layer, KV head] decision rates as CPU tensors.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import tiny_gpt
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from dms_megatron.config import DMSConfig
+from dms_megatron.megatron import (
+    adjust_p2p_shapes,
+    apply_dms,
+    attach_dms_pipeline,
+    dms_compression_loss,
+    reduce_decision_stats,
+)
+from dms_megatron.megatron.kd import vocab_parallel_kd_loss
+
+NUM_MICROBATCHES = 2
+TARGET_FRACTION = 0.6
+
+
+def dms_test_config(**overrides: Any) -> DMSConfig:
+    """Logit scale/offset/tau chosen so the tiny random model makes mixed, non-saturated decisions."""
+    base: dict[str, Any] = {
+        "variant": "adapter",
+        "window": 3,
+        "logit_scale": 1.0,
+        "logit_offset": 0.0,
+        "tau": 1.0,
+        "attention_backend": "reference",
+        "cr_end": 4.0,
+        "cr_ramp_steps": 10,
+    }
+    base.update(overrides)
+    return DMSConfig(**base)
+
+
+def teacher_logits(micro_batch: int, seed: int = 99) -> torch.Tensor:
+    """Fixed full-vocabulary teacher logits ``[b, s, V]`` for a micro-batch."""
+    gen = torch.Generator().manual_seed(seed * 1000 + micro_batch)
+    return torch.randn(tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN, tiny_gpt.VOCAB, generator=gen) * 2
+
+
+def _vocab_shard(full: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    n = full.shape[-1] // tp
+    return full[..., rank * n : (rank + 1) * n]
+
+
+def _loss_func(model, mb: int, batch, num_kv_heads: int, output: torch.Tensor):
+    kd = vocab_parallel_kd_loss(output, _vocab_shard(teacher_logits(mb)), mask=batch["loss_mask"].bool())
+    valid = torch.ones_like(batch["loss_mask"], dtype=torch.bool)
+    cmp = dms_compression_loss(model, valid, TARGET_FRACTION, tiny_gpt.NUM_LAYERS, num_kv_heads)
+    loss = kd + cmp
+    return loss, {"kd": kd.detach().clone(), "cmp": cmp.detach().clone(), "loss": loss.detach().clone()}
+
+
+def run_dms_schedule(model, batches, state, num_kv_heads: int) -> list[dict[str, float]]:
+    counter = iter(range(len(batches)))
+
+    def forward_step(data_iterator, model_chunk):
+        batch = next(data_iterator)
+        mb = next(counter)
+        state.micro_batch = mb
+        out = model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+        return out, partial(_loss_func, model_chunk, mb, batch, num_kv_heads)
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    extra = {"adjust_tensor_shapes_fn": adjust_p2p_shapes} if pp > 1 else {}
+    model.train()
+    model.zero_grad(set_to_none=True)
+    b, s = batches[0]["tokens"].shape
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+        **extra,
+    )
+    tiny_gpt.allreduce_tp_replicated_grads(model)
+    return (
+        [{k: float(v) for k, v in d.items()} for d in out] if parallel_state.is_pipeline_last_stage() else []
+    )
+
+
+def parity_job(rank: int, world_size: int, tp: int, pp: int, sp: bool, dms_kwargs: dict[str, Any]) -> dict:
+    cfg = dms_test_config(**dms_kwargs)
+    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    model = tiny_gpt.build_tiny_gpt(tp, pp, seed=7, sequence_parallel=sp, layer_spec=spec)
+    state = attach_dms_pipeline(model)
+    state.step = 3
+    losses = run_dms_schedule(model, tiny_gpt.make_batches(NUM_MICROBATCHES), state, 2)
+    rates = reduce_decision_stats(state, tiny_gpt.NUM_LAYERS, 2)
+    return {"losses": losses, "grads": tiny_gpt.gather_full_grads(model), "rates": rates.cpu()}
+
+
+# ------------------------------------------------------------------------------------ teacher parity
+
+
+def _neuron_rows(rows: int, group_size: int, head_dim: int) -> list[int]:
+    """linear_qkv rows of q channel D-1 of each group's first head ([g q heads, k, v] x hn per group)."""
+    per_group = (group_size + 2) * head_dim
+    return [grp * per_group + head_dim - 1 for grp in range(rows // per_group)]
+
+
+def _zero_neuron_rows(model, group_size: int, head_dim: int) -> None:
+    """Stock-model equivalent of the pre-RoPE zeroing: zero those rows of linear_qkv."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_qkv.weight"):
+                p[_neuron_rows(p.shape[0], group_size, head_dim)] = 0.0
+
+
+def _zero_query_channel_hook(group_size: int):
+    def hook(module, args, kwargs):
+        q = args[0].clone()
+        q[:, :, ::group_size, -1] = 0.0
+        return (q, *args[1:]), kwargs
+
+    return hook
+
+
+def teacher_parity_job(rank: int, world_size: int, variant: str) -> dict:
+    """Eviction off (teacher mode): DMS model vs stock model on the same weights, logits + grads."""
+    batches = tiny_gpt.make_batches(1)
+    results = {}
+    for kind in ("dms", "stock"):
+        if kind == "dms":
+            cfg = dms_test_config(variant=variant, teacher_mode=True)
+            spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+        else:
+            spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        model = tiny_gpt.build_tiny_gpt(1, 1, seed=11, layer_spec=spec)
+        if kind == "stock" and variant == "neuron":
+            _zero_neuron_rows(model, group_size=2, head_dim=tiny_gpt.HIDDEN // 4)
+            for layer in model.decoder.layers:
+                layer.self_attention.core_attention.register_forward_pre_hook(
+                    _zero_query_channel_hook(2), with_kwargs=True
+                )
+        model.train()
+        logits = model(
+            input_ids=batches[0]["tokens"], position_ids=batches[0]["position_ids"], attention_mask=None
+        )
+        logits.float().pow(2).mean().backward()
+        grads, neuron_row_grads = {}, []
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                grads[name] = p.grad.detach().clone()
+            elif "adapter" not in name:
+                raise AssertionError(f"{name} got no gradient")
+            if variant == "neuron" and name.endswith("linear_qkv.weight"):
+                # the repurposed channel is dead in the DMS model (multiplied by 0), while the stock
+                # model's zeroed row still receives a gradient through RoPE's rotation: compare the
+                # other rows, and report the DMS rows' gradient separately
+                rows = _neuron_rows(p.shape[0], 2, tiny_gpt.HIDDEN // 4)
+                neuron_row_grads.append(grads[name][rows].clone())
+                grads[name][rows] = 0.0
+        results[kind] = {"logits": logits.detach().clone(), "grads": grads, "neuron_rows": neuron_row_grads}
+    return results
+
+
+# ------------------------------------------------------------------------------ core vs reference
+
+
+def core_vs_reference_job(rank: int, world_size: int) -> dict:
+    """DMSCoreAttention.forward == core.dms_attention_reference on the same q, k, v and logits."""
+    from dms_megatron.core import dms_attention_reference, relaxed_decisions
+    from dms_megatron.megatron.attention import DMSCoreAttention
+    from dms_megatron.megatron.state import DMSRunState
+
+    tiny_gpt.init_parallel(1, 1, seed=0)
+    config = tiny_gpt.tiny_gpt_config(1, 1)
+    out = {}
+    for variant in ("adapter", "neuron"):
+        cfg = dms_test_config(variant=variant, train_noise=False)
+        core = DMSCoreAttention(config, 1, None, dms_config=cfg, dms_state=DMSRunState())
+        gen = torch.Generator().manual_seed(0)
+        s, b, nq, ng, hn = 12, 2, 4, 2, 16
+        q, k, v = (torch.randn(s, b, h, hn, generator=gen, dtype=torch.float64) for h in (nq, ng, ng))
+        logits = torch.randn(s, b, ng, generator=gen, dtype=torch.float64)
+        got = core(q, k, v, None, dms_logits=logits)
+        qr = q.clone()
+        if variant == "neuron":
+            qr[:, :, ::2, -1] = 0
+        relaxed = relaxed_decisions(logits.permute(1, 2, 0), None, cfg.tau).relaxed
+        ref = dms_attention_reference(
+            qr.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), relaxed, cfg.window
+        )
+        out[variant] = (got, ref.permute(2, 0, 1, 3).reshape(s, b, nq * hn))
+    # packed (THD) input: documents must not see each other and the shift stops at boundaries
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cfg = dms_test_config(train_noise=False)
+    core = DMSCoreAttention(config, 1, None, dms_config=cfg, dms_state=DMSRunState())
+    gen = torch.Generator().manual_seed(1)
+    t = 10
+    q, k, v = (torch.randn(t, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    logits = torch.randn(t, 1, 2, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    psp = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=6, max_seqlen_kv=6
+    )
+    packed = core(q, k, v, None, packed_seq_params=psp, dms_logits=logits)
+    pieces = []
+    for a, z in ((0, 4), (4, 10)):
+        sub = core(
+            q[a:z].unsqueeze(1), k[a:z].unsqueeze(1), v[a:z].unsqueeze(1), None, dms_logits=logits[a:z]
+        )
+        pieces.append(sub.squeeze(1))
+    out["thd"] = (packed, torch.cat(pieces))
+    return out
+
+
+# ------------------------------------------------------------------- compression-gradient routing
+
+
+def compression_only_job(rank: int, world_size: int, pp: int, target: float) -> dict:
+    """Loss = compression loss only: its gradient can reach the adapter only through the decision
+    channel (layer injectors, and the P2P channel for stage 0 under PP)."""
+    cfg = dms_test_config(variant="adapter")
+    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    model = tiny_gpt.build_tiny_gpt(1, pp, seed=7, layer_spec=spec)
+    state = attach_dms_pipeline(model)
+
+    def loss_func(model_chunk, batch, output):
+        valid = torch.ones_like(batch["loss_mask"], dtype=torch.bool)
+        cmp = dms_compression_loss(model_chunk, valid, target, tiny_gpt.NUM_LAYERS, 2)
+        return cmp + 0.0 * output.sum(), {"cmp": cmp.detach().clone()}
+
+    def forward_step(data_iterator, model_chunk):
+        batch = next(data_iterator)
+        out = model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+        return out, partial(loss_func, model_chunk, batch)
+
+    extra = {"adjust_tensor_shapes_fn": adjust_p2p_shapes} if pp > 1 else {}
+    batches = tiny_gpt.make_batches(2)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=2,
+        seq_length=tiny_gpt.SEQ_LEN,
+        micro_batch_size=tiny_gpt.MICRO_BATCH,
+        forward_only=False,
+        **extra,
+    )
+    grads = {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
+    del state
+    return {"grads": grads, "cmp": [float(d["cmp"]) for d in out] if out else []}

@@ -1,0 +1,124 @@
+"""DMS as a Megatron layer-spec plugin: parity across TP / PP / SP, teacher mode == stock model,
+the Megatron core attention == the core reference, and build-time errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import dms_jobs
+import pytest
+import torch
+from runner import run_distributed
+
+from dms_megatron.config import DMSConfig
+from dms_megatron.megatron.attention import validate_parallel_layout
+
+# (world, tp, pp, sp)
+LAYOUTS = [(1, 1, 1, False), (2, 2, 1, False), (2, 2, 1, True), (2, 1, 2, False), (4, 2, 2, True)]
+
+
+def _merge(results: list[dict]) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor]:
+    losses = [r["losses"] for r in results if r["losses"]]
+    grads: dict[str, torch.Tensor] = {}
+    for r in results:
+        for name, g in r["grads"].items():
+            if name in grads:
+                torch.testing.assert_close(
+                    grads[name], g, rtol=0, atol=1e-6, msg=f"replicas disagree on {name}"
+                )
+            grads[name] = g
+    for r in results[1:]:
+        assert torch.equal(r["rates"], results[0]["rates"]), "ranks disagree on reduced decision rates"
+    return losses[0], grads, results[0]["rates"]
+
+
+@pytest.fixture(scope="module", params=["adapter", "neuron"])
+def layout_results(request) -> dict:
+    variant = request.param
+    out = {}
+    for world, tp, pp, sp in LAYOUTS:
+        res = run_distributed(dms_jobs.parity_job, world, tp, pp, sp, {"variant": variant}, timeout=400)
+        out[(tp, pp, sp)] = _merge(res)
+    return out
+
+
+@pytest.mark.parametrize(
+    "layout", [lay[1:] for lay in LAYOUTS[1:]], ids=lambda lay: f"tp{lay[0]}pp{lay[1]}sp{int(lay[2])}"
+)
+def test_layout_matches_single_rank(layout_results, layout):
+    ref_losses, ref_grads, ref_rates = layout_results[(1, 1, False)]
+    losses, grads, rates = layout_results[layout]
+    # same noise, same decisions: the reduced per-[layer, head] eviction rates are identical
+    assert torch.equal(rates, ref_rates)
+    assert 0.0 < float(ref_rates.mean()) < 1.0, "decisions should be mixed for a meaningful test"
+    for got, want in zip(losses, ref_losses, strict=True):
+        for key in ("kd", "cmp", "loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert ref_losses[0]["cmp"] > 0, "the compression loss must be active (frac below target)"
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    dms_params = [n for n in ref_grads if "adapter" in n]
+    if dms_params:
+        assert all(ref_grads[n].abs().sum() > 0 for n in dms_params), "adapter got no gradient"
+
+
+@pytest.mark.parametrize("variant", ["adapter", "neuron"])
+def test_teacher_mode_equals_stock_model(variant):
+    (res,) = run_distributed(dms_jobs.teacher_parity_job, 1, variant, timeout=300)
+    dms, stock = res["dms"], res["stock"]
+    torch.testing.assert_close(dms["logits"], stock["logits"], rtol=1e-6, atol=1e-6)
+    assert set(stock["grads"]) <= set(dms["grads"])
+    for name, g in stock["grads"].items():
+        torch.testing.assert_close(dms["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(torch.all(rows == 0) for rows in dms["neuron_rows"])
+    if variant == "neuron":
+        assert len(dms["neuron_rows"]) == 4 and any(rows.abs().sum() > 0 for rows in stock["neuron_rows"])
+
+
+def test_core_attention_equals_reference():
+    (res,) = run_distributed(dms_jobs.core_vs_reference_job, 1, timeout=300)
+    for key, (got, want) in res.items():
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def _fake_config(**kw):
+    base = {
+        "context_parallel_size": 1,
+        "fused_single_qkv_rope": False,
+        "num_query_groups": 4,
+        "num_attention_heads": 8,
+    }
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_build_time_errors():
+    with pytest.raises(NotImplementedError, match="context parallel"):
+        validate_parallel_layout(_fake_config(context_parallel_size=2), 1)
+    with pytest.raises(ValueError, match="fused_single_qkv_rope"):
+        validate_parallel_layout(_fake_config(fused_single_qkv_rope=True), 1)
+    with pytest.raises(ValueError, match="num_query_groups=4 is not divisible"):
+        validate_parallel_layout(_fake_config(), 8)
+    validate_parallel_layout(_fake_config(), 4)
+    with pytest.raises(ValueError, match=r"dms\.window"):
+        DMSConfig(window=-1)
+    with pytest.raises(ValueError, match=r"dms\.variant"):
+        DMSConfig(variant="qneuron")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_compression_gradient_reaches_every_stage(pp):
+    active = run_distributed(dms_jobs.compression_only_job, pp, pp, 0.9, timeout=300)
+    idle = run_distributed(dms_jobs.compression_only_job, pp, pp, 0.0, timeout=300)
+    cmp = [c for r in active for c in r["cmp"]]
+    assert cmp and all(c > 0 for c in cmp)
+    for r_active, r_idle in zip(active, idle, strict=True):
+        adapters = [n for n in r_active["grads"] if "adapter.proj" in n]
+        assert adapters, "every stage holds DMS layers"
+        # active hinge: every stage's adapters (stage 0 only via the P2P channel) get a gradient
+        assert all(r_active["grads"][n] > 0 for n in adapters)
+        # target 0: the hinge is flat, so nothing flows
+        assert all(r_idle["grads"][n] == 0 for n in adapters)
+        # the output layer is not on the compression path
+        assert all(v == 0 for n, v in r_active["grads"].items() if "output_layer" in n)

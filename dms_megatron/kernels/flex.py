@@ -86,5 +86,7 @@ def dms_attention_flex(
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(q_idx - kv_idx > win, score + log_keep[b, kv_idx], score)
 
-    out = _compiled_flex()(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    out = _compiled_flex()(
+        qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=g > 1
+    )
     return out.reshape(B, Hq, T, v.shape[-1])

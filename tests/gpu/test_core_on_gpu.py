@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from dms_megatron.core import NoiseKey, dms_attention_reference, logistic_noise, token_kl
+from dms_megatron.core import NoiseKey, dms_attention_reference, logistic_noise, token_kl, uniform_from_hash
 
 
-def test_noise_is_bit_identical_on_cpu_and_gpu():
+def test_noise_uniforms_bit_identical_and_noise_within_ulps_on_cpu_and_gpu():
     key = NoiseKey(seed=42, step=1000, micro_batch=3, dp_rank=5, layer=63)
-    cpu = logistic_noise(key, (4, 8, 8192), head_offset=8, position_offset=8192)
-    gpu = logistic_noise(key, (4, 8, 8192), head_offset=8, position_offset=8192, device="cuda")
-    assert torch.equal(cpu, gpu.cpu())
+    kw = {"head_offset": 8, "position_offset": 8192}
+    u_cpu = uniform_from_hash(key, (4, 8, 8192), **kw)
+    u_gpu = uniform_from_hash(key, (4, 8, 8192), device="cuda", **kw)
+    assert torch.equal(u_cpu, u_gpu.cpu())  # integer hashing: identical bits
+    cpu = logistic_noise(key, (4, 8, 8192), **kw)
+    gpu = logistic_noise(key, (4, 8, 8192), device="cuda", **kw).cpu()
+    diff = (cpu - gpu).abs()
+    ulp = torch.finfo(torch.float32).eps * cpu.abs().clamp(min=1.0)
+    print(
+        f"noise CPU vs GPU: max |diff| {diff.max():.3e}, differing elements {(diff > 0).float().mean():.4%}"
+    )
+    assert torch.all(diff <= 4 * ulp)  # fp32 log differs by ulps between CPU and CUDA libm
+    again = logistic_noise(key, (4, 8, 8192), device="cuda", **kw).cpu()
+    assert torch.equal(gpu, again)  # same device: exactly reproducible
 
 
 def test_reference_attention_matches_cpu_in_fp64():

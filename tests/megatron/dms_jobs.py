@@ -61,7 +61,8 @@ def _vocab_shard(full: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_func(model, mb: int, batch, num_kv_heads: int, output: torch.Tensor):
-    kd = vocab_parallel_kd_loss(output, _vocab_shard(teacher_logits(mb)), mask=batch["loss_mask"].bool())
+    teacher = _vocab_shard(teacher_logits(mb)).to(output.device)
+    kd = vocab_parallel_kd_loss(output, teacher, mask=batch["loss_mask"].bool())
     valid = torch.ones_like(batch["loss_mask"], dtype=torch.bool)
     cmp = dms_compression_loss(model, valid, TARGET_FRACTION, tiny_gpt.NUM_LAYERS, num_kv_heads)
     loss = kd + cmp

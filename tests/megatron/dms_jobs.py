@@ -100,15 +100,42 @@ def run_dms_schedule(model, batches, state, num_kv_heads: int) -> list[dict[str,
     )
 
 
-def parity_job(rank: int, world_size: int, tp: int, pp: int, sp: bool, dms_kwargs: dict[str, Any]) -> dict:
+def parity_job(
+    rank: int,
+    world_size: int,
+    tp: int,
+    pp: int,
+    sp: bool,
+    dms_kwargs: dict[str, Any],
+    **config_overrides: Any,
+) -> dict:
     cfg = dms_test_config(**dms_kwargs)
     spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
-    model = tiny_gpt.build_tiny_gpt(tp, pp, seed=7, sequence_parallel=sp, layer_spec=spec)
+    model = tiny_gpt.build_tiny_gpt(tp, pp, seed=7, sequence_parallel=sp, layer_spec=spec, **config_overrides)
     state = attach_dms_pipeline(model)
     state.step = 3
+    calls = [0]
+    for m in model.modules():
+        if type(m).__name__ == "DMSCoreAttention":
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     losses = run_dms_schedule(model, tiny_gpt.make_batches(NUM_MICROBATCHES), state, 2)
     rates = reduce_decision_stats(state, tiny_gpt.NUM_LAYERS, 2)
-    return {"losses": losses, "grads": tiny_gpt.gather_full_grads(model), "rates": rates.cpu()}
+    grads = tiny_gpt.gather_full_grads(model)
+    return {"losses": losses, "grads": grads, "rates": rates.cpu(), "core_calls": calls[0]}
+
+
+def recompute_job(rank: int, world_size: int, variant: str) -> dict:
+    """The same step without recompute, with selective core-attention recompute, and with full-layer
+    recompute: logits, decisions and the compression-channel gradient must survive recompute."""
+    modes = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }
+    return {
+        name: parity_job(rank, world_size, 1, 1, False, {"variant": variant}, **kw)
+        for name, kw in modes.items()
+    }
 
 
 # ------------------------------------------------------------------------------------ teacher parity
@@ -266,3 +293,36 @@ def compression_only_job(rank: int, world_size: int, pp: int, target: float) -> 
     grads = {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
     del state
     return {"grads": grads, "cmp": [float(d["cmp"]) for d in out] if out else []}
+
+
+# ------------------------------------------------------------------------------- packed sequences
+
+
+def thd_job(rank: int, world_size: int, variant: str) -> dict:
+    """Two documents packed into one THD sequence vs each document run alone (eval, no noise)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cfg = dms_test_config(variant=variant, window=2)
+    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    model = tiny_gpt.build_tiny_gpt(1, 1, seed=5, layer_spec=spec)
+    attach_dms_pipeline(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [6, 10]
+    tokens = torch.randint(0, tiny_gpt.VOCAB, (1, sum(lengths)), generator=gen)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+    )
+    with torch.no_grad():
+        packed = model(input_ids=tokens, position_ids=pos, attention_mask=None, packed_seq_params=psp)
+        alone = [
+            model(input_ids=tokens[:, a:z], position_ids=pos[:, a:z], attention_mask=None)
+            for a, z in ((0, lengths[0]), (lengths[0], sum(lengths)))
+        ]
+    return {"packed": packed, "alone": torch.cat(alone, dim=1)}

@@ -64,6 +64,20 @@ def test_layout_matches_single_rank(layout_results, layout):
 
 
 @pytest.mark.parametrize("variant", ["adapter", "neuron"])
+def test_recompute_gives_identical_step(variant):
+    (res,) = run_distributed(dms_jobs.recompute_job, 1, variant, timeout=300)
+    ref = res["none"]
+    assert ref["core_calls"] == 4 * 2  # 4 layers x 2 micro-batches
+    for mode in ("selective", "full"):
+        got = res[mode]
+        assert got["core_calls"] == 2 * ref["core_calls"], f"{mode}: the core attention was not recomputed"
+        assert got["losses"] == ref["losses"], mode
+        assert torch.equal(got["rates"], ref["rates"]), mode
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-6, atol=1e-7, msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("variant", ["adapter", "neuron"])
 def test_teacher_mode_equals_stock_model(variant):
     (res,) = run_distributed(dms_jobs.teacher_parity_job, 1, variant, timeout=300)
     dms, stock = res["dms"], res["stock"]
@@ -122,3 +136,9 @@ def test_compression_gradient_reaches_every_stage(pp):
         assert all(r_idle["grads"][n] == 0 for n in adapters)
         # the output layer is not on the compression path
         assert all(v == 0 for n, v in r_active["grads"].items() if "output_layer" in n)
+
+
+@pytest.mark.parametrize("variant", ["adapter", "neuron"])
+def test_packed_documents_equal_separate_runs(variant):
+    (res,) = run_distributed(dms_jobs.thd_job, 1, variant, timeout=300)
+    torch.testing.assert_close(res["packed"], res["alone"], rtol=1e-5, atol=1e-5)

@@ -326,3 +326,19 @@ def thd_job(rank: int, world_size: int, variant: str) -> dict:
             for a, z in ((0, lengths[0]), (lengths[0], sum(lengths)))
         ]
     return {"packed": packed, "alone": torch.cat(alone, dim=1)}
+
+
+# ------------------------------------------------------------------------------ data-parallel stats
+
+
+def dp_stats_job(rank: int, world_size: int) -> dict:
+    """DP=2: replicas draw different noise (dp_rank is a noise coordinate); the reduced per-[layer, head]
+    rate is the pooled rate of both replicas."""
+    cfg = dms_test_config(variant="adapter")
+    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    model = tiny_gpt.build_tiny_gpt(1, 1, seed=7, layer_spec=spec)
+    state = attach_dms_pipeline(model)
+    run_dms_schedule(model, tiny_gpt.make_batches(NUM_MICROBATCHES), state, 2)
+    local = {layer: (s.clone(), c.clone()) for layer, (s, c) in state.stats.items()}
+    reduced = reduce_decision_stats(state, tiny_gpt.NUM_LAYERS, 2)
+    return {"local": local, "reduced": reduced, "dp_rank": parallel_state.get_data_parallel_rank()}

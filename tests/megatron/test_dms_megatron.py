@@ -142,3 +142,14 @@ def test_compression_gradient_reaches_every_stage(pp):
 def test_packed_documents_equal_separate_runs(variant):
     (res,) = run_distributed(dms_jobs.thd_job, 1, variant, timeout=300)
     torch.testing.assert_close(res["packed"], res["alone"], rtol=1e-5, atol=1e-5)
+
+
+def test_decision_rates_pool_data_parallel_replicas():
+    res = run_distributed(dms_jobs.dp_stats_job, 2, timeout=300)
+    assert sorted(r["dp_rank"] for r in res) == [0, 1]
+    assert torch.equal(res[0]["reduced"], res[1]["reduced"])
+    sums = sum(torch.stack([r["local"][layer][0] for layer in range(4)]).double() for r in res)
+    counts = sum(torch.stack([r["local"][layer][1] for layer in range(4)]).double() for r in res)
+    torch.testing.assert_close(res[0]["reduced"], sums / counts)
+    # same data, different dp_rank noise: the replicas' decisions differ
+    assert not torch.equal(res[0]["local"][0][0], res[1]["local"][0][0])

@@ -6,7 +6,7 @@ pipelined model (``LanguageModule.setup_embeddings_and_output_layer``) and ``tor
 while saving distributed checkpoints; all raise on a machine without a GPU driver. Checkpoint conversion
 is CPU work that users run on login or CPU nodes, so for its duration, and only when CUDA is
 unavailable, these three calls stay on the CPU. Remove when megatron-core builds and saves models
-without touching CUDA. (Training still needs a GPU; the test suite has a fuller shim of its own in tests/megatron.)
+without touching CUDA. (Training still needs a GPU; tests/megatron has a fuller shim of its own.)
 """
 
 from __future__ import annotations

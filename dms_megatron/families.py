@@ -12,7 +12,10 @@ Family differences that matter for Megatron and for weight mapping:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
@@ -118,3 +121,18 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3",
     )
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_model_preset(name: str) -> tuple[ModelArch, dict[str, Any]]:
+    """``configs/model/<name>.yaml`` -> (ModelArch, the preset dict)."""
+    import yaml
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(preset_names())}")
+    preset = yaml.safe_load(path.read_text())
+    return arch_from_hf_config(preset["hf_config"]), preset

@@ -274,6 +274,9 @@ def export_hf(
         staging.mkdir(parents=True)
     dist.barrier()
     tensors: dict[str, torch.Tensor] = {}
+    # one dtype for the whole export (HF convention): the checkpoint's; megatron keeps some params
+    # (e.g. the local spec's norms) in fp32 whatever params_dtype says
+    out_dtype = getattr(torch, meta["source"]["dtype"].replace("torch.", ""))
     params = list(model.named_parameters())
     bar = _progress(progress and rank == 0, len(params), "export")
     for local, param in params:
@@ -290,7 +293,7 @@ def export_hf(
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             full = full[: arch.vocab_size]
         for hf_name, t in mcore_to_hf_tensors(name, full, arch, adapter=adapter):
-            tensors[hf_name] = t.clone()
+            tensors[hf_name] = t.to(out_dtype).clone()
         bar.advance()
     bar.close()
     shard_name = f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"

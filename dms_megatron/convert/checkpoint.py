@@ -30,7 +30,13 @@ import torch.distributed as dist
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.convert import hf_io
-from dms_megatron.convert.mapping import hf_names, hf_to_mcore_tensor, mcore_names, mcore_to_hf_tensors
+from dms_megatron.convert.mapping import (
+    hf_names,
+    hf_shapes,
+    hf_to_mcore_tensor,
+    mcore_names,
+    mcore_to_hf_tensors,
+)
 from dms_megatron.families import ModelArch, arch_from_hf_config
 
 log = logging.getLogger(__name__)
@@ -140,12 +146,16 @@ def check_hf_tensors(reader: hf_io.HFReader, arch: ModelArch, adapter: bool) -> 
             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
             f"unexpected {extra[:8]}{' ...' if len(extra) > 8 else ''}"
         )
-    emb = reader.get("model.embed_tokens.weight")
-    if tuple(emb.shape) != (arch.vocab_size, arch.hidden_size):
+    emb = reader.shape("model.embed_tokens.weight")
+    if emb != (arch.vocab_size, arch.hidden_size):
         raise ValueError(
-            f"model.embed_tokens.weight has shape {tuple(emb.shape)} but config.json says vocab_size="
+            f"model.embed_tokens.weight has shape {emb} but config.json says vocab_size="
             f"{arch.vocab_size}, hidden_size={arch.hidden_size} (vocabulary mismatch)"
         )
+    expected = hf_shapes(arch, has_adapter)
+    wrong = [f"{n}: {reader.shape(n)} (expected {s})" for n, s in expected.items() if reader.shape(n) != s]
+    if wrong:
+        raise ValueError(f"{len(wrong)} tensors have unexpected shapes: " + "; ".join(wrong[:6]))
     return has_adapter
 
 
@@ -208,7 +218,15 @@ def import_hf(
             "arch": arch.to_dict(),
             "hf_config": reader.config,
             "dms": None if dms is None else asdict(dms),
-            "source": {"hf_dir": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp, "dtype": str(dtype)},
+            "source": {
+                "hf_dir": str(Path(hf_dir).resolve()),
+                "tp": tp,
+                "pp": pp,
+                "dtype": str(dtype),
+                "files_sha256": {
+                    f: hf_io.sha256_file(Path(hf_dir) / f) for f in sorted(set(reader.weight_map.values()))
+                },
+            },
             "versions": _versions(),
         }
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -58,6 +58,12 @@ class HFReader:
             self._handles[file] = safe_open(fp, "pt")
         return self._handles[file]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the safetensors header (no data read)."""
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} not found in {self.path}")
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} not found in {self.path}")

@@ -151,3 +151,33 @@ def mcore_to_hf_tensors(
     if rule.kind == "glu":
         return list(zip(names, tensor.chunk(2, dim=0), strict=True))
     return [(names[0], tensor)]
+
+
+def hf_shapes(arch: ModelArch, adapter: bool = False) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every HF tensor of the model."""
+    h, d, ffn, v = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+        "self_attn.dms_proj_alpha_norm.weight": (h,),
+        "self_attn.dms_proj_alpha.weight": (arch.num_query_groups, h),
+    }
+    top = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    out = {}
+    for name in hf_names(arch, adapter):
+        m = re.match(r"model\.layers\.\d+\.(.*)$", name)
+        out[name] = per_layer[m.group(1)] if m else top[name]
+    return out

@@ -21,28 +21,31 @@ COMMON = {
 }
 
 
-def make_tiny_hf(family: str, path: Path, seed: int = 0) -> Path:
+def make_tiny_hf(
+    family: str, path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides
+) -> Path:
     """Save a randomly initialised tiny HF model of ``family`` (llama tied, qwen2 biases, qwen3 qk-norm)."""
     import transformers as tf
 
     torch.manual_seed(seed)
+    common = {**COMMON, **overrides}
     if family == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True, rope_theta=100000.0))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=100000.0))
     elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=False, rope_theta=10000.0))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=10000.0))
         with torch.no_grad():  # random biases (HF initialises them to zero, which would hide mapping bugs)
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     elif family == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False))
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16, tie_word_embeddings=False))
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1, 0.2)
                 layer.self_attn.k_norm.weight.normal_(1, 0.2)
     else:
         raise ValueError(family)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 
@@ -79,7 +82,7 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab: int) ->
                 parts = [torch.empty_like(out) for _ in range(tp)]
                 dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
                 out = torch.cat(parts, dim=-1)
-            result = out[..., :vocab].float()
+            result = out[..., :vocab].float().contiguous()
     # hand the last stage's logits to global rank 0
     last = dist.get_world_size() - 1
     if last != 0:
@@ -150,3 +153,17 @@ def interrupted_import_job(rank: int, world: int, hf_dir: str, ckpt: str) -> Non
 
     dist_checkpointing.save = dying_save
     import_hf(hf_dir, ckpt, world, 1, None, torch.float32, force=False, progress=False)
+
+
+def interrupted_export_job(rank: int, world: int, ckpt: str, out: str) -> None:
+    """Export that dies after the first shard file was written."""
+    from dms_megatron.convert import checkpoint, hf_io
+
+    real = hf_io.write_shard
+
+    def dying_write(path, tensors):
+        real(path, tensors)
+        raise RuntimeError("simulated crash during export")
+
+    checkpoint.hf_io.write_shard = dying_write
+    checkpoint.export_hf(ckpt, out, 1, world, force=False, progress=False)

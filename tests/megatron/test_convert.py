@@ -113,6 +113,21 @@ def test_dms_adapter_export_reloads_at_another_layout(tiny, tmp_path):
     assert (a[0] - c[0]).abs().max() > 1e-3
 
 
+def test_sharded_input_and_vocab_padding(tmp_path):
+    """A sharded HF folder (index + several files) with a vocabulary (95) that TP=2 must pad."""
+    hf = convert_jobs.make_tiny_hf("qwen2", tmp_path / "hf", max_shard_size="40KB", vocab_size=95)
+    assert (hf / "model.safetensors.index.json").is_file() and len(list(hf.glob("model-*.safetensors"))) > 2
+    res = _cli("roundtrip", "--hf", str(hf), "--work", str(tmp_path / "rt"), "--tp", "2", "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "round trip bit-exact for every tensor" in res.stdout
+    tokens = TOKENS.clamp(max=94)
+    want = convert_jobs.hf_logits(hf, tokens)
+    got = run_distributed(
+        convert_jobs.import_and_logits_job, 2, str(hf), str(tmp_path / "c"), 2, 1, tokens, None, timeout=300
+    )[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_inputs_fail_clearly(tiny, tmp_path):
     # unknown architecture
     bad = tmp_path / "bad_arch"
@@ -135,6 +150,16 @@ def test_bad_inputs_fail_clearly(tiny, tmp_path):
     res = _cli("import", "--hf", str(broken), "--out", str(tmp_path / "o2"))
     assert res.returncode != 0
     assert "model.layers.1.mlp.up_proj.weight" in res.stderr and "model.layers.9.extra.weight" in res.stderr
+    # a tensor of the wrong shape is named with both shapes
+    wrong = tmp_path / "wrong_shape"
+    wrong.mkdir()
+    (wrong / "config.json").write_text((tiny["llama"] / "config.json").read_text())
+    tensors = load_file(tiny["llama"] / "model.safetensors")
+    tensors["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(tensors, wrong / "model.safetensors")
+    res = _cli("import", "--hf", str(wrong), "--out", str(tmp_path / "o5"))
+    assert res.returncode != 0
+    assert "model.layers.2.self_attn.k_proj.weight: (16, 64) (expected (32, 64))" in res.stderr
     # vocabulary mismatch between config and weights
     vocab = tmp_path / "vocab"
     vocab.mkdir()
@@ -166,3 +191,14 @@ def test_interrupted_import_leaves_no_complete_looking_output(tiny, tmp_path):
     # a later run with the same output cleans the stale staging folder and succeeds
     run_distributed(convert_jobs.import_job, 2, str(tiny["llama"]), str(out), 2, 1, None, False, timeout=300)
     assert (out / "dms_megatron.json").is_file() and not staging.exists()
+
+
+def test_interrupted_export_leaves_no_complete_looking_output(tiny, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "export"
+    run_distributed(convert_jobs.import_job, 1, str(tiny["qwen3"]), str(ckpt), 1, 1, None, False, timeout=300)
+    with pytest.raises(RuntimeError, match="simulated crash during export"):
+        run_distributed(convert_jobs.interrupted_export_job, 2, str(ckpt), str(out), timeout=300)
+    assert not out.exists()
+    staging = tmp_path / ".export.partial"
+    assert staging.is_dir() and not (staging / "model.safetensors.index.json").exists()
+    assert not (staging / "config.json").exists()

@@ -26,6 +26,7 @@ from dms_megatron.core.losses import (
     decision_sums,
     distillation_loss,
     kd_token_mask,
+    masked_token_mean,
     target_fraction,
     token_kl,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "hard_decisions",
     "kd_token_mask",
     "logistic_noise",
+    "masked_token_mean",
     "neuron_evict_logits",
     "per_layer_logits",
     "relaxed_decisions",

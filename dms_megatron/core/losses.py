@@ -217,15 +217,21 @@ def distillation_loss(
     vocab_chunk: int = 16384,
 ) -> torch.Tensor:
     """Mean per-token KL over the tokens where ``mask`` is set (0 if no token is set)."""
-    kl = token_kl(student_logits, teacher_logits, direction, temperature, vocab_chunk)
+    return masked_token_mean(
+        token_kl(student_logits, teacher_logits, direction, temperature, vocab_chunk), mask
+    )
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token ``values`` over the tokens where ``mask`` is set (0 if none is set)."""
     if mask is None:
-        return kl.mean()
-    if mask.shape != kl.shape:
+        return values.mean()
+    if mask.shape != values.shape:
         raise ValueError(
-            f"mask must have the logits' leading shape {tuple(kl.shape)}, got {tuple(mask.shape)}"
+            f"mask must have the logits' leading shape {tuple(values.shape)}, got {tuple(mask.shape)}"
         )
-    w = mask.to(kl.dtype)
-    return (kl * w).sum() / w.sum().clamp(min=1.0)
+    w = mask.to(values.dtype)
+    return (values * w).sum() / w.sum().clamp(min=1.0)
 
 
 def kd_token_mask(

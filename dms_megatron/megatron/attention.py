@@ -132,12 +132,14 @@ class DMSSelfAttention(SelfAttention):
                 raise RuntimeError("adapter variant without an adapter")
             if self.dms_config.decisions_per == "layer":
                 x = hidden_states if self.residual_is_input else self.dms_residual
-                full = self.adapter(x)
-                if self.config.sequence_parallel and self.tp_size > 1:
-                    full = tensor_parallel.gather_from_sequence_parallel_region(
-                        full, group=self.pg_collection.tp
-                    )
-                logits = full[..., :1].expand(*full.shape[:-1], ng)
+                head0 = self.adapter(x)[..., :1]
+                if self.tp_size > 1:
+                    tp = self.pg_collection.tp
+                    if self.config.sequence_parallel:  # backward reduce-scatters every rank's use
+                        head0 = tensor_parallel.gather_from_sequence_parallel_region(head0, group=tp)
+                    else:  # every rank uses head 0: backward all-reduces, so replicas get the full grad
+                        head0 = tensor_parallel.copy_to_tensor_model_parallel_region(head0, group=tp)
+                logits = head0.expand(*head0.shape[:-1], ng)
             else:
                 logits = self._adapter_logits(hidden_states)
         if self.dms_config.decisions_per == "layer" and self.dms_config.variant == "neuron":

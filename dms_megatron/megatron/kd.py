@@ -19,7 +19,7 @@ import torch
 import torch.distributed.nn.functional
 from megatron.core import tensor_parallel
 
-from dms_megatron.core.losses import KL_DIRECTIONS
+from dms_megatron.core.losses import KL_DIRECTIONS, masked_token_mean
 
 
 def _max_over_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -81,12 +81,4 @@ def vocab_parallel_kd_loss(
     group=None,
 ) -> torch.Tensor:
     """Masked mean of ``vocab_parallel_token_kl`` (0 when no token is counted)."""
-    kl = vocab_parallel_token_kl(student, teacher, direction, temperature, group)
-    if mask is None:
-        return kl.mean()
-    if mask.shape != kl.shape:
-        raise ValueError(
-            f"mask must have the logits' leading shape {tuple(kl.shape)}, got {tuple(mask.shape)}"
-        )
-    w = mask.to(kl.dtype)
-    return (kl * w).sum() / w.sum().clamp(min=1.0)
+    return masked_token_mean(vocab_parallel_token_kl(student, teacher, direction, temperature, group), mask)

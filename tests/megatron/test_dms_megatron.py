@@ -64,6 +64,24 @@ def test_layout_matches_single_rank(layout_results, layout):
 
 
 @pytest.mark.parametrize("variant", ["adapter", "neuron"])
+def test_per_layer_decisions_match_across_tp(variant):
+    dms = {"variant": variant, "decisions_per": "layer"}
+    runs = {
+        (tp, sp): _merge(run_distributed(dms_jobs.parity_job, tp, tp, 1, sp, dms, timeout=400))
+        for tp, sp in ((1, False), (2, False), (2, True))
+    }
+    ref_losses, ref_grads, ref_rates = runs[(1, False)]
+    assert torch.all(ref_rates == ref_rates[:, :1]), "per-layer decisions: all heads of a layer agree"
+    for key in ((2, False), (2, True)):
+        losses, grads, rates = runs[key]
+        assert torch.equal(rates, ref_rates)
+        for got, want in zip(losses, ref_losses, strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"{key}: {name}")
+
+
+@pytest.mark.parametrize("variant", ["adapter", "neuron"])
 def test_recompute_gives_identical_step(variant):
     (res,) = run_distributed(dms_jobs.recompute_job, 1, variant, timeout=300)
     ref = res["none"]

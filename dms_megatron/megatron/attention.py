@@ -235,7 +235,7 @@ class DMSCoreAttention(MegatronModule):
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
             logits_bht = None if logits is None else logits.permute(1, 2, 0)
         B, _, T, _ = q.shape
-        if self.dms_config.teacher_mode or logits_bht is None:
+        if self.dms_config.teacher_mode or self.dms_state.teacher_pass or logits_bht is None:
             relaxed = None
         else:
             noise = self._noise(B, ng, T, q.device)

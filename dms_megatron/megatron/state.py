@@ -106,6 +106,7 @@ class DMSRunState:
     """What the training loop tells the DMS layers, plus what they report back.
 
     step, micro_batch: noise coordinates (with seed, DP rank and layer).
+    teacher_pass: the modules run as the teacher (eviction off) for ``DistillationStage``'s self-teacher.
     target_fraction: compression target of the current step (1 - 1/CR).
     accumulators: one ``DecisionAccumulator`` per model chunk (keyed by ``id`` of the block).
     stats: per-layer ``[Hkv_local]`` decision sums and counts recorded in this step (detached),
@@ -115,6 +116,7 @@ class DMSRunState:
     step: int = 0
     micro_batch: int = 0
     target_fraction: float = 0.0
+    teacher_pass: bool = False  # set while the student's modules compute the self-teacher (eviction off)
     accumulators: dict[int, DecisionAccumulator] = field(default_factory=dict)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

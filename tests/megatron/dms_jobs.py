@@ -31,6 +31,19 @@ NUM_MICROBATCHES = 2
 TARGET_FRACTION = 0.6
 
 
+def merge_grads(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Union of the ranks' full gradients (PP stages); replicas (TP/DP copies) must agree."""
+    grads: dict[str, torch.Tensor] = {}
+    for r in results:
+        for name, g in r["grads"].items():
+            if name in grads:
+                torch.testing.assert_close(
+                    grads[name], g, rtol=0, atol=1e-6, msg=f"replicas disagree on {name}"
+                )
+            grads[name] = g
+    return grads
+
+
 def dms_test_config(**overrides: Any) -> DMSConfig:
     """Logit scale/offset/tau chosen so the tiny random model makes mixed, non-saturated decisions."""
     base: dict[str, Any] = {

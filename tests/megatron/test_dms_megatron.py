@@ -19,14 +19,7 @@ LAYOUTS = [(1, 1, 1, False), (2, 2, 1, False), (2, 2, 1, True), (2, 1, 2, False)
 
 def _merge(results: list[dict]) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor]:
     losses = [r["losses"] for r in results if r["losses"]]
-    grads: dict[str, torch.Tensor] = {}
-    for r in results:
-        for name, g in r["grads"].items():
-            if name in grads:
-                torch.testing.assert_close(
-                    grads[name], g, rtol=0, atol=1e-6, msg=f"replicas disagree on {name}"
-                )
-            grads[name] = g
+    grads = dms_jobs.merge_grads(results)
     for r in results[1:]:
         assert torch.equal(r["rates"], results[0]["rates"]), "ranks disagree on reduced decision rates"
     return losses[0], grads, results[0]["rates"]

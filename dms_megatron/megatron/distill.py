@@ -1,0 +1,103 @@
+"""Teacher and student in one pipeline schedule: ``DistillationStage`` wraps one pipeline stage.
+
+Each stage holds the student's stage and the teacher's stage of the same layer range (same TP/PP
+groups). Per micro-batch the teacher runs first under ``no_grad``, then the student; on non-last stages
+the stage output is ``[student hidden (h), decision channels (2), teacher hidden (h)]`` concatenated on
+the last dimension, which is what the next stage receives (``adjust_distill_p2p_shapes`` widens the
+1F1B schedule's P2P shapes to match). On the last stage the student's logits are returned and the
+teacher's are kept in ``teacher_logits`` for the loss function of the same micro-batch: teacher logits
+are never stored across micro-batches and the data is read once.
+
+Teachers:
+* a separate frozen model (full-model retrofit, the paper's recipe): any ``GPTModel`` stage with the
+  student's layout, e.g. built from the original (pre-``apply_dms``) spec;
+* ``teacher=None``: the student itself with eviction off (``DMSRunState.teacher_pass``), no second
+  copy — exact for the adapter variant with a frozen base (NVIDIA's adapter recipe); with the neuron
+  variant the repurposed channel stays zeroed in the teacher pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dms_megatron.megatron.pipeline import DECISION_CHANNELS, dms_run_state
+
+
+class DistillationStage(torch.nn.Module):
+    """One pipeline stage of student + frozen teacher (see the module docstring)."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.state = dms_run_state(student)
+        self.config = student.config  # megatron's schedules read config and model_type from the model
+        self.model_type = student.model_type
+        if teacher is not None:
+            if teacher.config.hidden_size != student.config.hidden_size:
+                raise ValueError("teacher and student must have the same hidden size to share a pipeline")
+            if (teacher.pre_process, teacher.post_process) != (student.pre_process, student.post_process):
+                raise ValueError(
+                    "teacher and student stages must cover the same layers (same pre/post_process)"
+                )
+            teacher.requires_grad_(False)
+            teacher.eval()
+        # kept out of the module tree: the teacher is not trained, checkpointed or wrapped by DDP
+        self._teacher = [teacher] if teacher is not None else []
+        self._teacher_input: torch.Tensor | None = None
+        self._student_input: torch.Tensor | None = None
+        self.teacher_logits: torch.Tensor | None = None
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    @property
+    def pre_process(self) -> bool:
+        return self.student.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.student.post_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list | tuple):
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self._student_input = self._teacher_input = None
+            return
+        split = self.config.hidden_size + DECISION_CHANNELS
+        self._student_input, self._teacher_input = input_tensor[..., :split], input_tensor[..., split:]
+
+    def _teacher_forward(self, *args, **kwargs) -> torch.Tensor:
+        model = self.teacher if self.teacher is not None else self.student
+        with torch.no_grad():
+            if not self.pre_process:
+                model.set_input_tensor(self._teacher_input)
+            self.state.teacher_pass = self.teacher is None
+            try:
+                out = model(*args, **kwargs)
+            finally:
+                self.state.teacher_pass = False
+        if self.teacher is None and not self.post_process:
+            out = out[..., : self.config.hidden_size]  # the self-teacher also emitted decision channels
+        return out
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        teacher_out = self._teacher_forward(*args, **kwargs)
+        if not self.pre_process:
+            self.student.set_input_tensor(self._student_input)
+        student_out = self.student(*args, **kwargs)
+        if self.post_process:
+            self.teacher_logits = teacher_out
+            return student_out
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+
+
+def adjust_distill_p2p_shapes(recv_shapes: list, send_shapes: list) -> tuple[list, list]:
+    """``adjust_tensor_shapes_fn`` for the 1F1B schedule: student hidden + decision channels + teacher
+    hidden on every activation."""
+
+    def widen(shapes):
+        return [(*s[:-1], 2 * s[-1] + DECISION_CHANNELS) if len(s) else s for s in shapes]
+
+    return widen(recv_shapes), widen(send_shapes)

@@ -1,0 +1,80 @@
+"""Rank-side jobs for DistillationStage: student (DMS) + teacher in one megatron schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dms_jobs
+import tiny_gpt
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from dms_megatron.megatron import apply_dms, attach_dms_pipeline, dms_compression_loss
+from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes
+from dms_megatron.megatron.kd import vocab_parallel_kd_loss
+
+
+def _gpt(config, spec) -> GPTModel:
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=tiny_gpt.VOCAB,
+        max_sequence_length=64,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    tiny_gpt.load_master_weights(model, 7)
+    return model
+
+
+def distill_job(
+    rank: int, world: int, tp: int, pp: int, sp: bool, teacher: str, dms_kwargs: dict[str, Any]
+) -> dict:
+    tiny_gpt.init_parallel(tp, pp, seed=7)
+    config = tiny_gpt.tiny_gpt_config(tp, pp, sequence_parallel=sp)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    student = _gpt(config, apply_dms(spec, dms_jobs.dms_test_config(**dms_kwargs)))
+    state = attach_dms_pipeline(student)
+    stage = DistillationStage(student, _gpt(config, spec) if teacher == "separate" else None)
+    batches = tiny_gpt.make_batches(2)
+    counter = iter(range(2))
+
+    def loss_func(batch, output):
+        kd = vocab_parallel_kd_loss(output, stage.teacher_logits, mask=batch["loss_mask"].bool())
+        valid = torch.ones_like(batch["loss_mask"], dtype=torch.bool)
+        cmp = dms_compression_loss(stage.student, valid, dms_jobs.TARGET_FRACTION, tiny_gpt.NUM_LAYERS, 2)
+        return kd + cmp, {"kd": kd.detach().clone(), "cmp": cmp.detach().clone()}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        state.micro_batch = next(counter)
+        out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+        return out, lambda output: loss_func(batch, output)
+
+    extra = {"adjust_tensor_shapes_fn": adjust_distill_p2p_shapes} if pp > 1 else {}
+    stage.train()
+    stage.zero_grad(set_to_none=True)
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[stage],
+        num_microbatches=2,
+        seq_length=tiny_gpt.SEQ_LEN,
+        micro_batch_size=tiny_gpt.MICRO_BATCH,
+        forward_only=False,
+        **extra,
+    )
+    tiny_gpt.allreduce_tp_replicated_grads(stage.student)
+    teacher_grads = [] if stage.teacher is None else [p.grad for p in stage.teacher.parameters()]
+    return {
+        "losses": [{k: float(v) for k, v in d.items()} for d in out] if out else [],
+        # teacher mode: the adapter is unused, so it has no gradient to gather
+        "grads": {} if dms_kwargs.get("teacher_mode") else tiny_gpt.gather_full_grads(stage.student),
+        "teacher_grads_none": all(g is None for g in teacher_grads),
+        "trainable": sorted(n for n, p in stage.named_parameters() if p.requires_grad),
+    }

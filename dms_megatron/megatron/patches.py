@@ -1,5 +1,11 @@
 """Explicit, logged, version-gated patches of upstream objects (house rule: all of them live here).
 
+``split_decision_channels_on_input(block, acc, channels)``: per ``TransformerBlock`` *instance*, its
+``set_input_tensor`` is replaced so that an activation received from the previous pipeline stage,
+``[s, b, h + channels]``, has its last channels (the DMS decision counts, see ``state.py``) split off
+into the stage's accumulator before megatron sees ``[s, b, h]``. Needed for megatron-core 0.19.2, whose
+P2P carries one tensor of one shape; remove if megatron gains a side channel for per-stage tensors.
+
 ``cpu_megatron()``: megatron-core 0.19.2 calls ``torch.cuda.current_device()`` while *building* models
 (e.g. ``GPTModel.__init__`` -> rotary embedding), ``Tensor.cuda()`` on the tied embedding of a
 pipelined model (``LanguageModule.setup_embeddings_and_output_layer``) and ``torch.cuda.synchronize()``
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -48,3 +56,30 @@ def cpu_megatron() -> Iterator[None]:
         yield
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda = saved  # type: ignore[assignment]
+
+
+def split_decision_channels_on_input(block: Any, acc: Any, channels: int) -> None:
+    """Replace ``block.set_input_tensor`` (this instance only); see the module docstring."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    version = installed_megatron_core_version()
+    if version not in SUPPORTED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"this patch is written for megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
+        )
+    hidden = block.config.hidden_size
+
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, list | tuple):
+            input_tensor = input_tensor[0]
+        if input_tensor is not None and input_tensor.shape[-1] == hidden + channels:
+            acc.acc_in = input_tensor[..., hidden:].float().sum(-1)
+            input_tensor = input_tensor[..., :hidden]
+        TransformerBlock.set_input_tensor(self, input_tensor)
+
+    block.set_input_tensor = types.MethodType(set_input_tensor, block)
+    log.info(
+        "dms_megatron: %s.set_input_tensor splits %d decision channels off its input",
+        type(block).__name__,
+        channels,
+    )

@@ -1,13 +1,9 @@
 """Pipeline glue for DMS: the decision channel between stages, the exact compression loss on the
 last stage, and once-per-step metric reduction. See ``state.py`` for the gradient mechanics.
 
-This is the one place that modifies upstream objects, and only per instance, explicitly, logged:
-
-* ``TransformerBlock.set_input_tensor`` (per block instance): the received activation is
-  ``[s, b, h + 2]`` on non-first stages; the last two channels are split off as the incoming decision
-  count. Needed for megatron-core 0.19.2 (P2P carries one tensor of one shape); remove if megatron
-  gains a side channel for per-stage tensors.
-* a forward pre-hook and a forward hook on each ``TransformerBlock`` (public torch API).
+Upstream objects are touched per instance only: ``patches.split_decision_channels_on_input`` (the
+one patch, kept with the others in ``patches.py``) and a forward pre-hook and forward hook on each
+``TransformerBlock`` (public torch API).
 
 Decision counts ride as two channels (hi = multiple of 256, lo < 256) so that they stay exact in a
 bf16 pipeline (bf16 holds integers exactly only up to 256).
@@ -16,7 +12,6 @@ bf16 pipeline (bf16 holds integers exactly only up to 256).
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
@@ -24,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from dms_megatron.megatron.attention import DMSCoreAttention
+from dms_megatron.megatron.patches import split_decision_channels_on_input
 from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState, close_stage
 
 log = logging.getLogger(__name__)
@@ -65,17 +61,7 @@ def attach_dms_pipeline(model: torch.nn.Module) -> DMSRunState:
         for m in block.modules():
             if isinstance(m, DMSCoreAttention):
                 m.dms_accumulator = acc
-        hidden = block.config.hidden_size
-
-        def set_input_tensor(self, input_tensor, _acc=acc, _h=hidden):
-            if isinstance(input_tensor, list | tuple):
-                input_tensor = input_tensor[0]
-            if input_tensor is not None and input_tensor.shape[-1] == _h + DECISION_CHANNELS:
-                _acc.acc_in = input_tensor[..., _h:].float().sum(-1)
-                input_tensor = input_tensor[..., :_h]
-            TransformerBlock.set_input_tensor(self, input_tensor)
-
-        block.set_input_tensor = types.MethodType(set_input_tensor, block)
+        split_decision_channels_on_input(block, acc, DECISION_CHANNELS)
 
         def pre_hook(module, args, kwargs, _acc=acc):
             _acc.begin()

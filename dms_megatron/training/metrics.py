@@ -1,0 +1,170 @@
+"""Run observability: FLOP accounting, a JSONL metrics file, a lazy W&B sink, a console line, the
+eviction-rate heatmap and the CR plot. Only the logging rank (the last pipeline stage's rank 0)
+creates a ``MetricsLogger``; the others log nothing.
+
+Metric names (shared by JSONL and W&B): ``loss/kd``, ``loss/compression``, ``cr/target``,
+``cr/achieved`` (decision rate: 1 / (1 - evicted fraction)), ``cr/window_adjusted`` (what the cache
+actually holds at the training length, the always-kept window included), ``lr``, ``grad_norm``,
+``throughput/tokens_per_s``, ``throughput/tflops_per_gpu``, ``throughput/mfu``, ``memory/max_allocated_gb``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dms_megatron.families import ModelArch
+
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense bf16 tensor core peak
+
+
+def forward_flops_per_token(arch: ModelArch, seq_len: int) -> float:
+    """Matmul FLOPs of one forward pass per token (2 per multiply-add), causal attention averaged
+    over positions, output layer included."""
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    projections = h * q + 2 * h * kv + q * h  # q, k, v, o
+    mlp = 3 * h * f  # gate, up, down
+    attention = 2 * q * (seq_len + 1) / 2  # QK^T and PV over (s+1)/2 keys on average
+    per_layer = 2 * (projections + mlp + attention)
+    return arch.num_layers * per_layer + 2 * h * arch.vocab_size
+
+
+def retrofit_flops_per_token(arch: ModelArch, seq_len: int) -> float:
+    """A DMS distillation step: student forward + backward (3x forward) plus teacher forward (1x)."""
+    return 4 * forward_flops_per_token(arch, seq_len)
+
+
+def window_adjusted_cr(decision_rate_cr: float, seq_len: int, window: int) -> float:
+    """Tokens seen / tokens held after ``seq_len`` tokens: the last ``window + 1`` are always kept, older
+    ones with probability 1/CR (the decision rate)."""
+    kept_window = min(seq_len, window + 1)
+    older = seq_len - kept_window
+    return seq_len / (kept_window + older / decision_rate_cr)
+
+
+@dataclass
+class Throughput:
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+
+
+def throughput(
+    tokens: int,
+    seconds: float,
+    flops_per_token: float,
+    num_gpus: int,
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+) -> Throughput:
+    tps = tokens / max(seconds, 1e-12)
+    tflops = tps * flops_per_token / max(num_gpus, 1) / 1e12
+    return Throughput(tps, tflops, tflops / peak_tflops)
+
+
+class MetricsLogger:
+    """JSONL always; W&B when ``wandb_project`` is set (imported lazily; ``WANDB_MODE=offline`` works)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        wandb_project: str | None = None,
+        run_name: str | None = None,
+        group: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        console: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        self._wandb = None
+        self._console = None
+        if console:
+            from rich.console import Console
+
+            self._console = Console()
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=run_name,
+                group=group,
+                dir=str(self.run_dir),
+                config=dict(config or {}),
+            )
+
+    def log(self, step: int, metrics: Mapping[str, float], rates: Any = None) -> None:
+        """One step's scalars; ``rates`` (``[layers, kv_heads]`` eviction rates) adds the heatmap."""
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            payload: dict[str, Any] = dict(metrics)
+            if rates is not None:
+                payload.update(self._wandb_rates(rates))
+            self._wandb.log(payload, step=step)
+        if self._console is not None:
+            keys = ("loss/kd", "loss/compression", "cr/target", "cr/achieved", "throughput/tokens_per_s")
+            shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in keys if k in metrics)
+            self._console.print(f"[bold]step {step}[/bold]  {shown}")
+
+    def _wandb_rates(self, rates: Any) -> dict[str, Any]:
+        import numpy as np
+        import wandb
+
+        arr = np.asarray(rates, dtype=np.float32)
+        image = (np.clip(arr, 0, 1) * 255).astype(np.uint8)  # rows: layers, columns: KV heads
+        table = wandb.Table(
+            columns=["layer", "kv_head", "eviction_rate"],
+            data=[[i, j, float(arr[i, j])] for i in range(arr.shape[0]) for j in range(arr.shape[1])],
+        )
+        return {
+            "eviction/heatmap": wandb.Image(image, caption="eviction rate: layers x KV heads"),
+            "eviction/table": table,
+        }
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_cr_curve(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """PNG of target vs achieved CR (and the KD loss) over steps, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "cr/target" in r]
+    if not rows:
+        raise ValueError(f"{metrics_path} has no cr/target records to plot")
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["cr/target"] for r in rows], label="target CR", color="black", linestyle="--")
+    if all("cr/achieved" in r for r in rows):
+        ax.plot(steps, [r["cr/achieved"] for r in rows], label="achieved CR (decision rate)")
+    if all("cr/window_adjusted" in r for r in rows):
+        ax.plot(steps, [r["cr/window_adjusted"] for r in rows], label="achieved CR (window-adjusted)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("compression ratio")
+    if all("loss/kd" in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["loss/kd"] for r in rows], color="tab:red", alpha=0.5, label="KD loss")
+        ax2.set_ylabel("KD loss")
+        ax2.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -12,6 +12,8 @@ from dms_megatron.megatron.attention import (  # noqa: E402  (after the version 
     DMSSelfAttention,
     DMSTransformerLayer,
 )
+from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes  # noqa: E402
+from dms_megatron.megatron.kd import vocab_parallel_kd_loss, vocab_parallel_token_kl  # noqa: E402
 from dms_megatron.megatron.pipeline import (  # noqa: E402
     DECISION_CHANNELS,
     adjust_p2p_shapes,
@@ -31,7 +33,9 @@ __all__ = [
     "DMSRunState",
     "DMSSelfAttention",
     "DMSTransformerLayer",
+    "DistillationStage",
     "MegatronVersionError",
+    "adjust_distill_p2p_shapes",
     "adjust_p2p_shapes",
     "apply_dms",
     "attach_dms_pipeline",
@@ -39,4 +43,6 @@ __all__ = [
     "dms_compression_loss",
     "dms_run_state",
     "reduce_decision_stats",
+    "vocab_parallel_kd_loss",
+    "vocab_parallel_token_kl",
 ]

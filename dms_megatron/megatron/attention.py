@@ -159,7 +159,10 @@ class DMSSelfAttention(SelfAttention):
 
 class DMSCoreAttention(MegatronModule):
     """Delayed-eviction core attention: noise, relaxed decisions, the attention backend, and the
-    decision bookkeeping (compression-loss channel, per-head statistics)."""
+    decision bookkeeping (compression-loss channel, per-head statistics).
+
+    Masking is always causal (plus document boundaries from ``packed_seq_params``); megatron's
+    ``attention_mask`` argument, a causal mask for GPT training, is not read."""
 
     def __init__(
         self,

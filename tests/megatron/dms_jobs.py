@@ -355,3 +355,60 @@ def dp_stats_job(rank: int, world_size: int) -> dict:
     local = {layer: (s.clone(), c.clone()) for layer, (s, c) in state.stats.items()}
     reduced = reduce_decision_stats(state, tiny_gpt.NUM_LAYERS, 2)
     return {"local": local, "reduced": reduced, "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
+# ------------------------------------------------------------------ fused input norm (TE-style spec)
+
+
+class NormFusedQKV(torch.nn.Module):
+    """Test stand-in for TE's LayerNormColumnParallelLinear: RMSNorm inside linear_qkv, so the
+    attention receives the pre-norm residual (as with the Transformer Engine spec)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs: Any) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        kwargs.pop("name", None)
+        self.linear = ColumnParallelLinear(input_size, output_size, config=config, **kwargs)
+        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size))
+        self.eps = config.layernorm_epsilon
+
+    def forward(self, x: torch.Tensor):
+        return self.linear(torch.nn.functional.rms_norm(x, (x.shape[-1],), self.layer_norm_weight, self.eps))
+
+
+def _local_name(fused_name: str) -> str:
+    return fused_name.replace(
+        "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"
+    ).replace("linear_qkv.linear.", "linear_qkv.")
+
+
+def fused_norm_job(rank: int, world_size: int, tp: int) -> dict:
+    """Adapter DMS on the local spec vs on a fused-input-norm spec with the same weights."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    cfg = dms_test_config(variant="adapter")
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    fused = get_gpt_layer_local_spec(normalization="RMSNorm")
+    fused.submodules.input_layernorm = IdentityOp
+    fused.submodules.self_attention.submodules.linear_qkv = NormFusedQKV
+    out = {}
+    for kind, spec in (("local", local), ("fused", fused)):
+        model = tiny_gpt.build_tiny_gpt(tp, 1, seed=7, layer_spec=apply_dms(spec, cfg))
+        if kind == "fused":  # same weights as the local model; the input norm now lives in linear_qkv
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(out["local"]["params"][_local_name(n)])
+        state = attach_dms_pipeline(model)
+        losses = run_dms_schedule(model, tiny_gpt.make_batches(NUM_MICROBATCHES), state, 2)
+        names = {n: (n if kind == "local" else _local_name(n)) for n, _ in model.named_parameters()}
+        grads = {names[n]: p.grad.detach().clone() for n, p in model.named_parameters()}
+        params = {names[n]: p.detach().clone() for n, p in model.named_parameters()}
+        residual_is_input = [layer.self_attention.residual_is_input for layer in model.decoder.layers]
+        out[kind] = {
+            "losses": losses,
+            "grads": grads,
+            "params": params,
+            "residual_is_input": residual_is_input,
+        }
+    return out

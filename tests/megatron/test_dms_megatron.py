@@ -164,3 +164,17 @@ def test_decision_rates_pool_data_parallel_replicas():
     torch.testing.assert_close(res[0]["reduced"], sums / counts)
     # same data, different dp_rank noise: the replicas' decisions differ
     assert not torch.equal(res[0]["local"][0][0], res[1]["local"][0][0])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_input_norm_spec_equals_local_spec(tp):
+    """With the input norm inside linear_qkv (the Transformer Engine layout), the adapter reads the
+    attention's own input as the pre-norm residual and the model is the same as with the local spec."""
+    res = run_distributed(dms_jobs.fused_norm_job, tp, tp, timeout=300)[0]
+    local, fused = res["local"], res["fused"]
+    assert fused["residual_is_input"] == [True] * 4 and local["residual_is_input"] == [False] * 4
+    for a, b in zip(local["losses"], fused["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert set(local["grads"]) == set(fused["grads"])
+    for name, g in local["grads"].items():
+        torch.testing.assert_close(fused["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)

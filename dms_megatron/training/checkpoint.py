@@ -1,0 +1,163 @@
+"""Training checkpoints: atomic, keep-last-K, auto-resume, preemption-safe.
+
+Layout (Megatron-LM style, so its tools recognise it)::
+
+    RUN/checkpoints/iter_0000100/            megatron dist_checkpointing + train_state.json
+    RUN/checkpoints/latest_checkpointed_iteration.txt
+
+A save writes ``.iter_XXXXXXX.partial`` and renames it into place only after every rank finished and
+``train_state.json`` is written; the ``latest`` file is replaced atomically afterwards. A save that is
+interrupted therefore never shadows the last good checkpoint, and ``latest_checkpoint`` ignores
+incomplete folders even if ``latest`` points at one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+LATEST = "latest_checkpointed_iteration.txt"
+TRAIN_STATE = "train_state.json"
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iteration_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _ITER.match(p.name)
+        if m and (p / TRAIN_STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names if complete, else the newest complete one."""
+    root = Path(root)
+    latest = root / LATEST
+    if latest.is_file():
+        try:
+            named = iteration_dir(root, int(latest.read_text().strip()))
+            if (named / TRAIN_STATE).is_file():
+                return named
+            log.warning("%s names %s, which is incomplete; falling back", latest, named)
+        except ValueError:
+            log.warning("%s is unreadable; falling back", latest)
+    done = complete_checkpoints(root)
+    return done[-1][1] if done else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    sharded_state_dict: dict[str, Any],
+    train_state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Collective: every rank calls it with its own sharded state dict (model, optimizer, ...)."""
+    from megatron.core import dist_checkpointing
+
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(root)
+    final = iteration_dir(root, step)
+    staging = root / f".{final.name}.partial"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(staging))
+    _barrier()
+    if _rank() == 0:
+        (staging / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(f"{step}\n")
+        os.replace(tmp, root / LATEST)
+        if keep_last is not None:
+            for _old_step, path in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(path)
+                log.info("removed old checkpoint %s (keep_last=%d)", path, keep_last)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, sharded_state_dict: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Collective load of a checkpoint saved at any TP/PP; returns (state dict, train_state)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / TRAIN_STATE).is_file():
+        raise ValueError(f"{path} is not a complete training checkpoint (no {TRAIN_STATE})")
+    state = dist_checkpointing.load(sharded_state_dict, str(path))
+    return state, json.loads((path / TRAIN_STATE).read_text())
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag that the loop
+    checks at step boundaries; ``should_stop()`` agrees across ranks (any rank signalled -> all stop)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        log.warning(
+            "received %s: saving a checkpoint and stopping at the end of this step",
+            signal.Signals(signum).name,
+        )
+
+    def should_stop(self) -> bool:
+        device = "cpu"
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            device = f"cuda:{torch.cuda.current_device()}"
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

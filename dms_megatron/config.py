@@ -6,7 +6,7 @@ Hydra override fails before any model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from dms_megatron.core.gating import DEFAULT_LOGIT_OFFSET, DEFAULT_LOGIT_SCALE
@@ -113,3 +113,163 @@ class DMSConfig:
         return CRSchedule(
             end_cr=float(self.cr_end), ramp_steps=self.cr_ramp_steps, start_cr=float(self.cr_start)
         )
+
+
+# ----------------------------------------------------------------------------- the retrofit run
+
+
+def _positive_int(section: str, key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{section}.{key}={value!r} is invalid: expected an integer >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """A model preset (``configs/model/<name>.yaml``): the HF config plus where the weights are."""
+
+    name: str = "smollm2_135m"
+    hf_path: str | None = None  # HF folder with the teacher's weights
+    hf_config: dict = field(default_factory=dict)  # the HF config.json fields (see dms_megatron.families)
+    checkpoint: str | None = None  # an imported Megatron checkpoint (launch/convert.py import)
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"model.dtype={self.dtype!r} is invalid: choose bf16, fp16 or fp32")
+        if not self.hf_config:
+            raise ValueError("model.hf_config is empty: pick a preset with model=<name> (configs/model/)")
+        from dms_megatron.families import arch_from_hf_config
+
+        arch_from_hf_config(self.hf_config)  # unknown architecture etc. fail here
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "micro_batch_size", "global_batch_size"):
+            _positive_int("parallel", key, getattr(self, key))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"parallel.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"parallel.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+
+@dataclass
+class DataConfig:
+    prefixes: list = field(default_factory=list)  # indexed datasets (launch/preprocess.py output prefixes)
+    weights: list | None = None  # blend weights, one per prefix
+    seq_length: int = 2048
+
+    def __post_init__(self) -> None:
+        _positive_int("data", "seq_length", self.seq_length)
+        if self.weights is not None and len(self.weights) != len(self.prefixes):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries for {len(self.prefixes)} data.prefixes"
+            )
+        if self.weights is not None and any(w <= 0 for w in self.weights):
+            raise ValueError(f"data.weights={self.weights} must all be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """mode: ``full`` trains every weight against a separate frozen teacher (the paper); ``adapter``
+    trains only the DMS adapters, the teacher being the student with eviction off (NVIDIA's recipe)."""
+
+    steps: int = 1000
+    mode: str = "full"
+    lr: float = 3e-5
+    min_lr: float = 3e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    seed: int = 1234
+    save_interval: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | <checkpoint folder>
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "save_interval", "keep_last"):
+            _positive_int("train", key, getattr(self, key))
+        if self.mode not in ("full", "adapter"):
+            raise ValueError(f"train.mode={self.mode!r} is invalid: choose full or adapter")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"train.lr={self.lr} / train.min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr"
+            )
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]"
+            )
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 = off)")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str | None = None  # None: JSONL and console only
+    run_name: str | None = None
+    group: str | None = None
+    log_interval: int = 1
+    heatmap_interval: int = 50
+    console: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("logging", "log_interval", self.log_interval)
+        _positive_int("logging", "heatmap_interval", self.heatmap_interval)
+
+
+@dataclass
+class RetrofitConfig:
+    """Everything a retrofit run needs; built from Hydra's composed config by ``from_dict``."""
+
+    model: ModelConfig
+    dms: DMSConfig = field(default_factory=DMSConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/retrofit"
+
+    def __post_init__(self) -> None:
+        if self.train.mode == "adapter" and self.dms.variant != "adapter":
+            raise ValueError(
+                "train.mode=adapter trains only the DMS adapters, but dms.variant="
+                f"{self.dms.variant!r} has none: set dms.variant=adapter or train.mode=full"
+            )
+        from dms_megatron.families import arch_from_hf_config
+
+        arch_from_hf_config(self.model.hf_config).check_parallel(self.parallel.tp, self.parallel.pp)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> RetrofitConfig:
+        """Nested dict (e.g. ``OmegaConf.to_container(cfg, resolve=True)``) -> validated config.
+        Unknown keys fail with their full name."""
+        sections = {
+            "model": ModelConfig,
+            "dms": DMSConfig,
+            "parallel": ParallelConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "logging": LoggingConfig,
+        }
+        unknown = set(cfg) - set(sections) - {"run_dir"}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        built = {}
+        for name, kind in sections.items():
+            values = dict(cfg.get(name) or {})
+            allowed = {f.name for f in fields(kind)}
+            extra = sorted(set(values) - allowed)
+            if extra:
+                raise ValueError(f"unknown config keys: {[f'{name}.{k}' for k in extra]}")
+            built[name] = kind(**values)
+        return cls(**built, run_dir=str(cfg.get("run_dir", "runs/retrofit")))

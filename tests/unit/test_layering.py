@@ -17,7 +17,7 @@ ALLOWED = {
     "core": set(),
     "kernels": {"core"},
     "megatron": {"core", "kernels", "config", "families"},
-    "config": {"core"},
+    "config": {"core", "families"},
     "families": set(),
     "convert": {"core", "config", "families", "megatron"},
     "training": {"core", "kernels", "config", "families", "megatron", "convert"},

@@ -1,0 +1,60 @@
+"""The run configuration: Hydra composes configs/ into RetrofitConfig; overrides and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dms_megatron.config import RetrofitConfig
+
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def _compose(*overrides: str) -> RetrofitConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIGS):
+        cfg = compose(config_name="retrofit", overrides=list(overrides))
+    return RetrofitConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_defaults_compose():
+    cfg = _compose()
+    assert cfg.model.name == "smollm2_135m" and cfg.model.hf_config["num_attention_heads"] == 9
+    assert (cfg.dms.variant, cfg.dms.window, cfg.dms.cr_end) == ("neuron", 256, 8.0)
+    assert cfg.run_dir == "runs/smollm2_135m_cr8.0"
+
+
+def test_overrides_and_group_switches():
+    cfg = _compose("model=r1_distill_qwen_32b", "parallel=tp8_pp2", "dms.cr_end=4", "train.steps=1000")
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.global_batch_size) == (8, 2, 256)
+    assert cfg.dms.cr_end == 4 and cfg.model.hf_config["num_hidden_layers"] == 64
+    cfg = _compose("dms=adapter", "train=adapter")
+    assert (cfg.dms.variant, cfg.dms.window, cfg.train.mode) == ("adapter", 512, "adapter")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model=r1_distill_qwen_7b", "parallel.tp=8"], "Valid tp values"),
+        (["train=adapter"], "train.mode=adapter"),
+        (["dms.window=-1"], r"dms\.window"),
+        (["parallel.global_batch_size=6", "parallel.micro_batch_size=4"], "not a multiple"),
+        (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+        (["train.warmup_steps=5000"], "warmup_steps"),
+        (["data.prefixes=[a,b]", "data.weights=[1.0]"], "data.weights"),
+        (["+train.bogus=1"], r"train\.bogus"),
+        (["model.dtype=int8"], "model.dtype"),
+    ],
+)
+def test_bad_overrides_fail_before_any_work(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _compose(*overrides)
+
+
+def test_unknown_override_key_is_rejected_by_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose("train.stepz=3")

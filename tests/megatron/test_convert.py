@@ -57,7 +57,10 @@ def test_cli_roundtrip_is_bit_exact(tiny, tmp_path, family, tp, pp):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_logits_match_transformers(tiny, tmp_path, family):
     want = convert_jobs.hf_logits(tiny[family], TOKENS)
-    for tp, pp in ((1, 1), (2, 2)):
+    # TP=1 for every family; one cross-layout check (TP=2 x PP=2) on the family with the most mapping
+    # rules (q/k norms). SmolLM2 adds PP=2 and TP=3 (test_smollm2.py), Qwen2 TP=2 (sharded test).
+    layouts = ((1, 1), (2, 2)) if family == "qwen3" else ((1, 1),)
+    for tp, pp in layouts:
         got = run_distributed(
             convert_jobs.import_and_logits_job,
             tp * pp,

@@ -17,6 +17,24 @@ from dms_megatron.families import ModelArch
 from dms_megatron.megatron.spec import apply_dms
 from dms_megatron.megatron.state import DMSRunState
 
+# Settings under which a megatron model computes exactly what the HF model does and runs anywhere:
+# no dropout, fp32, CPU initialisation (every TP layout shards one master), every fused kernel off
+# (they are CUDA-only or torch.compile-based). Callers override for speed on GPU.
+EXACT_DEFAULTS: dict[str, Any] = {
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "params_dtype": torch.float32,
+    "pipeline_dtype": torch.float32,
+    "use_cpu_initialization": True,
+    "bias_activation_fusion": False,
+    "masked_softmax_fusion": False,
+    "bias_dropout_fusion": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "persist_layer_norm": False,
+    "cross_entropy_loss_fusion": False,
+}
+
 
 def padded_vocab_size(arch: ModelArch, tp: int) -> int:
     """Megatron's vocab-parallel layers need the vocabulary to divide by TP; pad the rest."""
@@ -40,20 +58,9 @@ def transformer_config(arch: ModelArch, tp: int, pp: int, **overrides: Any) -> T
         "add_bias_linear": False,
         "add_qkv_bias": arch.qkv_bias,
         "qk_layernorm": arch.qk_norm,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
-        "params_dtype": torch.float32,
-        "pipeline_dtype": torch.float32,
-        "use_cpu_initialization": True,
-        "bias_activation_fusion": False,
-        "masked_softmax_fusion": False,
-        "bias_dropout_fusion": False,
-        "apply_rope_fusion": False,
-        "gradient_accumulation_fusion": False,
-        "persist_layer_norm": False,
-        "cross_entropy_loss_fusion": False,
+        **EXACT_DEFAULTS,
     }
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

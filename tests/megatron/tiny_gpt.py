@@ -27,6 +27,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from dms_megatron.megatron.families import EXACT_DEFAULTS
+
 __all__ = [
     "HIDDEN",
     "MICRO_BATCH",
@@ -94,21 +96,10 @@ def tiny_gpt_config(
         "activation_func": F.silu,
         "add_bias_linear": False,
         "add_qkv_bias": False,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
         "sequence_parallel": sequence_parallel,
-        "params_dtype": torch.float32,
-        "pipeline_dtype": torch.float32,
-        "use_cpu_initialization": True,
-        "bias_activation_fusion": False,
-        "masked_softmax_fusion": False,
-        "bias_dropout_fusion": False,
-        "apply_rope_fusion": False,
-        "gradient_accumulation_fusion": False,
-        "persist_layer_norm": False,
-        "cross_entropy_loss_fusion": False,
+        **EXACT_DEFAULTS,  # fp32, CPU init, no dropout, no fusions (shared with the package)
     }
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

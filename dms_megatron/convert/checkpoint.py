@@ -350,8 +350,9 @@ def _finish_export(
         }
         config["dms"]["trained_cr"] = meta.get("trained_cr")
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok_src = Path(tokenizer_dir) if tokenizer_dir else Path(meta["source"]["hf_dir"])
-    copied = hf_io.copy_tokenizer_files(tok_src, staging) if tok_src.is_dir() else []
+    hf_dir = meta["source"].get("hf_dir")
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else (Path(hf_dir) if hf_dir else None)
+    copied = hf_io.copy_tokenizer_files(tok_src, staging) if tok_src is not None and tok_src.is_dir() else []
     manifest = {
         "source_checkpoint": str(Path(ckpt_dir).resolve()),
         "tokenizer_from": str(tok_src) if copied else None,

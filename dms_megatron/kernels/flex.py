@@ -53,6 +53,20 @@ def _document_block_mask(doc_folded: torch.Tensor) -> Any:
     return create_block_mask(causal_same_doc, B=BH, H=None, Q_LEN=T, KV_LEN=T, device=doc_folded.device)
 
 
+# The layers of one micro-batch share one doc_ids tensor (DMSCoreAttention computes it once per
+# PackedSeqParams): build its block mask once, not once per layer. Holding the tensor keeps its id valid.
+_doc_mask_cache: list[Any] = [None, None, None]  # [doc_ids tensor, Hkv, BlockMask]
+
+
+def _cached_document_block_mask(doc_ids: torch.Tensor, B: int, T: int, Hkv: int, device: Any) -> Any:
+    if _doc_mask_cache[0] is doc_ids and _doc_mask_cache[1] == Hkv:
+        return _doc_mask_cache[2]
+    docs = check_doc_ids(doc_ids.to(device), B, T)
+    mask = _document_block_mask(docs.repeat_interleave(Hkv, dim=0).contiguous())
+    _doc_mask_cache[:] = [doc_ids, Hkv, mask]
+    return mask
+
+
 def dms_attention_flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -75,8 +89,7 @@ def dms_attention_flex(
     if doc_ids is None:
         block_mask = _causal_block_mask(T, str(q.device))
     else:
-        docs = check_doc_ids(doc_ids.to(q.device), B, T)
-        block_mask = _document_block_mask(docs.repeat_interleave(Hkv, dim=0).contiguous())
+        block_mask = _cached_document_block_mask(doc_ids, B, T, Hkv, q.device)
     score_mod = None
     if relaxed is not None:
         # fp32 bias: flex computes scores in fp32 and the bias gradient accumulates per key

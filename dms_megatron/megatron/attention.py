@@ -232,7 +232,10 @@ class DMSCoreAttention(MegatronModule):
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            doc_ids = doc_ids_from_cu_seqlens(cu.to(torch.long), total_len=q.shape[2])
+            doc_ids = getattr(packed_seq_params, "_dms_doc_ids", None)
+            if doc_ids is None or doc_ids.shape[-1] != q.shape[2]:  # once per micro-batch, not per layer
+                doc_ids = doc_ids_from_cu_seqlens(cu.to(torch.long), total_len=q.shape[2])
+                packed_seq_params._dms_doc_ids = doc_ids
             logits_bht = None if logits is None else logits.reshape(q.shape[2], ng).t().unsqueeze(0)
         else:  # [s, b, heads, hn] -> [b, heads, s, hn]
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))

@@ -27,11 +27,17 @@ class DistillationStage(torch.nn.Module):
     """One pipeline stage of student + frozen teacher (see the module docstring)."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None = None) -> None:
+        """``student``: the DMS stage, bare or wrapped (megatron DDP / ``Float16Module``: ``.module``)."""
         super().__init__()
         self.student = student
+        inner = student
+        while not hasattr(inner, "pre_process") and hasattr(inner, "module"):
+            inner = inner.module
+        self._inner = [inner]  # the bare GPTModel stage (a list: not registered twice)
         self.state = dms_run_state(student)
-        self.config = student.config  # megatron's schedules read config and model_type from the model
-        self.model_type = student.model_type
+        self.config = inner.config  # megatron's schedules read config and model_type from the model
+        self.model_type = inner.model_type
+        student = inner
         if teacher is not None:
             if teacher.config.hidden_size != student.config.hidden_size:
                 raise ValueError("teacher and student must have the same hidden size to share a pipeline")
@@ -53,11 +59,11 @@ class DistillationStage(torch.nn.Module):
 
     @property
     def pre_process(self) -> bool:
-        return self.student.pre_process
+        return self._inner[0].pre_process
 
     @property
     def post_process(self) -> bool:
-        return self.student.post_process
+        return self._inner[0].post_process
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list | tuple):
@@ -69,7 +75,7 @@ class DistillationStage(torch.nn.Module):
         self._student_input, self._teacher_input = input_tensor[..., :split], input_tensor[..., split:]
 
     def _teacher_forward(self, *args, **kwargs) -> torch.Tensor:
-        model = self.teacher if self.teacher is not None else self.student
+        model = self.teacher if self.teacher is not None else self._inner[0]
         with torch.no_grad():
             if not self.pre_process:
                 model.set_input_tensor(self._teacher_input)
@@ -85,7 +91,7 @@ class DistillationStage(torch.nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         teacher_out = self._teacher_forward(*args, **kwargs)
         if not self.pre_process:
-            self.student.set_input_tensor(self._student_input)
+            self._inner[0].set_input_tensor(self._student_input)
         student_out = self.student(*args, **kwargs)
         if self.post_process:
             self.teacher_logits = teacher_out

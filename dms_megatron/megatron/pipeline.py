@@ -97,11 +97,18 @@ def adjust_p2p_shapes(
 
 
 def dms_compression_loss(
-    model: torch.nn.Module, valid: torch.Tensor, target_fraction: float, num_layers: int, num_kv_heads: int
+    model: torch.nn.Module,
+    valid: torch.Tensor,
+    target_fraction: float,
+    num_layers: int,
+    num_kv_heads: int,
+    samples: int | None = None,
 ) -> torch.Tensor:
     """Exact global compression loss on the last stage: ``mean_b relu(target - frac_b)``.
 
     ``valid [b, s]``: True where a position counts. ``num_layers``/``num_kv_heads``: the whole model's.
+    ``samples``: for a packed (THD) micro-batch ``[1, n * s]`` made of ``n`` equal-length training
+    sequences, ``n``: the hinge is taken per training sequence, as in the unpacked batch.
     """
     blocks = [b for b in _blocks(model) if b.post_process]
     if len(blocks) != 1:
@@ -121,11 +128,24 @@ def dms_compression_loss(
     if config.sequence_parallel and tp > 1:
         shard = total.shape[0]
         rank = parallel_state.get_tensor_model_parallel_rank()
-        per_sample = (total * v[rank * shard : (rank + 1) * shard]).sum(0)
-        per_sample = tensor_parallel.reduce_from_tensor_model_parallel_region(per_sample)
+        local = total * v[rank * shard : (rank + 1) * shard]
+        # full-length per-position counts (zeros outside this rank's shard), summed over TP ranks;
+        # identity backward: each rank's shard receives the gradient of its own positions
+        full = torch.zeros_like(v)
+        full = full.index_add(0, torch.arange(rank * shard, (rank + 1) * shard, device=v.device), local)
+        per_position = tensor_parallel.reduce_from_tensor_model_parallel_region(full)
     else:
-        per_sample = (total * v).sum(0)
-    count = valid.to(total.dtype).sum(1) * (num_layers * num_kv_heads)
+        per_position = total * v
+    counted = v
+    if samples is not None:
+        if per_position.shape[1] != 1 or per_position.shape[0] % samples:
+            raise ValueError(
+                f"samples={samples} needs a packed [1, n * s] micro-batch, got {tuple(valid.shape)}"
+            )
+        per_position = per_position.reshape(samples, -1).t()  # [s, n]
+        counted = counted.reshape(samples, -1).t()
+    per_sample = per_position.sum(0)
+    count = counted.sum(0) * (num_layers * num_kv_heads)
     frac = per_sample / count.clamp(min=1.0)
     return torch.relu(target_fraction - frac).mean()
 

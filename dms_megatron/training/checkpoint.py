@@ -80,8 +80,10 @@ def save_checkpoint(
     sharded_state_dict: dict[str, Any],
     train_state: dict[str, Any],
     keep_last: int | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it with its own sharded state dict (model, optimizer, ...)."""
+    """Collective: every rank calls it with its own sharded state dict (model, optimizer, ...).
+    ``meta``: written as ``dms_megatron.json`` so the checkpoint exports like an imported one."""
     from megatron.core import dist_checkpointing
 
     if keep_last is not None and keep_last < 1:
@@ -98,6 +100,8 @@ def save_checkpoint(
     dist_checkpointing.save(sharded_state_dict, str(staging))
     _barrier()
     if _rank() == 0:
+        if meta is not None:
+            (staging / "dms_megatron.json").write_text(json.dumps(meta, indent=2) + "\n")
         (staging / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)

@@ -150,3 +150,25 @@ def check_dataset(prefix: str | os.PathLike, vocab_size: int, eos_token_id: int 
             f"dataset {prefix} holds token id {top}, out of range for a {vocab_size}-token model"
         )
     return info
+
+
+def write_token_documents(
+    prefix: str | os.PathLike, documents: Iterable[list[int]], vocab_size: int, eos_token_id: int, name: str
+) -> DatasetInfo:
+    """Write already-tokenised documents (EOS appended to each) as an indexed dataset with its sidecar;
+    for synthetic data and tests."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = DType.optimal_dtype(vocab_size)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
+    n_docs = n_tokens = 0
+    for doc in documents:
+        ids = [*doc, eos_token_id]
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+    builder.finalize(str(prefix) + ".idx")
+    info = DatasetInfo(name, vocab_size, eos_token_id, n_docs, n_tokens, 0, np.dtype(dtype).name, [name])
+    Path(str(prefix) + ".json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info

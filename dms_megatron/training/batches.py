@@ -1,0 +1,144 @@
+"""Training batches: megatron's GPT datasets (blends, packing) -> per-step micro-batches -> packed (THD)
+model inputs whose document boundaries the DMS attention, the one-token shift, the losses and the
+compression statistics all honour.
+
+Sampling is a pure function of the step: global batch ``step`` is samples ``[step * G, (step + 1) * G)``
+of the (shuffled, blended) dataset; data-parallel rank ``r`` takes the ``r``-th contiguous slice of
+``G / dp`` samples, cut into micro-batches. Resuming at step ``k`` therefore reads exactly what an
+uninterrupted run reads, without saving a data-loader state.
+
+Packing: a micro-batch of ``b`` sequences of length ``s`` (each already a concatenation of documents,
+EOS-terminated) becomes one THD sequence of ``b * s`` tokens with ``cu_seqlens`` at every document
+start and every sequence start, and positions restarted per document.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _TokenIds:
+    """What megatron's GPT dataset reads from a tokenizer (it never tokenises: data is pre-tokenised)."""
+
+    def __init__(self, vocab_size: int, eod: int) -> None:
+        self.vocab_size, self.eod = vocab_size, eod
+        # megatron hashes this into the dataset's cache key
+        self.unique_identifiers = {"class": "dms_megatron.TokenIds", "vocab_size": vocab_size, "eod": eod}
+
+
+def build_gpt_dataset(
+    prefixes: list[str],
+    weights: list[float] | None,
+    seq_length: int,
+    num_samples: int,
+    seed: int,
+    vocab_size: int,
+    eos_token_id: int,
+    cache_dir: str | Path,
+) -> Any:
+    """Megatron's (blended) GPT dataset with ``num_samples`` training sequences of ``seq_length``.
+
+    Build it on every rank (megatron builds the index caches on rank 0 first, then the others read them).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if not prefixes:
+        raise ValueError("data.prefixes is empty: preprocess text with launch/preprocess.py first")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([str(p) for p in prefixes], None if weights is None else [float(w) for w in weights]),
+        split="100,0,0",
+        path_to_cache=str(cache_dir),
+        tokenizer=_TokenIds(vocab_size, eos_token_id),
+        reset_position_ids=True,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    if train is None or len(train) < num_samples:
+        got = 0 if train is None else len(train)
+        raise ValueError(f"the dataset gives {got} samples, {num_samples} needed")
+    return train
+
+
+@dataclass
+class StepSlice:
+    """Which samples of a global batch this data-parallel rank reads."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % (self.micro_batch_size * self.dp_size):
+            raise ValueError(
+                f"parallel.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"micro_batch_size x data-parallel size = {self.micro_batch_size} x {self.dp_size}"
+            )
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def indices(self, step: int) -> list[list[int]]:
+        """Sample indices of each of this rank's micro-batches at ``step``."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + self.dp_rank * per_rank
+        b = self.micro_batch_size
+        return [list(range(start + i * b, start + (i + 1) * b)) for i in range(self.num_microbatches)]
+
+
+def step_micro_batches(dataset: Any, slicer: StepSlice, step: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``step``: ``tokens``, ``position_ids`` ``[b, s]`` (int64)."""
+    out = []
+    for idx in slicer.indices(step):
+        samples = [dataset[i] for i in idx]
+        out.append(
+            {
+                "tokens": torch.stack([s["tokens"] for s in samples]),
+                "position_ids": torch.stack([s["position_ids"] for s in samples]),
+            }
+        )
+    return out
+
+
+def doc_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[b, s]``: True where a document starts (position 0, and each sequence's first token)."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts
+
+
+def pack_thd(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, Any]:
+    """``[b, s]`` micro-batch -> one packed THD sequence: ``input_ids``/``position_ids`` ``[1, b*s]``,
+    ``packed_seq_params`` (megatron ``PackedSeqParams``), ``samples`` = b, ``valid`` ``[1, b*s]``."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    tokens, pos = batch["tokens"], batch["position_ids"]
+    b, s = tokens.shape
+    starts = doc_starts(pos).reshape(-1)
+    cu = torch.cat([starts.nonzero().reshape(-1), torch.tensor([b * s])]).to(torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    flat_pos = torch.arange(b * s) - torch.repeat_interleave(cu[:-1].long(), lengths.long())
+    cu = cu.to(device)
+    max_len = int(lengths.max())
+    return {
+        "input_ids": tokens.reshape(1, -1).to(device),
+        "position_ids": flat_pos.reshape(1, -1).to(device),
+        "packed_seq_params": PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+        ),
+        "samples": b,
+        "valid": torch.ones(1, b * s, dtype=torch.bool, device=device),
+    }

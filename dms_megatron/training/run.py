@@ -1,0 +1,229 @@
+"""One retrofit run end to end: checks, run directory, build, resume, loop, checkpoints, metrics.
+
+``run_retrofit(cfg)`` is what ``launch/retrofit.py`` calls on every rank (one process per GPU, or one
+CPU process). Bad input fails in ``preflight`` before any process group, model or GPU memory exists.
+
+Run directory::
+
+    RUN/config.yaml        the resolved configuration (what Hydra composed, after overrides)
+    RUN/run_info.json      git SHA, package versions, command line, world size, start time
+    RUN/metrics.jsonl      one record per logged step (the same names as on W&B)
+    RUN/checkpoints/       iter_XXXXXXX/ (model + optimizer + train_state.json + dms_megatron.json)
+    RUN/cr_curve.png       target vs achieved CR and the KD loss over steps (written at the end)
+    RUN/summary.json       final step, CR, losses, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dms_megatron.config import RetrofitConfig
+from dms_megatron.families import ModelArch, arch_from_hf_config
+from dms_megatron.training.setup import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Preflight:
+    arch: ModelArch
+    meta: dict[str, Any] | None  # the imported checkpoint's dms_megatron.json
+    eos_token_id: int | None
+    resume_from: Path | None
+
+
+def _eos(hf_config: dict[str, Any]) -> int | None:
+    eos = hf_config.get("eos_token_id")
+    return int(eos[0]) if isinstance(eos, list) else (None if eos is None else int(eos))
+
+
+def preflight(cfg: RetrofitConfig) -> Preflight:
+    """Every check that needs no GPU: checkpoint, architecture, datasets, resume path."""
+    from dms_megatron.training.checkpoint import latest_checkpoint
+    from dms_megatron.training.data import check_dataset
+
+    arch = arch_from_hf_config(cfg.model.hf_config)
+    meta = None
+    if cfg.model.checkpoint is not None:
+        from dms_megatron.convert.checkpoint import read_meta
+
+        if not Path(cfg.model.checkpoint).is_dir():
+            raise ValueError(
+                f"model.checkpoint={cfg.model.checkpoint} does not exist: import the HF model first "
+                "(python launch/convert.py import --hf <folder> --out <checkpoint>)"
+            )
+        meta = read_meta(cfg.model.checkpoint)
+        ckpt_arch = ModelArch(**meta["arch"])
+        if ckpt_arch != arch:
+            diff = {k: (v, getattr(arch, k)) for k, v in asdict(ckpt_arch).items() if getattr(arch, k) != v}
+            raise ValueError(
+                f"model.checkpoint holds another architecture than model={cfg.model.name}: "
+                f"(checkpoint, preset) differ in {diff}"
+            )
+    eos = _eos(meta["hf_config"] if meta else cfg.model.hf_config)
+    for prefix in cfg.data.prefixes:
+        check_dataset(prefix, arch.vocab_size, eos)
+    if not cfg.data.prefixes:
+        raise ValueError("data.prefixes is empty: preprocess text with launch/preprocess.py and set it")
+    if arch.max_position_embeddings < cfg.data.seq_length:
+        raise ValueError(
+            f"data.seq_length={cfg.data.seq_length} exceeds the model's context "
+            f"({arch.max_position_embeddings} positions)"
+        )
+    resume = cfg.train.resume
+    resume_from = None
+    if resume == "auto":
+        resume_from = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    elif resume != "none":
+        if not (Path(resume) / "train_state.json").is_file():
+            raise ValueError(f"train.resume={resume} is not a complete training checkpoint")
+        resume_from = Path(resume)
+    return Preflight(arch, meta, eos, resume_from)
+
+
+def _git_sha() -> tuple[str | None, bool]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("megatron-core", "hydra-core", "omegaconf", "wandb", "transformers", "dms_megatron"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["cuda"] = str(torch.version.cuda) if torch.cuda.is_available() else "none"
+    return out
+
+
+def write_run_info(run_dir: Path, config: dict[str, Any], argv: list[str], world_size: int) -> None:
+    """The resolved config and what produced it (rank 0 only)."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    sha, dirty = _git_sha()
+    info = {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "command": [sys.executable, *argv],
+        "cwd": os.getcwd(),
+        "host": platform.node(),
+        "world_size": world_size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _checkpoint_meta(cfg: RetrofitConfig, pre: Preflight, trained_cr: float | None) -> dict[str, Any]:
+    source = dict((pre.meta or {}).get("source") or {})
+    source.setdefault("hf_dir", cfg.model.hf_path)
+    source["dtype"] = str(DTYPES[cfg.model.dtype])
+    return {
+        "format": "dms_megatron/megatron-dist-checkpoint/v1",
+        "arch": pre.arch.to_dict(),
+        "hf_config": (pre.meta or {}).get("hf_config") or cfg.model.hf_config,
+        "dms": asdict(cfg.dms),
+        "source": source,
+        "trained_cr": trained_cr,
+        "versions": versions(),
+    }
+
+
+def run_retrofit(
+    cfg: RetrofitConfig,
+    config_dict: dict[str, Any] | None = None,
+    argv: list[str] | None = None,
+    on_step: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Train; returns the run summary (same on every rank). ``on_step`` is called after each step."""
+    from megatron.core import parallel_state
+
+    from dms_megatron.training.batches import build_gpt_dataset
+    from dms_megatron.training.checkpoint import PreemptionGuard
+    from dms_megatron.training.loop import train_loop
+    from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
+    from dms_megatron.training.trainer import RetrofitTrainer
+
+    t_start = time.perf_counter()
+    pre = preflight(cfg)
+    dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    run_dir = Path(cfg.run_dir)
+    if dist.get_rank() == 0:
+        write_run_info(run_dir, config_dict or {}, argv or sys.argv, dist.get_world_size())
+    dist.barrier()
+    num_samples = cfg.train.steps * cfg.parallel.global_batch_size
+    dataset = build_gpt_dataset(
+        cfg.data.prefixes,
+        cfg.data.weights,
+        cfg.data.seq_length,
+        num_samples,
+        cfg.train.seed,
+        pre.arch.vocab_size,
+        pre.eos_token_id if pre.eos_token_id is not None else 0,
+        run_dir / "data_cache",
+    )
+    models = build_models(cfg, pre.arch, pre.meta)
+    optimizer, scheduler = build_optimizer(cfg, models.ddp)
+    trainer = RetrofitTrainer(cfg, models, optimizer, scheduler, dataset, dp, pre.eos_token_id)
+    start_step = 0
+    if pre.resume_from is not None:
+        train_state = trainer.load(pre.resume_from)
+        start_step = int(train_state["step"])
+        if dist.get_rank() == 0:
+            log.info("resumed from %s at step %d", pre.resume_from, start_step)
+    logging_rank = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+    with PreemptionGuard() as guard:
+        summary = train_loop(
+            trainer,
+            cfg,
+            start_step,
+            guard,
+            logging_rank,
+            lambda cr: _checkpoint_meta(cfg, pre, cr),
+            config_dict or {},
+            on_step,
+        )
+    summary["wall_s"] = time.perf_counter() - t_start
+    summary["resumed_from_step"] = start_step
+    if logging_rank:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
+    return summary

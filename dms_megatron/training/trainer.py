@@ -1,0 +1,226 @@
+"""The retrofit loop: one optimizer step = megatron's pipeline schedule over this rank's micro-batches
+with the teacher inside the same schedule (``DistillationStage``), loss = KL + lambda * compression.
+
+Per step: set the DMS state (step, target), run ``forward_backward``, ``optimizer.step()`` (DP grad
+reduce-scatter, clipping, fp32 master update), advance the LR schedule, reduce the per-[layer, head]
+eviction rates once, log, and checkpoint every ``train.save_interval`` steps, at the end and when a
+preemption signal arrived (every rank agrees before saving).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dms_megatron.config import RetrofitConfig
+from dms_megatron.core.losses import kd_token_mask
+from dms_megatron.training.batches import StepSlice, pack_thd, step_micro_batches
+from dms_megatron.training.setup import Models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    step: int
+    kd: float
+    compression: float
+    target_cr: float
+    rates: torch.Tensor  # [layers, kv_heads] eviction rate of this step
+    lr: float
+    grad_norm: float
+    seconds: float
+    tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def achieved_cr(self) -> float:
+        evicted = float(self.rates.mean())
+        return 1.0 / max(1.0 - evicted, 1e-6)
+
+
+class RetrofitTrainer:
+    """Owns the models, optimizer, schedule and data of one run; ``train_step(step)`` is the unit."""
+
+    def __init__(
+        self,
+        cfg: RetrofitConfig,
+        models: Models,
+        optimizer: Any,
+        scheduler: Any,
+        dataset: Any,
+        dp_size: int,
+        eos_token_id: int | None,
+    ) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+
+        from dms_megatron.megatron.distill import DistillationStage
+        from dms_megatron.megatron.pipeline import dms_run_state
+
+        self.cfg, self.models, self.optimizer, self.scheduler = cfg, models, optimizer, scheduler
+        self.dataset, self.eos = dataset, eos_token_id
+        self.stage = DistillationStage(models.ddp, models.teacher)
+        self.state = dms_run_state(models.student)
+        self.slicer = StepSlice(
+            cfg.parallel.global_batch_size,
+            cfg.parallel.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            dp_size,
+        )
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        config = models.student.config
+        config.no_sync_func = models.ddp.no_sync
+        config.finalize_model_grads_func = lambda _models, num_tokens=None, **kw: finalize_model_grads(
+            [models.ddp], num_tokens, **kw
+        )
+        config.grad_scale_func = optimizer.scale_loss
+        self.num_layers = models.arch.num_layers
+        self.num_kv_heads = models.arch.num_query_groups
+
+    # ------------------------------------------------------------------------------------------- step
+    def _loss(self, packed: dict[str, Any], target: float, output: torch.Tensor):
+        from dms_megatron.megatron import dms_compression_loss
+        from dms_megatron.megatron.kd import vocab_parallel_kd_loss
+
+        dms = self.cfg.dms
+        mask = kd_token_mask(packed["input_ids"], self.eos)
+        kd = vocab_parallel_kd_loss(
+            output,
+            self.stage.teacher_logits,
+            mask,
+            direction=dms.kl_direction,
+            temperature=dms.kl_temperature,
+        )
+        self.stage.teacher_logits = None  # never kept beyond its micro-batch
+        cmp = dms_compression_loss(
+            self.stage.student,
+            packed["valid"],
+            target,
+            self.num_layers,
+            self.num_kv_heads,
+            samples=packed["samples"],
+        )
+        loss = kd + dms.compression_weight * cmp
+        return loss, {"kd": kd.detach().clone(), "cmp": cmp.detach().clone()}
+
+    def train_step(self, step: int) -> StepResult:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from dms_megatron.megatron.distill import adjust_distill_p2p_shapes
+        from dms_megatron.megatron.pipeline import reduce_decision_stats
+
+        t0 = time.perf_counter()
+        schedule = self.cfg.dms.schedule
+        target = schedule.target_fraction(step)
+        self.state.step, self.state.target_fraction = step, target
+        micro = step_micro_batches(self.dataset, self.slicer, step)
+        device = self.device if self.device is not None else "cpu"
+        packed = [pack_thd(mb, device) for mb in micro]
+        b, s = micro[0]["tokens"].shape
+
+        def forward_step(data_iterator, model):
+            i, p = next(data_iterator)
+            self.state.micro_batch = i
+            out = model(
+                input_ids=p["input_ids"],
+                position_ids=p["position_ids"],
+                attention_mask=None,
+                packed_seq_params=p["packed_seq_params"],
+            )
+            return out, partial(self._loss, p, target)
+
+        self.models.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.stage.train()
+        extra = {"adjust_tensor_shapes_fn": adjust_distill_p2p_shapes} if self.pp > 1 else {}
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(enumerate(packed)),
+            model=[self.stage],
+            num_microbatches=len(packed),
+            seq_length=b * s,
+            micro_batch_size=1,
+            forward_only=False,
+            **extra,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        rates = reduce_decision_stats(self.state, self.num_layers, self.num_kv_heads, device=self.device)
+        kd, cmp = self._mean_losses(out)
+        if self.device is not None:
+            torch.cuda.synchronize()
+        return StepResult(
+            step=step,
+            kd=kd,
+            compression=cmp,
+            target_cr=schedule.cr(step),
+            rates=rates.cpu(),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            seconds=time.perf_counter() - t0,
+            tokens=self.cfg.parallel.global_batch_size * s,
+            extra={"skipped": 0.0 if ok else 1.0},
+        )
+
+    def _mean_losses(self, out: list[dict[str, torch.Tensor]] | None) -> tuple[float, float]:
+        """Micro-batch mean on the last stage, averaged over DP; broadcast from the last stage so every
+        rank returns the same numbers."""
+        from megatron.core import parallel_state
+
+        vals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.is_last_stage and out:
+            vals[0] = sum(float(d["kd"]) for d in out) / len(out)
+            vals[1] = sum(float(d["cmp"]) for d in out) / len(out)
+        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+        vals /= parallel_state.get_data_parallel_world_size()
+        if self.pp > 1:  # the last stage holds the losses; others contributed zeros
+            dist.all_reduce(vals, group=parallel_state.get_pipeline_model_parallel_group())
+        return float(vals[0]), float(vals[1])
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self) -> dict[str, Any]:
+        model_sd = self.models.student.sharded_state_dict()
+        return {
+            **model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            ),
+        }
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore model, optimizer and LR schedule from a training checkpoint (any TP/PP)."""
+        from dms_megatron.training.checkpoint import load_checkpoint
+
+        model_sd = self.models.student.sharded_state_dict()
+        request = {
+            **model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            ),
+        }
+        state, train_state = load_checkpoint(path, request)
+        opt_state = state.pop("optimizer")
+        self.models.student.load_state_dict(state, strict=False)
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        return train_state
+
+    def save(self, root: str | Path, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> Path:
+        from dms_megatron.training.checkpoint import save_checkpoint
+
+        train_state = {"scheduler": self.scheduler.state_dict(), **extra}
+        return save_checkpoint(
+            root, step, self.sharded_state_dict(), train_state, self.cfg.train.keep_last, meta=meta
+        )

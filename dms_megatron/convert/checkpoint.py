@@ -346,7 +346,7 @@ def _finish_export(
     if meta["dms"] is not None:
         config["dms"] = {
             k: meta["dms"][k]
-            for k in ("variant", "decisions_per", "window", "logit_scale", "logit_offset", "tau", "cr_end")
+            for k in ("variant", "decisions_per", "window", "logit_scale", "logit_offset", "tau", "target_cr")
         }
         config["dms"]["trained_cr"] = meta.get("trained_cr")
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -162,7 +162,9 @@ class DMSCoreAttention(MegatronModule):
     decision bookkeeping (compression-loss channel, per-head statistics).
 
     Masking is always causal (plus document boundaries from ``packed_seq_params``); megatron's
-    ``attention_mask`` argument, a causal mask for GPT training, is not read."""
+    ``attention_mask`` argument, a causal mask for GPT training, is not read. In training mode the
+    decisions are the noisy relaxation; in eval mode they are hard (logit > 0 evicts once the key
+    leaves the window), i.e. what a compressed KV cache computes."""
 
     def __init__(
         self,
@@ -243,9 +245,13 @@ class DMSCoreAttention(MegatronModule):
         B, _, T, _ = q.shape
         if self.dms_config.teacher_mode or self.dms_state.teacher_pass or logits_bht is None:
             relaxed = None
-        else:
+        elif self.training:
             noise = self._noise(B, ng, T, q.device)
             decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
+        else:  # inference semantics (eval mode): hard decisions, no noise, no temperature
+            hard = logits_bht.float() > 0
+            decisions = hard.float()
+            relaxed = torch.where(hard, float("inf"), float("-inf"))
         out = dms_attention(
             q,
             k,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -67,8 +68,15 @@ def preflight(cfg: RetrofitConfig) -> Preflight:
             )
         meta = read_meta(cfg.model.checkpoint)
         ckpt_arch = ModelArch(**meta["arch"])
-        if ckpt_arch != arch:
-            diff = {k: (v, getattr(arch, k)) for k, v in asdict(ckpt_arch).items() if getattr(arch, k) != v}
+        diff = {
+            k: (v, getattr(arch, k))
+            for k, v in asdict(ckpt_arch).items()
+            if not (
+                v == getattr(arch, k)
+                or (isinstance(v, float) and math.isclose(v, getattr(arch, k), rel_tol=1e-6))
+            )
+        }
+        if diff:
             raise ValueError(
                 f"model.checkpoint holds another architecture than model={cfg.model.name}: "
                 f"(checkpoint, preset) differ in {diff}"

@@ -53,7 +53,7 @@ def dms_test_config(**overrides: Any) -> DMSConfig:
         "logit_offset": 0.0,
         "tau": 1.0,
         "attention_backend": "reference",
-        "cr_end": 4.0,
+        "target_cr": 4.0,
         "cr_ramp_steps": 10,
     }
     base.update(overrides)

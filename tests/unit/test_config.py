@@ -34,7 +34,7 @@ def test_defaults_follow_the_paper():
         ({"compression_loss": "sum"}, "compression_loss"),
         ({"compression_weight": -0.1}, "compression_weight"),
         ({"cr_start": 0.5}, "cr_start"),
-        ({"cr_end": 0.9}, "cr_end"),
+        ({"target_cr": 0.9}, "target_cr"),
         ({"cr_ramp_steps": -5}, "cr_ramp_steps"),
         ({"attention_backend": "triton"}, "attention_backend"),
         ({"teacher_mode": "yes"}, "teacher_mode"),

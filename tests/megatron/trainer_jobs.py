@@ -1,0 +1,65 @@
+"""Rank-side jobs for the trainer tests: a tiny imported Llama retrofitted by ``run_retrofit``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+
+from dms_megatron.config import RetrofitConfig
+from dms_megatron.families import load_model_preset
+
+EOS = 2
+
+
+def write_random_dataset(prefix: str, seed: int = 0, n_docs: int = 300) -> None:
+    from dms_megatron.training.data import write_token_documents
+
+    gen = torch.Generator().manual_seed(seed)
+    docs = [
+        torch.randint(3, 96, (int(torch.randint(4, 40, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n_docs)
+    ]
+    write_token_documents(prefix, docs, 96, EOS, "random-test-tokens")
+
+
+def tiny_config(run_dir: str, ckpt: str | None, data: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A debug_llama retrofit: 4 layers, 2 KV heads, sequences of 32 tokens, 2 micro-batches per step."""
+    _, preset = load_model_preset("debug_llama")
+    cfg: dict[str, Any] = {
+        "model": {**preset, "checkpoint": ckpt, "dtype": "fp32"},
+        "dms": {
+            "variant": "adapter",
+            "window": 4,
+            "logit_scale": 1.0,
+            "logit_offset": 2.0,
+            "tau": 0.5,
+            "target_cr": 3.0,
+            "cr_ramp_steps": 4,
+            "attention_backend": "reference",
+        },
+        "parallel": {"micro_batch_size": 2, "global_batch_size": 4},
+        "data": {"prefixes": [data], "seq_length": 32},
+        "train": {"steps": 6, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "save_interval": 3},
+        "logging": {"console": False},
+        "run_dir": run_dir,
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int | None = None) -> dict:
+    """Run a retrofit; ``preempt_after``: rank 0 sends itself SIGUSR1 after that many steps."""
+    from dms_megatron.training.metrics import read_metrics
+    from dms_megatron.training.run import run_retrofit
+
+    def on_step(result: Any) -> None:
+        if preempt_after is not None and rank == 0 and result.step + 1 == preempt_after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    summary = run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"], on_step=on_step)
+    path = os.path.join(cfg["run_dir"], "metrics.jsonl")
+    return {"summary": summary, "metrics": read_metrics(path) if os.path.isfile(path) else None}

@@ -16,19 +16,26 @@ STASH=/tmp/dms_stash
 mkdir -p "$STASH"
 
 setup() {
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/*.whl
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/*.whl
     tar -xzf .carry/antlr4_pkg.tar.gz -C /tmp/site
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 }
 
 model_and_data() {
+    if [ -f checkpoints/smollm2_135m/dms_megatron.json ] && [ -f data/stdlib.json ]; then
+        echo "model and data already prepared"
+        return
+    fi
     cat "$STASH/part00" .carry_model/part01 > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 scripts/fetch_smollm2.py --gguf "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 launch/convert.py import --hf assets/smollm2-135m-instruct --out checkpoints/smollm2_135m --quiet
     # training text: this machine's Python standard library (about 3M tokens)
     LIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    INPUTS=("$LIB"/*.py)
+    for d in email json asyncio logging concurrent xml importlib; do [ -d "$LIB/$d" ] && INPUTS+=("$LIB/$d"); done
     python3 launch/preprocess.py --quiet --tokenizer assets/smollm2-135m-instruct --output-prefix data/stdlib \
-        --input "$LIB"/[a-m]*.py "$LIB"/email "$LIB"/json "$LIB"/asyncio
+        --input "${INPUTS[@]}"
 }
 
 case "$PHASE" in
@@ -39,22 +46,26 @@ part1)
 smollm2)
     BUDGET=${2:-300}
     setup
-    { time model_and_data; } 2>&1 | tail -5 | tee "$OUT/setup.txt"
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    tail -3 "$OUT/setup.log"
     COMMON=(experiment=smollm2_cr8)
-    python3 benchmarks/step_throughput.py --out "$OUT/step_throughput.json" --warmup 5 --measure 15 \
-        "${COMMON[@]}" run_dir=runs/bench 2>&1 | grep -v Warning | tail -8 | tee "$OUT/step_throughput.txt"
+    python3 benchmarks/step_throughput.py --out "$OUT/step_throughput.json" --warmup 4 --measure 10 \
+        "${COMMON[@]}" run_dir=runs/bench > "$OUT/step_throughput.log" 2>&1 || { tail -60 "$OUT/step_throughput.log"; exit 1; }
+    tail -4 "$OUT/step_throughput.log"
     # as many steps as fit the time budget at the measured DMS step time; ramp over 85% of them
     STEPS=$(python3 -c "import json; t=json.load(open('$OUT/step_throughput.json'))['dms_retrofit']['step_s_median']; print(min(640, int($BUDGET / t)))")
     RAMP=$(python3 -c "print(int($STEPS * 0.85))")
     echo "retrofit: $STEPS steps, CR ramp over $RAMP" | tee "$OUT/plan.txt"
     python3 launch/retrofit.py "${COMMON[@]}" train.steps="$STEPS" dms.cr_ramp_steps="$RAMP" \
-        train.save_interval="$STEPS" logging.console=false 2>&1 | grep -v Warning | tail -30 | tee "$OUT/retrofit.txt"
+        train.save_interval="$STEPS" logging.console=false > "$OUT/retrofit.log" 2>&1 || { tail -60 "$OUT/retrofit.log"; exit 1; }
+    tail -3 "$OUT/retrofit.log"
     cp runs/smollm2_cr8/{metrics.jsonl,summary.json,cr_curve.png,config.yaml,run_info.json} "$OUT/"
     ;;
 pp)
     STEPS=${2:-30}
     setup
-    { time model_and_data; } 2>&1 | tail -5 | tee "$OUT/setup.txt"
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    tail -3 "$OUT/setup.log"
     for layout in "1 1" "2 2"; do
         set -- $layout
         WORLD=$1
@@ -62,7 +73,8 @@ pp)
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((WORLD - 1))) torchrun --nproc-per-node "$WORLD" launch/retrofit.py \
             experiment=smollm2_cr8 parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
             train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" \
-            2>&1 | grep -v Warning | tail -5 | tee "$OUT/pp$PP.txt"
+            > "$OUT/pp$PP.log" 2>&1 || { tail -60 "$OUT/pp$PP.log"; exit 1; }
+        tail -2 "$OUT/pp$PP.log"
         cp "runs/pp$PP/metrics.jsonl" "$OUT/metrics_pp$PP.jsonl"
     done
     python3 - "$OUT" <<'EOF'

@@ -98,8 +98,13 @@ def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[floa
         def forward_step(it, m):
             b = next(it)
             pos = torch.arange(s, device=device).unsqueeze(0).expand_as(b["tokens"])
-            losses = m(input_ids=b["tokens"], position_ids=pos, attention_mask=None, labels=b["labels"])
-            return losses, lambda out: (out.float().mean(), {"lm": out.detach().float().mean()})
+            logits = m(input_ids=b["tokens"], position_ids=pos, attention_mask=None)  # TP=1: full vocab
+
+            def loss_func(out, labels=b["labels"]):
+                loss = torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), labels.flatten())
+                return loss, {"lm": loss.detach()}
+
+            return logits, loss_func
 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -134,6 +139,8 @@ def main() -> None:
     from dms_megatron.training.trainer import RetrofitTrainer
 
     container, cfg = _compose(overrides)
+    if cfg.parallel.tp != 1:
+        raise SystemExit("the vanilla baseline computes a full-vocabulary loss: run it at parallel.tp=1")
     pre = preflight(cfg)
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     steps = args.warmup + args.measure
@@ -154,7 +161,14 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     dms_times = _time_steps(trainer.train_step, args.warmup, args.measure)
     dms_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print(
+        f"dms_retrofit: median step {statistics.median(dms_times):.4f} s, peak memory {dms_mem} GB",
+        flush=True,
+    )
     del trainer, models, optimizer, scheduler
+    import gc
+
+    gc.collect()  # the models sit in reference cycles (config hooks); free them before the baseline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -15,6 +15,7 @@ start and every sequence start, and positions restarted per document.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def build_gpt_dataset(
         sequence_length=seq_length,
         blend=([str(p) for p in prefixes], None if weights is None else [float(w) for w in weights]),
         split="100,0,0",
-        path_to_cache=str(cache_dir),
+        path_to_cache=str(Path(cache_dir) / data_fingerprint(prefixes)),
         tokenizer=_TokenIds(vocab_size, eos_token_id),
         reset_position_ids=True,
         reset_attention_mask=False,
@@ -69,6 +70,19 @@ def build_gpt_dataset(
         got = 0 if train is None else len(train)
         raise ValueError(f"the dataset gives {got} samples, {num_samples} needed")
     return train
+
+
+def data_fingerprint(prefixes: list[str]) -> str:
+    """Short hash of the datasets' files (sizes and modification times): megatron keys its index cache
+    on the prefix path only, so a dataset re-made under the same prefix must not reuse stale indices."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            st = os.stat(str(prefix) + suffix)
+            h.update(f"{Path(prefix).resolve()}{suffix}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass

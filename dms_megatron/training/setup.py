@@ -51,7 +51,25 @@ def init_distributed(tp: int, pp: int) -> int:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    _warm_up_groups()
     return world // (tp * pp)
+
+
+def _warm_up_groups() -> None:
+    """One tiny all-reduce per process group: NCCL creates communicators lazily, and creating one late in a
+    run (GPU memory full of activations and caches) was seen to fail with "Failed to CUDA calloc"."""
+    from megatron.core import parallel_state as ps
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    for group in (
+        ps.get_tensor_model_parallel_group(),
+        ps.get_pipeline_model_parallel_group(),
+        ps.get_data_parallel_group(),
+        ps.get_model_parallel_group(),
+        ps.get_embedding_group(check_initialized=False),
+    ):
+        if group is not None:
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def _free_port() -> int:

@@ -205,10 +205,12 @@ class TrainConfig:
             raise ValueError(
                 f"train.lr={self.lr} / train.min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr"
             )
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(
-                f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]"
-            )
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
+            raise ValueError(f"train.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 = off)")
 

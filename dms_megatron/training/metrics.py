@@ -80,12 +80,13 @@ class MetricsLogger:
         resume_step: int | None = None,
     ) -> None:
         """``console``: True (own rich console), False, or a rich ``Console`` to share (progress bars).
-        ``resume_step``: drop records of steps >= it (an interrupted run's tail, redone after resume)."""
+        ``resume_step``: steps completed by the checkpoint resumed from; later records (an interrupted
+        run's tail, redone after the resume) are dropped. Records are keyed by completed steps (1-based)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) < resume_step]
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._wandb = None

@@ -188,7 +188,7 @@ def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any
         init_lr=0.0 if t.warmup_steps else t.lr,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps,
+        lr_warmup_steps=min(t.warmup_steps, t.steps - 1),  # a short debug run still decays
         lr_decay_steps=t.steps,
         lr_decay_style="cosine",
         start_wd=t.weight_decay,

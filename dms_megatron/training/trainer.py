@@ -201,8 +201,17 @@ class RetrofitTrainer:
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore model, optimizer and LR schedule from a training checkpoint (any TP/PP)."""
+        from dms_megatron.megatron.patches import keep_torch_adam_step_on_load
         from dms_megatron.training.checkpoint import load_checkpoint
 
+        # a fresh torch Adam has no state to load into (megatron-core 0.19.2 asserts on the missing "step"
+        # without Apex/TE); megatron's own loader first creates it with a zero-gradient step
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            dummy = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+            if inner is not None and not inner.state and dummy is not None:
+                dummy()
+        keep_torch_adam_step_on_load()
         model_sd = self.models.student.sharded_state_dict()
         request = {
             **model_sd,

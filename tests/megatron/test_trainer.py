@@ -22,16 +22,18 @@ KEYS = ("loss/kd", "loss/compression", "cr/achieved", "grad_norm", "lr")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("trainer")
-    hf = convert_jobs.make_tiny_hf("llama", root / "hf", seed=3)
+    # peaked next-token distributions (std 0.06 weights), so that evicting context costs KD
+    hf = convert_jobs.make_tiny_hf("llama", root / "hf", seed=3, initializer_range=0.06)
     ckpt = root / "ckpt"
     run_distributed(convert_jobs.import_job, 1, str(hf), str(ckpt), 1, 1, None, False)
     trainer_jobs.write_random_dataset(str(root / "data" / "rand"))
-    return {"root": str(root), "ckpt": str(ckpt), "data": str(root / "data" / "rand")}
+    hf_config = json.loads((hf / "config.json").read_text())
+    return {"root": str(root), "ckpt": str(ckpt), "data": str(root / "data" / "rand"), "hf_config": hf_config}
 
 
 def _run(assets, name: str, world: int, preempt_after: int | None = None, **sections) -> dict:
     run_dir = str(Path(assets["root"]) / name)
-    cfg = trainer_jobs.tiny_config(run_dir, assets["ckpt"], assets["data"], **sections)
+    cfg = trainer_jobs.tiny_config(run_dir, assets["ckpt"], assets["data"], assets["hf_config"], **sections)
     results = run_distributed(trainer_jobs.retrofit_job, world, cfg, preempt_after, timeout=600)
     return next(r for r in results if r["metrics"] is not None)  # the logging rank's view
 
@@ -59,8 +61,9 @@ def test_run_directory(reference, assets) -> None:
     meta = json.loads((run / "checkpoints" / "iter_0000006" / "dms_megatron.json").read_text())
     assert meta["trained_cr"] == pytest.approx(summary["cr_achieved"]) and meta["dms"]["variant"] == "adapter"
     losses = [m["loss/kd"] for m in reference["metrics"]]
-    assert losses[0] == pytest.approx(0.0, abs=1e-6)  # the student starts as the teacher
-    assert max(losses) > 0  # eviction makes it differ
+    # the zero-initialised adapter starts as the teacher (logit -offset): only noise-driven evictions
+    assert 0 < losses[0] < 1e-3
+    assert reference["metrics"][-1]["cr/achieved"] > reference["metrics"][0]["cr/achieved"]
 
 
 @pytest.mark.parametrize(("name", "world", "parallel"), [("tp2", 2, {"tp": 2}), ("pp2", 2, {"pp": 2})])
@@ -87,14 +90,22 @@ def test_resume_at_another_tp(reference, assets) -> None:
         assert new == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
-def test_full_mode_cr_tracks_target(assets) -> None:
-    got = _run(
+def test_full_mode_cr_follows_target(assets) -> None:
+    """The compression loss is the one-sided hinge relu(target - achieved) of the paper: the achieved CR
+    must rise to the target as it ramps (and may exceed it where eviction costs little KD, as on this tiny
+    random model); without the compression loss it stays where it started."""
+    train = {"mode": "full", "steps": 40, "lr": 3e-3, "min_lr": 3e-3, "save_interval": 40}
+    got = _run(assets, "track", 1, train=train, dms={"target_cr": 2.5, "cr_ramp_steps": 15})
+    achieved = [m["cr/achieved"] for m in got["metrics"]]
+    print("achieved CR per step:", [round(a, 2) for a in achieved])
+    assert achieved[0] < 1.3  # starts near no eviction
+    assert all(a >= 0.9 * 2.5 for a in achieved[26:]), achieved[26:]  # ramp done at 15, settled by 26
+    assert sum(m["loss/compression"] for m in got["metrics"][26:]) / 14 < 0.02
+    control = _run(
         assets,
-        "track",
+        "control",
         1,
-        train={"mode": "full", "steps": 24, "lr": 1e-2, "min_lr": 1e-2, "save_interval": 24},
-        dms={"target_cr": 2.5, "cr_ramp_steps": 12},
+        train=train,
+        dms={"target_cr": 2.5, "cr_ramp_steps": 15, "compression_weight": 0.0},
     )
-    tail = got["metrics"][-6:]
-    achieved = [m["cr/achieved"] for m in tail]
-    assert all(abs(a - 2.5) / 2.5 < 0.15 for a in achieved), achieved
+    assert max(m["cr/achieved"] for m in control["metrics"]) < 1.4

@@ -25,9 +25,14 @@ def write_random_dataset(prefix: str, seed: int = 0, n_docs: int = 300) -> None:
     write_token_documents(prefix, docs, 96, EOS, "random-test-tokens")
 
 
-def tiny_config(run_dir: str, ckpt: str | None, data: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A debug_llama retrofit: 4 layers, 2 KV heads, sequences of 32 tokens, 2 micro-batches per step."""
+def tiny_config(
+    run_dir: str, ckpt: str | None, data: str, hf_config: dict | None = None, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """A debug_llama-sized retrofit (4 layers, 2 KV heads), sequences of 32 tokens, 2 micro-batches per
+    step. ``hf_config``: the imported model's config.json (default: the debug_llama preset)."""
     _, preset = load_model_preset("debug_llama")
+    if hf_config is not None:
+        preset = {**preset, "name": "tiny_llama", "hf_config": hf_config}
     cfg: dict[str, Any] = {
         "model": {**preset, "checkpoint": ckpt, "dtype": "fp32"},
         "dms": {

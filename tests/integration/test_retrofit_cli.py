@@ -1,0 +1,185 @@
+"""``launch/retrofit.py`` end to end on CPU (Hydra overrides, multirun, run directory, offline W&B), and
+the bad-input checks that run before any process group or model exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dms_megatron.config import RetrofitConfig
+from dms_megatron.families import load_model_preset
+from dms_megatron.training.data import write_token_documents
+from dms_megatron.training.run import preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    prefix = tmp_path_factory.mktemp("data") / "rand"
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 96, (int(n),), generator=gen).tolist() for n in torch.randint(4, 40, (200,))]
+    write_token_documents(prefix, docs, 96, 2, "random-test-tokens")
+    return str(prefix)
+
+
+def _cfg(tmp_path: Path, prefix: str, **over) -> RetrofitConfig:
+    _, preset = load_model_preset("debug_llama")
+    preset["hf_config"]["eos_token_id"] = 2
+    cfg = {
+        "model": {**preset, **over.pop("model", {})},
+        "data": {"prefixes": [prefix], "seq_length": 32, **over.pop("data", {})},
+        "train": {"steps": 2, **over.pop("train", {})},
+        "run_dir": str(tmp_path / "run"),
+    }
+    return RetrofitConfig.from_dict(cfg)
+
+
+def test_preflight_accepts_good_input(tmp_path, data) -> None:
+    pre = preflight(_cfg(tmp_path, data))
+    assert pre.eos_token_id == 2 and pre.resume_from is None
+
+
+def _bad_dataset(
+    tmp_path: Path, data: str, *, vocab: int = 96, top: int | None = None, tokens: int | None = None
+) -> str:
+    prefix = tmp_path / "bad"
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"bad{suffix}").write_bytes(Path(data + suffix).read_bytes())
+    info = json.loads(Path(data + ".json").read_text())
+    info["vocab_size"] = vocab
+    if tokens is not None:
+        info["num_tokens"] = tokens
+    (tmp_path / "bad.json").write_text(json.dumps(info))
+    if top is not None:
+        arr = np.memmap(str(prefix) + ".bin", dtype=np.dtype(info["dtype"]), mode="r+")
+        arr[5] = top
+        arr.flush()
+    return str(prefix)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_checkpoint", "does not exist: import the HF model first"),
+        ("no_data", "data.prefixes is empty"),
+        ("missing_data", "is missing (run launch/preprocess.py)"),
+        ("vocab_mismatch", "tokenizer/model mismatch"),
+        ("out_of_range", "out of range"),
+        ("empty", "is empty"),
+        ("wrong_eos", "the model's EOS is"),
+        ("too_long", "exceeds the model's context"),
+        ("bad_resume", "is not a complete training checkpoint"),
+    ],
+)
+def test_preflight_rejects_bad_input(tmp_path, data, case, message) -> None:
+    over: dict = {
+        "missing_checkpoint": {"model": {"checkpoint": str(tmp_path / "nope")}},
+        "no_data": {"data": {"prefixes": []}},
+        "missing_data": {"data": {"prefixes": [str(tmp_path / "absent")]}},
+        "too_long": {"data": {"seq_length": 100000}},
+        "bad_resume": {"train": {"resume": str(tmp_path)}},
+    }.get(case, {})
+    if case == "vocab_mismatch":
+        over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, vocab=49152)]}}
+    elif case == "out_of_range":
+        over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, top=500)]}}
+    elif case == "empty":
+        over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, tokens=0)]}}
+    cfg = _cfg(tmp_path, data, **over)
+    if case == "wrong_eos":
+        cfg.model.hf_config["eos_token_id"] = 7
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preflight(cfg)
+
+
+def test_preflight_rejects_another_architecture(tmp_path, data) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _, other = load_model_preset("debug_qwen2")
+    from dms_megatron.families import arch_from_hf_config
+
+    meta = {
+        "arch": arch_from_hf_config(other["hf_config"]).to_dict(),
+        "hf_config": other["hf_config"],
+        "dms": None,
+    }
+    (ckpt / "dms_megatron.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="another architecture"):
+        preflight(_cfg(tmp_path, data, model={"checkpoint": str(ckpt)}))
+
+
+def _launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "launch/retrofit.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+COMMON = (
+    "model=debug_llama",
+    "+model.hf_config.eos_token_id=2",
+    "model.dtype=fp32",
+    "dms=adapter",
+    "dms.window=4",
+    "dms.attention_backend=reference",
+    "train=adapter",
+    "train.steps=2",
+    "train.save_interval=2",
+    "parallel.micro_batch_size=2",
+    "parallel.global_batch_size=4",
+    "data.seq_length=32",
+)
+
+
+def test_cli_run_directory_and_wandb(tmp_path, data) -> None:
+    run = tmp_path / "run"
+    proc = _launch(
+        tmp_path, *COMMON, f"data.prefixes=[{data}]", f"run_dir={run}", "logging.wandb_project=dms_test"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retrofit finished at step 2" in proc.stdout
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "summary.json", "cr_curve.png"} <= {
+        p.name for p in run.iterdir()
+    }
+    info = json.loads((run / "run_info.json").read_text())
+    assert "launch/retrofit.py" in " ".join(info["command"]) and "dms.window=4" in info["command"]
+    assert "window: 4" in (run / "config.yaml").read_text()
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (run / "checkpoints" / "iter_0000002" / "train_state.json").is_file()
+
+
+def test_cli_multirun_sweep(tmp_path, data) -> None:
+    proc = _launch(
+        tmp_path,
+        "-m",
+        *COMMON,
+        "train.steps=1",
+        "train.save_interval=1",
+        "dms.target_cr=2,3",
+        f"data.prefixes=[{data}]",
+        f"run_dir={tmp_path}/sweep_cr${{dms.target_cr}}",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cr in ("2", "3"):
+        summary = json.loads((tmp_path / f"sweep_cr{cr}" / "summary.json").read_text())
+        assert summary["finished"] and summary["step"] == 1
+
+
+def test_cli_rejects_bad_override(tmp_path, data) -> None:
+    proc = _launch(tmp_path, *COMMON, f"data.prefixes=[{data}]", "dms.window=-1", f"run_dir={tmp_path}/x")
+    assert proc.returncode != 0 and "dms.window=-1 is invalid" in proc.stderr
+    assert not (tmp_path / "x" / "run_info.json").exists()  # failed before the run started (Hydra logs only)

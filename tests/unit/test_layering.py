@@ -21,7 +21,14 @@ ALLOWED = {
     "families": set(),
     "convert": {"core", "config", "families", "megatron"},
     "training": {"core", "kernels", "config", "families", "megatron", "convert"},
+    "inference": {"core", "kernels", "config", "families", "convert"},  # serves exported checkpoints
 }
+
+
+def test_every_subpackage_has_rules():
+    found = {p.name for p in (ROOT / "dms_megatron").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    found |= {p.stem for p in (ROOT / "dms_megatron").glob("*.py") if p.stem != "__init__"}
+    assert found <= set(ALLOWED), f"no import rules for {sorted(found - set(ALLOWED))}"
 
 
 def test_importing_core_loads_no_framework():

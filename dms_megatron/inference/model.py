@@ -1,0 +1,188 @@
+"""A plain-torch DMS causal LM for exported checkpoints (Llama, Qwen2, Qwen3): the CPU reference of
+the inference engine (issue 6, in progress).
+
+``forward_dense(ids)`` runs a whole sequence with the *hard* delayed-eviction mask (key k visible to
+query i iff k <= i and (i - k <= window or the decision of token k + 1 is "keep")): the oracle.
+``DecodeSession.step(token)`` runs one token against a ``paged_cache`` stream per (layer, KV head) that
+physically drops evicted tokens; the two must agree (tests/unit/test_inference_model.py).
+
+Weights use HF names (``launch/convert.py export`` output, DMS adapter as ``self_attn.dms_proj_alpha*``);
+the ``dms`` block of ``config.json`` gives variant, window, logit scale/offset and decisions per head or
+layer. Without a ``dms`` block the model is the original one (no eviction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dms_megatron.core.attention import dms_attention_reference
+from dms_megatron.families import ModelArch, arch_from_hf_config
+from dms_megatron.inference.paged_cache import BlockPool, HeadStream
+
+ADAPTER_EPS = 1e-6  # DMSConfig.adapter_eps default (not part of the exported dms block)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """HF-style rotate-half RoPE; ``x [T, H, D]``, ``pos [T]``."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = pos.double()[:, None] * inv[None]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class DMSCausalLM:
+    """Weights + the per-layer math shared by the dense oracle and the cached decoder."""
+
+    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], dms: dict[str, Any] | None) -> None:
+        self.arch, self.w, self.dms = arch, weights, dms
+        self.hq, self.hkv, self.d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
+        if dms is not None and dms.get("variant") not in ("neuron", "adapter"):
+            raise ValueError(f"config.json dms.variant must be neuron or adapter, got {dms.get('variant')!r}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> DMSCausalLM:
+        from dms_megatron.convert.hf_io import HFReader
+
+        reader = HFReader(path)
+        config = json.loads((Path(path) / "config.json").read_text())
+        weights = {n: reader.get(n).to(dtype) for n in reader.names()}
+        reader.close()
+        return cls(arch_from_hf_config(config), weights, config.get("dms"))
+
+    @property
+    def window(self) -> int:
+        return int(self.dms["window"]) if self.dms else 0
+
+    def _p(self, layer: int, name: str) -> torch.Tensor:
+        return self.w[f"model.layers.{layer}.{name}"]
+
+    def _linear(self, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+        bias = self.w.get(f"model.layers.{layer}.{name}.bias")
+        return F.linear(x, self._p(layer, name + ".weight"), bias)
+
+    def attention_inputs(
+        self, layer: int, h: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``h [T, d]`` (pre-norm residual) -> q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` (RoPE applied),
+        eviction logits ``[T, Hkv]`` (None without DMS)."""
+        a, eps = self.arch, self.arch.norm_eps
+        x = _rms(h, self._p(layer, "input_layernorm.weight"), eps)
+        q = self._linear(x, layer, "self_attn.q_proj").view(-1, self.hq, self.d)
+        k = self._linear(x, layer, "self_attn.k_proj").view(-1, self.hkv, self.d)
+        v = self._linear(x, layer, "self_attn.v_proj").view(-1, self.hkv, self.d)
+        if a.qk_norm:
+            q = _rms(q, self._p(layer, "self_attn.q_norm.weight"), eps)
+            k = _rms(k, self._p(layer, "self_attn.k_norm.weight"), eps)
+        logits = None
+        g = self.hq // self.hkv
+        if self.dms is not None:
+            scale, offset = float(self.dms["logit_scale"]), float(self.dms["logit_offset"])
+            if self.dms["variant"] == "neuron":
+                logits = q[:, ::g, -1].float() * scale - offset
+                q = q.clone()
+                q[:, ::g, -1] = 0
+            else:
+                z = _rms(h, self._p(layer, "self_attn.dms_proj_alpha_norm.weight"), ADAPTER_EPS)
+                logits = (
+                    F.linear(z, self._p(layer, "self_attn.dms_proj_alpha.weight")).float() * scale - offset
+                )
+            if self.dms.get("decisions_per") == "layer":
+                logits = logits[:, :1].expand_as(logits)
+        q, k = _rotate(q, pos, a.rope_theta), _rotate(k, pos, a.rope_theta)
+        if self.dms is not None and self.dms["variant"] == "neuron":
+            q = q.clone()
+            q[:, ::g, -1] = 0  # RoPE rotated channel D/2-1 into D-1
+        return q, k, v, logits
+
+    def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + o_proj, then the gated MLP block. ``attn [T, Hq * D]``."""
+        h = h + self._linear(attn, layer, "self_attn.o_proj")
+        x = _rms(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps)
+        gate, up = self._linear(x, layer, "mlp.gate_proj"), self._linear(x, layer, "mlp.up_proj")
+        return h + self._linear(F.silu(gate) * up, layer, "mlp.down_proj")
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        x = _rms(h, self.w["model.norm.weight"], self.arch.norm_eps)
+        out = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
+        return F.linear(x, out).float()
+
+    @torch.no_grad()
+    def forward_dense(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Hard-eviction oracle: logits ``[T, V]`` and per-layer decisions ``[Hkv, T]`` (1 = evict the
+        previous token)."""
+        pos = torch.arange(ids.shape[0])
+        h = self.w["model.embed_tokens.weight"][ids]
+        decisions = []
+        for layer in range(self.arch.num_layers):
+            q, k, v, logits = self.attention_inputs(layer, h, pos)
+            relaxed = None
+            if logits is not None:
+                hard = logits.t() > 0  # [Hkv, T]
+                decisions.append(hard.int())
+                relaxed = torch.where(hard, math.inf, -math.inf)[None]
+            out = dms_attention_reference(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                relaxed,
+                self.window,
+            )
+            h = self.finish_layer(layer, h, out[0].transpose(0, 1).reshape(ids.shape[0], -1).to(h.dtype))
+        return self.head(h), decisions
+
+
+class DecodeSession:
+    """One sequence decoded token by token against per-(layer, KV head) compressed streams."""
+
+    def __init__(self, model: DMSCausalLM, pool: BlockPool) -> None:
+        self.model, self.pool = model, pool
+        self.streams = [
+            [HeadStream(pool, model.window) for _ in range(model.hkv)] for _ in range(model.arch.num_layers)
+        ]
+        self.position = 0
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        """Logits ``[V]`` after appending ``token``."""
+        m, t = self.model, self.position
+        pos = torch.tensor([t])
+        h = m.w["model.embed_tokens.weight"][torch.tensor([token])]
+        g = m.hq // m.hkv
+        for layer, streams in enumerate(self.streams):
+            q, k, v, logits = m.attention_inputs(layer, h, pos)
+            heads = []
+            for j, stream in enumerate(streams):
+                if logits is not None and t > 0 and logits[0, j] > 0:
+                    stream.flag(t - 1)  # this token's decision evicts its predecessor
+                stream.append(t, k[0, j], v[0, j])
+                _, keys, values = stream.gather()
+                qj = q[0, j * g : (j + 1) * g].float()  # [g, D]
+                probs = torch.softmax(qj @ keys.float().t() / math.sqrt(m.d), dim=-1)
+                heads.append(probs @ values.float())
+            attn = torch.cat(heads, 0).reshape(1, -1).to(h.dtype)
+            h = m.finish_layer(layer, h, attn)
+        self.position += 1
+        return m.head(h)[0]
+
+    def held(self) -> torch.Tensor:
+        """Tokens held per ``[layer, KV head]``."""
+        return torch.tensor([[s.held for s in row] for row in self.streams])
+
+    def release(self) -> None:
+        for row in self.streams:
+            for s in row:
+                s.release()

@@ -1,0 +1,95 @@
+"""The plain-torch DMS model: equals transformers without eviction, and decoding token by token with
+physically compressed per-head caches equals the hard-eviction dense oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dms_megatron.inference.model import DecodeSession, DMSCausalLM
+from dms_megatron.inference.paged_cache import BlockPool
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_no_dms_matches_transformers(tiny) -> None:
+    hf, path = tiny
+    model = DMSCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(1))
+    logits, decisions = model.forward_dense(ids)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert decisions == []
+
+
+def _with_dms(path, variant: str, per: str, window: int) -> DMSCausalLM:
+    model = DMSCausalLM.from_pretrained(path)
+    gen = torch.Generator().manual_seed(7)
+    if variant == "adapter":
+        for i in range(model.arch.num_layers):
+            model.w[f"model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"] = torch.ones(64)
+            model.w[f"model.layers.{i}.self_attn.dms_proj_alpha.weight"] = (
+                torch.randn(2, 64, generator=gen) * 0.3
+            )
+        model.dms = {
+            "variant": "adapter",
+            "decisions_per": per,
+            "window": window,
+            "logit_scale": 1.0,
+            "logit_offset": -0.5,
+        }
+    else:
+        model.dms = {
+            "variant": "neuron",
+            "decisions_per": per,
+            "window": window,
+            "logit_scale": 20.0,
+            "logit_offset": 0.0,
+        }
+    return model
+
+
+@pytest.mark.parametrize(
+    ("variant", "per", "window"), [("adapter", "head", 4), ("adapter", "layer", 0), ("neuron", "head", 3)]
+)
+def test_cached_decode_equals_dense_oracle(tiny, variant, per, window) -> None:
+    _, path = tiny
+    model = _with_dms(path, variant, per, window)
+    ids = torch.randint(0, 96, (48,), generator=torch.Generator().manual_seed(2))
+    dense, decisions = model.forward_dense(ids)
+    rate = torch.stack(decisions).float()[:, :, 1:].mean().item()
+    assert 0.2 < rate < 0.9, rate  # mixed decisions, so eviction really happens
+    pool = BlockPool(num_blocks=3 * 2 * 16, block_size=4, head_dim=16)
+    session = DecodeSession(model, pool)
+    for t, tok in enumerate(ids.tolist()):
+        torch.testing.assert_close(session.step(tok), dense[t], atol=1e-4, rtol=1e-4)
+    T = len(ids)
+    for layer, dec in enumerate(decisions):
+        for head in range(2):
+            expect = sum(1 for p in range(T) if p >= T - 1 - window or not dec[head, p + 1])
+            assert session.held()[layer, head] == expect
+    assert session.held().sum() < 0.8 * T * 3 * 2  # memory really shrank
+    session.release()
+    assert pool.free_blocks == pool.num_blocks

@@ -146,7 +146,8 @@ class DMSCausalLM:
 
 
 class DecodeSession:
-    """One sequence decoded token by token against per-(layer, KV head) compressed streams."""
+    """One sequence against per-(layer, KV head) compressed streams: chunked prefill, decode, and more
+    prefill after decoding (multi-turn), all continuing from the compressed cache."""
 
     def __init__(self, model: DMSCausalLM, pool: BlockPool) -> None:
         self.model, self.pool = model, pool
@@ -154,29 +155,57 @@ class DecodeSession:
             [HeadStream(pool, model.window) for _ in range(model.hkv)] for _ in range(model.arch.num_layers)
         ]
         self.position = 0
+        self.reads = 0  # KV-cache tokens read by attention (all layers and heads), for metrics
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits ``[V]`` after appending one token."""
+        return self.prefill([token], chunk_size=1)[-1]
 
     @torch.no_grad()
-    def step(self, token: int) -> torch.Tensor:
-        """Logits ``[V]`` after appending ``token``."""
-        m, t = self.model, self.position
-        pos = torch.tensor([t])
-        h = m.w["model.embed_tokens.weight"][torch.tensor([token])]
-        g = m.hq // m.hkv
+    def prefill(self, tokens: list[int], chunk_size: int = 256) -> torch.Tensor:
+        """Append ``tokens`` in chunks; logits ``[len(tokens), V]``. Exact for any chunk size: inside a
+        chunk the hard delayed-eviction mask decides visibility, then the chunk is committed."""
+        if not tokens:
+            raise ValueError("no tokens to prefill")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        out = [self._chunk(tokens[i : i + chunk_size]) for i in range(0, len(tokens), chunk_size)]
+        return torch.cat(out)
+
+    def _chunk(self, tokens: list[int]) -> torch.Tensor:
+        m, t0, n = self.model, self.position, len(tokens)
+        pos = torch.arange(t0, t0 + n)
+        h = m.w["model.embed_tokens.weight"][torch.tensor(tokens)]
+        g, w = m.hq // m.hkv, m.window
         for layer, streams in enumerate(self.streams):
             q, k, v, logits = m.attention_inputs(layer, h, pos)
             heads = []
             for j, stream in enumerate(streams):
-                if logits is not None and t > 0 and logits[0, j] > 0:
-                    stream.flag(t - 1)  # this token's decision evicts its predecessor
-                stream.append(t, k[0, j], v[0, j])
-                _, keys, values = stream.gather()
-                qj = q[0, j * g : (j + 1) * g].float()  # [g, D]
-                probs = torch.softmax(qj @ keys.float().t() / math.sqrt(m.d), dim=-1)
-                heads.append(probs @ values.float())
-            attn = torch.cat(heads, 0).reshape(1, -1).to(h.dtype)
+                dec = torch.zeros(n, dtype=torch.bool) if logits is None else logits[:, j] > 0
+                held_pos, held_k, held_v = stream.gather()
+                keys_pos = torch.cat([held_pos, pos])
+                # evicted[k]: the decision of token k + 1 says evict (pending in the cache, or in the chunk)
+                pending = set(stream.pending)
+                evicted = torch.tensor([p in pending for p in held_pos.tolist()] + [False] * n)
+                if n and t0 > 0 and len(held_pos) and int(held_pos[-1]) == t0 - 1:
+                    evicted[len(held_pos) - 1] |= bool(dec[0])
+                evicted[len(held_pos) : len(held_pos) + n - 1] |= dec[1:]
+                age = pos[:, None] - keys_pos[None, :]  # [n, keys]
+                visible = (age >= 0) & ((age <= w) | ~evicted[None, :])
+                keys = torch.cat([held_k, k[:, j]]).float()
+                values = torch.cat([held_v, v[:, j]]).float()
+                self.reads += int(visible.sum()) * g
+                scores = torch.einsum("ngd,kd->ngk", q[:, j * g : (j + 1) * g].float(), keys) / math.sqrt(m.d)
+                scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+                heads.append(torch.softmax(scores, -1) @ values)  # [n, g, D]
+                for i in range(n):  # commit: the token's decision flags its predecessor, then it is stored
+                    if dec[i] and t0 + i > 0:
+                        stream.flag(t0 + i - 1)
+                    stream.append(t0 + i, k[i, j], v[i, j])
+            attn = torch.stack(heads, 1).reshape(n, -1).to(h.dtype)
             h = m.finish_layer(layer, h, attn)
-        self.position += 1
-        return m.head(h)[0]
+        self.position += n
+        return m.head(h)
 
     def held(self) -> torch.Tensor:
         """Tokens held per ``[layer, KV head]``."""

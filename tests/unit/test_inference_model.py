@@ -93,3 +93,17 @@ def test_cached_decode_equals_dense_oracle(tiny, variant, per, window) -> None:
     assert session.held().sum() < 0.8 * T * 3 * 2  # memory really shrank
     session.release()
     assert pool.free_blocks == pool.num_blocks
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 16, 64])
+def test_chunked_prefill_and_multi_turn_equal_the_oracle(tiny, chunk) -> None:
+    _, path = tiny
+    model = _with_dms(path, "adapter", "head", 4)
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(3))
+    dense, _ = model.forward_dense(ids)
+    pool = BlockPool(num_blocks=3 * 2 * 20, block_size=4, head_dim=16)
+    session = DecodeSession(model, pool)
+    first = session.prefill(ids[:30].tolist(), chunk_size=chunk)  # turn 1
+    decoded = torch.stack([session.step(t) for t in ids[30:40].tolist()])  # decode
+    second = session.prefill(ids[40:].tolist(), chunk_size=chunk)  # turn 2 continues the compressed cache
+    torch.testing.assert_close(torch.cat([first, decoded, second]), dense, atol=1e-4, rtol=1e-4)

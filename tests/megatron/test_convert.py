@@ -111,6 +111,14 @@ def test_dms_adapter_export_reloads_at_another_layout(tiny, tmp_path):
     )
     b = run_distributed(convert_jobs.load_and_logits_job, 2, str(ckpt2), 1, 2, TOKENS, timeout=300)
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    # Megatron == the inference engine's plain-torch model on the exported folder (hard eviction both)
+    from dms_megatron.inference.model import DMSCausalLM
+
+    engine_model = DMSCausalLM.from_pretrained(exported)
+    for row in range(TOKENS.shape[0]):
+        got, decisions = engine_model.forward_dense(TOKENS[row])
+        assert 0 < torch.stack(decisions)[:, :, 1:].float().mean() < 1  # eviction really happens
+        torch.testing.assert_close(got, a[0][row], rtol=1e-4, atol=1e-4)
     # and the adapter matters: a zero adapter (the teacher-equivalent start) gives other logits
     c = run_distributed(convert_jobs.load_and_logits_job, 2, str(ckpt), 2, 1, TOKENS, timeout=300)
     assert (a[0] - c[0]).abs().max() > 1e-3

@@ -56,7 +56,8 @@ def validate(request: Request, model: DMSCausalLM) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
 
 
-def _sample(logits: torch.Tensor, request: Request, gen: torch.Generator) -> int:
+def sample(logits: torch.Tensor, request: Request, gen: torch.Generator) -> int:
+    """Greedy (temperature 0) or temperature + top-p sampling with the request's generator."""
     if request.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / request.temperature, -1)
@@ -70,17 +71,25 @@ def _sample(logits: torch.Tensor, request: Request, gen: torch.Generator) -> int
 class Engine:
     """Reference generation engine (CPU); see the module docstring."""
 
-    def __init__(self, model: DMSCausalLM, num_blocks: int, block_size: int = 16, prefill_chunk: int = 256):
-        self.model = model
+    def __init__(
+        self,
+        model: DMSCausalLM,
+        num_blocks: int,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
+        on_token: Any = None,
+    ) -> None:
+        """``on_token(request_index, token, session)``: called for every generated token (streaming)."""
+        self.model, self.on_token = model, on_token
         self.pool = BlockPool(num_blocks, block_size, model.d, dtype=torch.float32)
         self.prefill_chunk = prefill_chunk
 
     def generate(self, requests: list[Request]) -> list[Result]:
         if not requests:
             raise ValueError("no requests (batch of zero)")
-        return [self._one(r) for r in requests]
+        return [self._one(i, r) for i, r in enumerate(requests)]
 
-    def _one(self, request: Request) -> Result:
+    def _one(self, index: int, request: Request) -> Result:
         try:
             validate(request, self.model)
         except ValueError as exc:
@@ -98,8 +107,10 @@ class Engine:
             t0 = time.perf_counter()
             reason = "length"
             for i in range(request.max_new_tokens):
-                token = _sample(logits, request, gen)
+                token = sample(logits, request, gen)
                 out.append(token)
+                if self.on_token is not None:
+                    self.on_token(index, token, session)
                 if token in request.stop_ids:
                     reason = "stop"
                     break
@@ -115,7 +126,7 @@ class Engine:
                 "generated_tokens": len(out),
                 "tokens_seen": seen,
                 "tokens_held": held.tolist(),
-                "effective_cr": float((seen / held.clamp(min=1)).mean()),
+                "effective_cr": session.effective_cr(),
                 "peak_kv_tokens": peak,
                 "peak_kv_bytes": peak * 2 * m.d * 2,  # K and V per (layer, KV head) token, bf16 serving
                 "kv_reads_per_generated_token": (session.reads - reads0) / max(len(out) - 1, 1),

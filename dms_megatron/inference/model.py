@@ -211,6 +211,10 @@ class DecodeSession:
         """Tokens held per ``[layer, KV head]``."""
         return torch.tensor([[s.held for s in row] for row in self.streams])
 
+    def effective_cr(self) -> float:
+        """Tokens seen / tokens held, averaged over layers and KV heads."""
+        return float((self.position / self.held().float().clamp(min=1)).mean()) if self.position else 1.0
+
     def release(self) -> None:
         for row in self.streams:
             for s in row:

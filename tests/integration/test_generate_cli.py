@@ -1,0 +1,61 @@
+"""``launch/generate.py`` on SmolLM2-135M with DMS settings (neuron variant: no extra weights), prompt,
+batch and teacher modes; and the engine's effective CR on real text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOL = ROOT / "assets" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def dms_folder(tmp_path_factory) -> Path:
+    assert (SMOL / "config.json").is_file(), "run `make assets` (the test suite needs the real SmolLM2 model)"
+    out = tmp_path_factory.mktemp("smol_dms")
+    for f in SMOL.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    config = json.loads((SMOL / "config.json").read_text())
+    config["dms"] = {
+        "variant": "neuron",
+        "decisions_per": "head",
+        "window": 4,
+        "logit_scale": 100.0,
+        "logit_offset": 5.0,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "launch/generate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_prompt_streams_text_and_cr_teacher_mode(dms_folder) -> None:
+    prompt = "The capital of France is Paris. It is"
+    res = _cli("--model", str(dms_folder), "--prompt", prompt, "--max-new-tokens", "6", "--no-dms")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "effective CR 1.00" in res.stdout and "tokens seen" in res.stdout  # eviction off
+
+
+def test_batch_mode_writes_metrics(dms_folder, tmp_path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    long = "In 1492, Columbus sailed across the Atlantic Ocean. " * 6
+    prompts.write_text(json.dumps({"prompt": "Water boils at"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    out = tmp_path / "r.jsonl"
+    res = _cli(
+        "--model", str(dms_folder), "--prompts-file", str(prompts), "--out", str(out), "--max-new-tokens", "4"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["error"] for r in rows] == [None, None]
+    assert rows[1]["metrics"]["effective_cr"] > 1.2  # a long prompt really got compressed
+    assert rows[1]["metrics"]["peak_kv_tokens"] < rows[1]["metrics"]["tokens_seen"] * 30 * 3

@@ -63,3 +63,13 @@ def test_layers_import_only_downward(layer):
             if layer not in ("megatron", "convert", "training"):
                 assert parts[0] != "megatron", f"{f.relative_to(ROOT)} imports megatron"
             assert parts[0] not in ("hydra", "omegaconf"), f"{f.relative_to(ROOT)}: Hydra only in launch/"
+
+
+def test_importing_the_inference_engine_loads_no_megatron():
+    code = (
+        "import sys, dms_megatron.inference.engine; "
+        "bad = ('megatron', 'hydra', 'omegaconf', 'wandb'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"dms_megatron.inference pulled in: {out.stdout}"

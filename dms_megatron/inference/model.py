@@ -149,8 +149,12 @@ class DecodeSession:
     """One sequence against per-(layer, KV head) compressed streams: chunked prefill, decode, and more
     prefill after decoding (multi-turn), all continuing from the compressed cache."""
 
-    def __init__(self, model: DMSCausalLM, pool: BlockPool) -> None:
-        self.model, self.pool = model, pool
+    def __init__(self, model: DMSCausalLM, pool: BlockPool, policy: Any = None) -> None:
+        """``policy``: a training-free baseline (``inference.baselines``) instead of DMS; it needs the
+        model without a ``dms`` block and runs token by token."""
+        if policy is not None and model.dms is not None:
+            raise ValueError("a baseline eviction policy runs on the original model: set model.dms = None")
+        self.model, self.pool, self.policy = model, pool, policy
         self.streams = [
             [HeadStream(pool, model.window) for _ in range(model.hkv)] for _ in range(model.arch.num_layers)
         ]
@@ -169,6 +173,8 @@ class DecodeSession:
             raise ValueError("no tokens to prefill")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if self.policy is not None:
+            chunk_size = 1  # baselines decide after every token's attention
         out = [self._chunk(tokens[i : i + chunk_size]) for i in range(0, len(tokens), chunk_size)]
         return torch.cat(out)
 
@@ -197,15 +203,26 @@ class DecodeSession:
                 self.reads += int(visible.sum()) * g
                 scores = torch.einsum("ngd,kd->ngk", q[:, j * g : (j + 1) * g].float(), keys) / math.sqrt(m.d)
                 scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-                heads.append(torch.softmax(scores, -1) @ values)  # [n, g, D]
+                probs = torch.softmax(scores, -1)
+                heads.append(probs @ values)  # [n, g, D]
                 for i in range(n):  # commit: the token's decision flags its predecessor, then it is stored
                     if dec[i] and t0 + i > 0:
                         stream.flag(t0 + i - 1)
                     stream.append(t0 + i, k[i, j], v[i, j])
+                if self.policy is not None:
+                    self._apply_policy((layer, j), stream, keys_pos.tolist(), probs[-1].mean(0))
             attn = torch.stack(heads, 1).reshape(n, -1).to(h.dtype)
             h = m.finish_layer(layer, h, attn)
         self.position += n
         return m.head(h)
+
+    def _apply_policy(self, key: tuple[int, int], stream: HeadStream, positions: list[int], weights) -> None:
+        if hasattr(self.policy, "observe"):
+            self.policy.observe(key, positions, weights)
+        excess = stream.held - self.policy.budget(stream.seen)
+        if excess > 0:
+            for p in self.policy.choose(key, positions, weights, excess):
+                stream.drop(p)
 
     def held(self) -> torch.Tensor:
         """Tokens held per ``[layer, KV head]``."""

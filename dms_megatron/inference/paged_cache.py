@@ -119,6 +119,14 @@ class HeadStream:
             raise ValueError(f"flags must come in position order ({position} after {self.pending[-1]})")
         self.pending.append(position)
 
+    def drop(self, position: int) -> None:
+        """Free a held token now (budget-based baselines; DMS uses ``flag``)."""
+        if position not in self.slot_of:
+            raise ValueError(f"position {position} is not held")
+        if position in self.pending:
+            self.pending.remove(position)
+        self._free_slot(self.slot_of.pop(position))
+
     def held_positions(self) -> list[int]:
         return sorted(self.slot_of)
 

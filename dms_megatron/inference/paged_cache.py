@@ -128,7 +128,7 @@ class HeadStream:
         self._free_slot(self.slot_of.pop(position))
 
     def held_positions(self) -> list[int]:
-        return sorted(self.slot_of)
+        return list(self.slot_of)  # insertion order = position order (appends are consecutive)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(positions [n], k [n, D], v [n, Dv])`` of the held tokens in position order."""

@@ -59,3 +59,31 @@ def test_batch_mode_writes_metrics(dms_folder, tmp_path) -> None:
     assert [r["error"] for r in rows] == [None, None]
     assert rows[1]["metrics"]["effective_cr"] > 1.2  # a long prompt really got compressed
     assert rows[1]["metrics"]["peak_kv_tokens"] < rows[1]["metrics"]["tokens_seen"] * 30 * 3
+
+
+def test_evaluate_cli_policies_at_equal_cr(dms_folder, tmp_path) -> None:
+    text = tmp_path / "held_out.txt"
+    text.write_text(
+        " ".join(
+            f"Sentence {i}: the river flows past the mill and the miller counts {i * 7} sacks."
+            for i in range(40)
+        )
+    )
+    args = ["--model", str(dms_folder), "--text", str(text), "--out", str(tmp_path / "ev"), "--chunk", "32"]
+    args += ["--policies", "teacher", "dms", "streaming_llm@2", "tova@2", "h2o@2", "--ppl-lengths", "64"]
+    args += ["--passkey-lengths", "48", "--depths", "0.5", "--vt-length", "48"]
+    res = subprocess.run(
+        [sys.executable, "launch/evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    ppl = results["tasks"]["perplexity_64"]
+    assert ppl["teacher"]["kl_to_teacher"] == 0 and ppl["teacher"]["effective_cr"] == 1.0
+    for name in ("streaming_llm@2", "tova@2", "h2o@2"):
+        assert abs(ppl[name]["effective_cr"] - 2.0) < 0.3 and ppl[name]["kl_to_teacher"] > 0
+        assert ppl[name]["perplexity"] > 1
+    assert ppl["dms"]["effective_cr"] > 1.0
+    assert (
+        set(results["tasks"]["passkey"]) == set(ppl) and (tmp_path / "ev" / "results.png").stat().st_size > 0
+    )
+    assert "| policy |" in (tmp_path / "ev" / "results.md").read_text()

@@ -70,16 +70,17 @@ def test_evaluate_cli_policies_at_equal_cr(dms_folder, tmp_path) -> None:
         )
     )
     args = ["--model", str(dms_folder), "--text", str(text), "--out", str(tmp_path / "ev"), "--chunk", "32"]
-    args += ["--policies", "teacher", "dms", "streaming_llm@2", "tova@2", "h2o@2", "--ppl-lengths", "64"]
-    args += ["--passkey-lengths", "48", "--depths", "0.5", "--vt-length", "48"]
+    # H2O runs the same path as TOVA (tests/unit/test_baselines.py); two baselines keep this test short
+    args += ["--policies", "teacher", "dms", "streaming_llm@2", "tova@2", "--ppl-lengths", "48"]
+    args += ["--passkey-lengths", "40", "--depths", "0.5", "--vt-length", "40"]
     res = subprocess.run(
         [sys.executable, "launch/evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
-    ppl = results["tasks"]["perplexity_64"]
+    ppl = results["tasks"]["perplexity_48"]
     assert ppl["teacher"]["kl_to_teacher"] == 0 and ppl["teacher"]["effective_cr"] == 1.0
-    for name in ("streaming_llm@2", "tova@2", "h2o@2"):
+    for name in ("streaming_llm@2", "tova@2"):
         assert abs(ppl[name]["effective_cr"] - 2.0) < 0.3 and ppl[name]["kl_to_teacher"] > 0
         assert ppl[name]["perplexity"] > 1
     assert ppl["dms"]["effective_cr"] > 1.0

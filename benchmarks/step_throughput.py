@@ -20,12 +20,13 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
+from dms_megatron.runtime import quiet_missing_accelerators  # noqa: E402
+
+quiet_missing_accelerators()
 
 import torch  # noqa: E402
 
@@ -68,9 +69,10 @@ def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[floa
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from dms_megatron.training.setup import DTYPES, _build, build_optimizer, load_weights
+    from dms_megatron.runtime import TORCH_DTYPES
+    from dms_megatron.training.setup import _build, build_optimizer, load_weights
 
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
     model = _build(arch, cfg, None, dtype)
     if cfg.model.checkpoint:
         load_weights(model, cfg.model.checkpoint, False)

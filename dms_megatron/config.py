@@ -11,6 +11,7 @@ from typing import Literal
 
 from dms_megatron.core.gating import DEFAULT_LOGIT_OFFSET, DEFAULT_LOGIT_SCALE
 from dms_megatron.core.losses import KL_DIRECTIONS, CRSchedule
+from dms_megatron.runtime import TORCH_DTYPES
 
 Variant = Literal["neuron", "adapter"]
 DecisionsPer = Literal["head", "layer"]
@@ -134,7 +135,7 @@ class ModelConfig:
     dtype: str = "bf16"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("bf16", "fp16", "fp32"):
+        if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is invalid: choose bf16, fp16 or fp32")
         if not self.hf_config:
             raise ValueError("model.hf_config is empty: pick a preset with model=<name> (configs/model/)")

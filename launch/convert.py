@@ -14,19 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# optional accelerators megatron looks for at import; their absence is expected here
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
+from dms_megatron.runtime import TORCH_DTYPES, free_port, quiet_missing_accelerators
+
+quiet_missing_accelerators()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(
                 "--hf", required=True, help="Hugging Face model folder (config.json + safetensors)"
             )
-            p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+            p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="bf16")
             p.add_argument("--dms-variant", choices=["none", "neuron", "adapter"], default="none")
             p.add_argument("--dms-window", type=int, default=256)
         if name == "import":
@@ -93,13 +91,15 @@ def work(rank: int, args: argparse.Namespace) -> None:
 
     progress = not args.quiet
     if args.cmd == "import":
-        import_hf(args.hf, args.out, args.tp, args.pp, _dms(args), DTYPES[args.dtype], args.force, progress)
+        import_hf(
+            args.hf, args.out, args.tp, args.pp, _dms(args), TORCH_DTYPES[args.dtype], args.force, progress
+        )
     elif args.cmd == "export":
         export_hf(args.ckpt, args.out, args.tp, args.pp, args.tokenizer, args.force, progress)
     else:
         work_dir = Path(args.work)
         ckpt, out = work_dir / "megatron", work_dir / "hf_export"
-        import_hf(args.hf, ckpt, args.tp, args.pp, _dms(args), DTYPES[args.dtype], args.force, progress)
+        import_hf(args.hf, ckpt, args.tp, args.pp, _dms(args), TORCH_DTYPES[args.dtype], args.force, progress)
         export_hf(ckpt, out, args.tp, args.pp, None, args.force, progress)
         if rank == 0:
             bad = compare_hf_folders(args.hf, out)
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         work(torch.distributed.get_rank(), args)
         torch.distributed.destroy_process_group()
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_spawned, args=(world, port, args), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_spawned, args=(world, free_port(), args), nprocs=world, join=True)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# optional accelerators megatron looks for at import; their absence is expected here
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
+from dms_megatron.runtime import quiet_missing_accelerators
+
+quiet_missing_accelerators()
 
 
 def main(argv: list[str] | None = None) -> None:

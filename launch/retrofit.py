@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -24,8 +23,9 @@ if ROOT not in sys.path:
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-# optional accelerators megatron looks for at import; their absence is expected here
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).*(not installed|installed)")
+from dms_megatron.runtime import quiet_missing_accelerators  # noqa: E402
+
+quiet_missing_accelerators()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="retrofit")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
 import shutil
 from dataclasses import asdict
@@ -38,6 +37,7 @@ from dms_megatron.convert.mapping import (
     mcore_to_hf_tensors,
 )
 from dms_megatron.families import ModelArch, arch_from_hf_config
+from dms_megatron.runtime import package_versions
 
 log = logging.getLogger(__name__)
 META = "dms_megatron.json"
@@ -45,15 +45,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("megatron-core", "transformers", "safetensors", "dms_megatron"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return package_versions(("megatron-core", "transformers", "safetensors", "dms_megatron"))
 
 
 def _init_parallel(tp: int, pp: int) -> None:

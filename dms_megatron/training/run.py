@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from dms_megatron.config import RetrofitConfig
 from dms_megatron.families import ModelArch, arch_from_hf_config
-from dms_megatron.training.setup import DTYPES
+from dms_megatron.runtime import TORCH_DTYPES, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,9 @@ def _git_sha() -> tuple[str | None, bool]:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("megatron-core", "hydra-core", "omegaconf", "wandb", "transformers", "dms_megatron"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
+    out = package_versions(
+        ("megatron-core", "hydra-core", "omegaconf", "wandb", "transformers", "dms_megatron")
+    )
     out["cuda"] = str(torch.version.cuda) if torch.cuda.is_available() else "none"
     return out
 
@@ -159,7 +154,7 @@ def write_run_info(run_dir: Path, config: dict[str, Any], argv: list[str], world
 def _checkpoint_meta(cfg: RetrofitConfig, pre: Preflight, trained_cr: float | None) -> dict[str, Any]:
     source = dict((pre.meta or {}).get("source") or {})
     source.setdefault("hf_dir", cfg.model.hf_path)
-    source["dtype"] = str(DTYPES[cfg.model.dtype])
+    source["dtype"] = str(TORCH_DTYPES[cfg.model.dtype])
     return {
         "format": "dms_megatron/megatron-dist-checkpoint/v1",
         "arch": pre.arch.to_dict(),

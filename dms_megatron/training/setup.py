@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from dms_megatron.config import DMSConfig, RetrofitConfig
 from dms_megatron.families import ModelArch
+from dms_megatron.runtime import TORCH_DTYPES, free_port
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ADAPTER_KEY = "self_attention.adapter."
 
 
@@ -33,7 +33,7 @@ def init_distributed(tp: int, pp: int) -> int:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python launch/retrofit.py`: one process
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
@@ -70,14 +70,6 @@ def _warm_up_groups() -> None:
     ):
         if group is not None:
             dist.all_reduce(torch.zeros(1, device=device), group=group)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def teacher_dms_config(dms: DMSConfig) -> DMSConfig:
@@ -135,7 +127,7 @@ def build_models(cfg: RetrofitConfig, arch: ModelArch, checkpoint_meta: dict | N
 
     from dms_megatron.megatron import attach_dms_pipeline
 
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
     student = _build(arch, cfg, cfg.dms, dtype)
     attach_dms_pipeline(student)
     teacher = None if cfg.train.mode == "adapter" else _build(arch, cfg, teacher_dms_config(cfg.dms), dtype)
@@ -167,7 +159,7 @@ def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
     t = cfg.train
     opt_config = OptimizerConfig(
         optimizer="adam",

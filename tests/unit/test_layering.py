@@ -17,11 +17,12 @@ ALLOWED = {
     "core": set(),
     "kernels": {"core"},
     "megatron": {"core", "kernels", "config", "families"},
-    "config": {"core", "families"},
+    "config": {"core", "families", "runtime"},
     "families": set(),
-    "convert": {"core", "config", "families", "megatron"},
-    "training": {"core", "kernels", "config", "families", "megatron", "convert"},
+    "convert": {"core", "config", "families", "megatron", "runtime"},
+    "training": {"core", "kernels", "config", "families", "megatron", "convert", "runtime"},
     "inference": {"core", "kernels", "config", "families", "convert"},  # serves exported checkpoints
+    "runtime": set(),
 }
 
 

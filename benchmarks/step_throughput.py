@@ -62,32 +62,18 @@ def _time_steps(step_fn, warmup: int, measure: int) -> list[float]:
 
 
 def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[float]:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from dms_megatron.runtime import TORCH_DTYPES
-    from dms_megatron.training.setup import _build, build_optimizer, load_weights
+    from dms_megatron.training.setup import _build, build_optimizer, connect_schedule, load_weights, wrap_ddp
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
     model = _build(arch, cfg, None, dtype)
     if cfg.model.checkpoint:
         load_weights(model, cfg.model.checkpoint, False)
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
-        ),
-        model,
-    )
+    ddp = wrap_ddp(model)
     optimizer, scheduler = build_optimizer(cfg, ddp)
-    config = model.config
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = lambda _m, n=None, **kw: finalize_model_grads([ddp], n, **kw)
-    config.grad_scale_func = optimizer.scale_loss
+    connect_schedule(ddp, optimizer)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     s = cfg.data.seq_length
 

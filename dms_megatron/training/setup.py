@@ -123,8 +123,6 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str, has_adapter: bool) -> No
 
 def build_models(cfg: RetrofitConfig, arch: ModelArch, checkpoint_meta: dict | None) -> Models:
     """Student (DMS) + teacher stages for this rank, weights loaded, student wrapped in DDP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from dms_megatron.megatron import attach_dms_pipeline
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
@@ -147,11 +145,29 @@ def build_models(cfg: RetrofitConfig, arch: ModelArch, checkpoint_meta: dict | N
             p.requires_grad_(ADAPTER_KEY in name)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     log.info("trainable parameters on this rank: %d (mode=%s)", trainable, cfg.train.mode)
+    return Models(student=student, teacher=teacher, ddp=wrap_ddp(student), arch=arch)
+
+
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """Megatron DDP with fp32 gradient reduction, laid out for the distributed optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
     )
-    ddp = DistributedDataParallel(student.config, ddp_config, student)
-    return Models(student=student, teacher=teacher, ddp=ddp, arch=arch)
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def connect_schedule(ddp: torch.nn.Module, optimizer: Any) -> None:
+    """Tell megatron's schedules how to defer, finish and scale gradient work for this DDP model."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp.module.config
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = lambda _models, num_tokens=None, **kw: finalize_model_grads(
+        [ddp], num_tokens, **kw
+    )
+    config.grad_scale_func = optimizer.scale_loss
 
 
 def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from dms_megatron.config import RetrofitConfig
 from dms_megatron.core.losses import kd_token_mask
 from dms_megatron.training.batches import StepSlice, pack_thd, step_micro_batches
-from dms_megatron.training.setup import Models
+from dms_megatron.training.setup import Models, connect_schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class RetrofitTrainer:
         eos_token_id: int | None,
     ) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import finalize_model_grads
 
         from dms_megatron.megatron.distill import DistillationStage
         from dms_megatron.megatron.pipeline import dms_run_state
@@ -79,12 +78,7 @@ class RetrofitTrainer:
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        config = models.student.config
-        config.no_sync_func = models.ddp.no_sync
-        config.finalize_model_grads_func = lambda _models, num_tokens=None, **kw: finalize_model_grads(
-            [models.ddp], num_tokens, **kw
-        )
-        config.grad_scale_func = optimizer.scale_loss
+        connect_schedule(models.ddp, optimizer)
         self.num_layers = models.arch.num_layers
         self.num_kv_heads = models.arch.num_query_groups
 
@@ -190,12 +184,13 @@ class RetrofitTrainer:
         return float(vals[0]), float(vals[1])
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self) -> dict[str, Any]:
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        """Model + optimizer (fully reshardable, so a checkpoint loads at any TP/PP)."""
         model_sd = self.models.student.sharded_state_dict()
         return {
             **model_sd,
             "optimizer": self.optimizer.sharded_state_dict(
-                model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
             ),
         }
 
@@ -212,14 +207,7 @@ class RetrofitTrainer:
             if inner is not None and not inner.state and dummy is not None:
                 dummy()
         keep_torch_adam_step_on_load()
-        model_sd = self.models.student.sharded_state_dict()
-        request = {
-            **model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(
-                model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-            ),
-        }
-        state, train_state = load_checkpoint(path, request)
+        state, train_state = load_checkpoint(path, self.sharded_state_dict(is_loading=True))
         opt_state = state.pop("optimizer")
         self.models.student.load_state_dict(state, strict=False)
         self.optimizer.load_state_dict(opt_state)

@@ -75,30 +75,20 @@ def test_dataset_model_mismatches_are_refused(corpus, tmp_path):
 
 def test_cli_errors_and_success(corpus, tmp_path):
     cli = [sys.executable, str(ROOT / "launch" / "preprocess.py"), "--tokenizer", str(SMOL), "--quiet"]
+
+    def run(source, prefix: str) -> subprocess.CompletedProcess:
+        args = [*cli, "--input", str(source), "--output-prefix", str(tmp_path / prefix)]
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "x.txt").write_text("")
-    res = subprocess.run(
-        [*cli, "--input", str(empty), "--output-prefix", str(tmp_path / "e")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run(empty, "e")
     assert res.returncode != 0 and "no non-empty documents" in res.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "x"}\n')
-    res = subprocess.run(
-        [*cli, "--input", str(bad), "--output-prefix", str(tmp_path / "b")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run(bad, "b")
     assert res.returncode != 0 and "no string field 'text'" in res.stderr
-    res = subprocess.run(
-        [*cli, "--input", str(corpus), "--output-prefix", str(tmp_path / "ok")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run(corpus, "ok")
     assert res.returncode == 0, res.stderr
     assert "4 documents" in res.stdout and "1 empty skipped" in res.stdout

@@ -10,7 +10,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dms_megatron.megatron import apply_dms, attach_dms_pipeline, dms_compression_loss
 from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes
@@ -56,19 +55,7 @@ def distill_job(
         out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
         return out, lambda output: loss_func(batch, output)
 
-    extra = {"adjust_tensor_shapes_fn": adjust_distill_p2p_shapes} if pp > 1 else {}
-    stage.train()
-    stage.zero_grad(set_to_none=True)
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[stage],
-        num_microbatches=2,
-        seq_length=tiny_gpt.SEQ_LEN,
-        micro_batch_size=tiny_gpt.MICRO_BATCH,
-        forward_only=False,
-        **extra,
-    )
+    out = tiny_gpt.run_schedule(stage, forward_step, batches, adjust_distill_p2p_shapes if pp > 1 else None)
     tiny_gpt.allreduce_tp_replicated_grads(stage.student)
     teacher_grads = [] if stage.teacher is None else [p.grad for p in stage.teacher.parameters()]
     return {

@@ -15,7 +15,6 @@ import tiny_gpt
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.megatron import (
@@ -93,20 +92,7 @@ def run_dms_schedule(model, batches, state, num_kv_heads: int) -> list[dict[str,
         return out, partial(_loss_func, model_chunk, mb, batch, num_kv_heads)
 
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    extra = {"adjust_tensor_shapes_fn": adjust_p2p_shapes} if pp > 1 else {}
-    model.train()
-    model.zero_grad(set_to_none=True)
-    b, s = batches[0]["tokens"].shape
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-        **extra,
-    )
+    out = tiny_gpt.run_schedule(model, forward_step, batches, adjust_p2p_shapes if pp > 1 else None)
     tiny_gpt.allreduce_tp_replicated_grads(model)
     return (
         [{k: float(v) for k, v in d.items()} for d in out] if parallel_state.is_pipeline_last_stage() else []
@@ -289,20 +275,8 @@ def compression_only_job(rank: int, world_size: int, pp: int, target: float) -> 
         out = model_chunk(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
         return out, partial(loss_func, model_chunk, batch)
 
-    extra = {"adjust_tensor_shapes_fn": adjust_p2p_shapes} if pp > 1 else {}
     batches = tiny_gpt.make_batches(2)
-    model.train()
-    model.zero_grad(set_to_none=True)
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=2,
-        seq_length=tiny_gpt.SEQ_LEN,
-        micro_batch_size=tiny_gpt.MICRO_BATCH,
-        forward_only=False,
-        **extra,
-    )
+    out = tiny_gpt.run_schedule(model, forward_step, batches, adjust_p2p_shapes if pp > 1 else None)
     grads = {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
     del state
     return {"grads": grads, "cmp": [float(d["cmp"]) for d in out] if out else []}

@@ -278,6 +278,30 @@ def allreduce_tp_replicated_grads(model: torch.nn.Module) -> None:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
 
 
+def run_schedule(
+    model: torch.nn.Module,
+    forward_step: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    adjust_tensor_shapes_fn: Any = None,
+) -> list[dict]:
+    """One training pass of megatron's schedule (no-PP or 1F1B) over ``batches`` ``[b, s]``, grads reset
+    first; returns the schedule's per-micro-batch loss dicts (empty off the last stage)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    micro_batch_size, seq_len = batches[0]["tokens"].shape
+    extra = {} if adjust_tensor_shapes_fn is None else {"adjust_tensor_shapes_fn": adjust_tensor_shapes_fn}
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=seq_len,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+        **extra,
+    )
+
+
 def forward_backward(
     model: GPTModel, batches: Sequence[dict[str, torch.Tensor]], num_microbatches: int
 ) -> list[float]:
@@ -288,18 +312,7 @@ def forward_backward(
     """
     if len(batches) != num_microbatches:
         raise ValueError(f"{len(batches)} batches for {num_microbatches} micro-batches")
-    model.train()
-    model.zero_grad(set_to_none=True)
-    micro_batch_size, seq_len = batches[0]["tokens"].shape
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=num_microbatches,
-        seq_length=seq_len,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses = run_schedule(model, _forward_step, batches)
     allreduce_tp_replicated_grads(model)
     if not parallel_state.is_pipeline_last_stage():
         return []

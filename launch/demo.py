@@ -56,13 +56,13 @@ def _generate(ckpt: Path, prompt_text: str, new_tokens: int) -> dict:
 
     from dms_megatron.convert.checkpoint import load_stage
     from dms_megatron.megatron.generate import greedy_generate
-    from dms_megatron.training.data import load_tokenizer
+    from dms_megatron.training.data import config_eos_token_id
     from dms_megatron.training.setup import init_distributed
 
     init_distributed(1, 1)
     tok = AutoTokenizer.from_pretrained(SMOL)
-    _, _, eos, _ = load_tokenizer(SMOL)
     model, meta = load_stage(ckpt, 1, 1)
+    eos = config_eos_token_id(meta["hf_config"])  # the tokenizer's own EOS differs for SmolLM2
     prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
     vocab = meta["arch"]["vocab_size"]
     result = {"prompt_tokens": len(prompt)}

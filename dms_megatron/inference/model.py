@@ -33,15 +33,18 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
-def _rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """HF-style rotate-half RoPE; ``x [T, H, D]``, ``pos [T]``."""
+def _rope_table(theta: float, d: int, n: int, device: torch.device, dtype: torch.dtype):
+    """HF-style rotate-half RoPE ``cos, sin [n, d]`` (angles in float64, then cast like HF)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None]
+    return torch.cat([ang.cos(), ang.cos()], -1).to(dtype), torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, D]`` with ``cos, sin [T, D]`` of the tokens' positions."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    ang = pos.double()[:, None] * inv[None]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
 
 class DMSCausalLM:
@@ -50,18 +53,29 @@ class DMSCausalLM:
     def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], dms: dict[str, Any] | None) -> None:
         self.arch, self.w, self.dms = arch, weights, dms
         self.hq, self.hkv, self.d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if dms is not None and dms.get("variant") not in ("neuron", "adapter"):
             raise ValueError(f"config.json dms.variant must be neuron or adapter, got {dms.get('variant')!r}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> DMSCausalLM:
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> DMSCausalLM:
         from dms_megatron.convert.hf_io import HFReader
 
         reader = HFReader(path)
         config = json.loads((Path(path) / "config.json").read_text())
-        weights = {n: reader.get(n).to(dtype) for n in reader.names()}
+        weights = {n: reader.get(n).to(device=device, dtype=dtype) for n in reader.names()}
         reader.close()
         return cls(arch_from_hf_config(config), weights, config.get("dms"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.w["model.embed_tokens.weight"].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w["model.embed_tokens.weight"].dtype
 
     @property
     def window(self) -> int:
@@ -102,7 +116,11 @@ class DMSCausalLM:
                 )
             if self.dms.get("decisions_per") == "layer":
                 logits = logits[:, :1].expand_as(logits)
-        q, k = _rotate(q, pos, a.rope_theta), _rotate(k, pos, a.rope_theta)
+        key = (q.device, q.dtype)
+        if key not in self._rope:
+            self._rope[key] = _rope_table(a.rope_theta, self.d, a.max_position_embeddings, q.device, q.dtype)
+        cos, sin = (t[pos] for t in self._rope[key])
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if self.dms is not None and self.dms["variant"] == "neuron":
             q = q.clone()
             q[:, ::g, -1] = 0  # RoPE rotated channel D/2-1 into D-1
@@ -124,7 +142,7 @@ class DMSCausalLM:
     def forward_dense(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Hard-eviction oracle: logits ``[T, V]`` and per-layer decisions ``[Hkv, T]`` (1 = evict the
         previous token)."""
-        pos = torch.arange(ids.shape[0])
+        pos = torch.arange(ids.shape[0], device=ids.device)
         h = self.w["model.embed_tokens.weight"][ids]
         decisions = []
         for layer in range(self.arch.num_layers):

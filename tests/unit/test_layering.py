@@ -19,10 +19,11 @@ ALLOWED = {
     "megatron": {"core", "kernels", "config", "families"},
     "config": {"core", "families", "runtime"},
     "families": set(),
-    "convert": {"core", "config", "families", "megatron", "runtime"},
+    "convert": {"core", "config", "families", "megatron", "runtime", "hf"},  # hf: installs modeling_dms.py
     "training": {"core", "kernels", "config", "families", "megatron", "convert", "runtime"},
     "inference": {"core", "kernels", "config", "families", "convert"},  # serves exported checkpoints
     "runtime": set(),
+    "hf": set(),  # modeling_dms.py is copied into checkpoints: torch + transformers only
 }
 
 

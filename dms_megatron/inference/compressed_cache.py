@@ -1,0 +1,297 @@
+"""The compressed KV cache of the batched (GPU) engine: tensors only, no per-token Python.
+
+Each (sequence row, layer, KV head) stream holds
+
+* a **window ring** of ``W = window + 1`` slots (slot = position % W) with the most recent tokens and
+  their eviction flags (a token is flagged when its successor decides "evict"); every ring token is
+  visible to the next query, flagged or not (delayed eviction);
+* a **paged store** of the older tokens that were kept: when a token leaves the ring it is either
+  dropped (flagged: its ring slot is simply reused) or appended to the stream's pages. Pages are blocks
+  of ``block_size`` slots in one pool shared by all rows, layers and heads (``block_table[layer, row,
+  head]`` lists a stream's blocks); rows that finish give their blocks back.
+
+Held tokens per stream = pages + ``min(seen, W)``: exactly the last ``window + 1`` tokens plus every
+older token not evicted (dms_algorithm.md section 7). Without a ``dms`` block (the original model) the
+window is 0 and nothing is flagged, so every token is paged: the dense baseline in the same engine.
+
+Allocation never happens inside a step: ``reserve()`` keeps a block ready for each stream's next page
+slot (host-side free list, one small device->host copy per step), so a decode step writes the retiring
+token into that slot unconditionally and advances the page length only for kept tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dms_megatron.inference.model import DMSCausalLM
+from dms_megatron.inference.paged_cache import CacheFullError
+from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
+
+
+class CompressedKV:
+    """Rows of sequences against shared K/V block pools; see the module docstring."""
+
+    def __init__(
+        self,
+        model: DMSCausalLM,
+        num_blocks: int,
+        block_size: int = 16,
+        max_context: int | None = None,
+        backend: str = "auto",
+        cuda_graphs: bool = True,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        a = model.arch
+        self.model, self.backend = model, backend
+        self.L, self.H, self.D, self.g = a.num_layers, model.hkv, model.d, model.hq // model.hkv
+        self.W = model.window + 1
+        self.bs = block_size
+        max_context = max_context or a.max_position_embeddings
+        self.max_blocks = math.ceil(max_context / block_size) + 1
+        dev, dt = model.device, model.dtype
+        self.k_pool = torch.zeros(num_blocks, block_size, self.D, device=dev, dtype=dt)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.rows = 0
+        self.ring_k = torch.zeros(self.L, 0, self.H, self.W, self.D, device=dev, dtype=dt)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.ring_flag = torch.zeros(self.L, 0, self.H, self.W, device=dev, dtype=torch.bool)
+        self.table = torch.full((self.L, 0, self.H, self.max_blocks), -1, device=dev, dtype=torch.int32)
+        self.paged = torch.zeros(self.L, 0, self.H, device=dev, dtype=torch.int32)
+        self.seen = torch.zeros(0, device=dev, dtype=torch.long)
+        # decode steps replayed as CUDA graphs, one per batch size; any change of rows reallocates the
+        # state tensors, so it drops them (the first step at a new size runs eagerly: the warm-up)
+        self.cuda_graphs = cuda_graphs and dev.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._warm: set[int] = set()
+
+    # ---- rows -------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.k_pool.shape[0]
+
+    def add_row(self) -> int:
+        """A new empty sequence; returns its row index (rows are renumbered by ``remove_rows``)."""
+        L, H, dev = self.L, self.H, self.seen.device
+        self._drop_graphs()
+        self.ring_k = torch.cat([self.ring_k, self.ring_k.new_zeros(L, 1, H, self.W, self.D)], 1)
+        self.ring_v = torch.cat([self.ring_v, self.ring_v.new_zeros(L, 1, H, self.W, self.D)], 1)
+        self.ring_flag = torch.cat([self.ring_flag, self.ring_flag.new_zeros(L, 1, H, self.W)], 1)
+        self.table = torch.cat([self.table, self.table.new_full((L, 1, H, self.max_blocks), -1)], 1)
+        self.paged = torch.cat([self.paged, self.paged.new_zeros(L, 1, H)], 1)
+        self.seen = torch.cat([self.seen, torch.zeros(1, device=dev, dtype=torch.long)])
+        self.rows += 1
+        try:
+            self.reserve([self.rows - 1])
+        except CacheFullError:
+            self.remove_rows([self.rows - 1])
+            raise
+        return self.rows - 1
+
+    def remove_rows(self, rows: list[int]) -> None:
+        """Give the rows' blocks back to the pool and drop the rows (later rows move down)."""
+        if not rows:
+            return
+        self._drop_graphs()
+        gone = torch.tensor(sorted(set(rows)), device=self.seen.device)
+        blocks = self.table[:, gone]
+        self.free.extend(blocks[blocks >= 0].tolist())
+        keep = torch.tensor([r for r in range(self.rows) if r not in set(rows)], device=gone.device).long()
+        self.ring_k, self.ring_v = self.ring_k[:, keep], self.ring_v[:, keep]
+        self.ring_flag, self.table, self.paged = (
+            self.ring_flag[:, keep],
+            self.table[:, keep],
+            self.paged[:, keep],
+        )
+        self.seen = self.seen[keep]
+        self.rows = len(keep)
+
+    def reserve(self, rows: list[int] | None = None) -> None:
+        """Make sure every stream (of ``rows``, default all) has a block for its next page slot.
+        Raises ``CacheFullError`` (nothing allocated) with ``.rows`` = the rows that needed a block."""
+        table, paged = (
+            (self.table, self.paged) if rows is None else (self.table[:, rows], self.paged[:, rows])
+        )
+        nxt = (paged // self.bs).long()
+        if nxt.numel() == 0:
+            return
+        if int(nxt.max()) >= self.max_blocks:
+            raise ValueError(f"a stream outgrew max_context ({(self.max_blocks - 1) * self.bs} tokens)")
+        need = table.gather(-1, nxt[..., None])[..., 0] < 0
+        if not bool(need.any()):
+            return
+        where = need.nonzero()  # [n, 3] (layer, row-in-subset, head)
+        if len(where) > len(self.free):
+            err = CacheFullError(f"{len(where)} KV blocks needed, {len(self.free)} free of {self.num_blocks}")
+            sub = sorted(set(where[:, 1].tolist()))
+            err.rows = sub if rows is None else [rows[i] for i in sub]  # type: ignore[attr-defined]
+            raise err
+        ids = torch.tensor([self.free.pop() for _ in range(len(where))], dtype=torch.int32)
+        layer, row, head = where.unbind(1)
+        if rows is not None:
+            row = torch.tensor(rows, device=row.device)[row]
+        self.table[layer, row, head, nxt[where.unbind(1)]] = ids.to(self.table.device)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def held(self) -> torch.Tensor:
+        """Tokens held per ``[layer, row, head]``."""
+        return self.paged.long() + self.seen.clamp(max=self.W)[None, :, None]
+
+    def allocated_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    # ---- decode -----------------------------------------------------------------------------------
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._warm.clear()
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (``tokens [rows]``) -> next-token logits ``[rows, V]`` (valid until the
+        next call). Call ``reserve()`` first (the engine does): a step allocates nothing on the host."""
+        R = self.rows
+        if not self.cuda_graphs:
+            return self._decode(tokens)
+        if R not in self._warm:  # eager: compiles kernels, creates lazy state (RoPE tables, cuBLAS)
+            self._warm.add(R)
+            return self._decode(tokens)
+        if R not in self._graphs:
+            static = tokens.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._decode(static)
+            self._graphs[R] = (graph, static, out)
+        graph, static, out = self._graphs[R]
+        static.copy_(tokens)
+        graph.replay()
+        return out
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        m, R, H, W, g = self.model, self.rows, self.H, self.W, self.g
+        rows = torch.arange(R, device=tokens.device)
+        pos = self.seen
+        slot = pos % W
+        h = m.w["model.embed_tokens.weight"][tokens]
+        ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W] after the write
+        for layer in range(self.L):
+            q, k, v, logits = m.attention_inputs(layer, h, pos)
+            flag = self.ring_flag[layer]
+            if logits is not None:  # the new token's decision flags its predecessor
+                prev = (pos - 1) % W
+                flag[rows, :, prev] |= (logits > 0) & (pos >= 1)[:, None]
+            # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
+            kept = ~flag[rows, :, slot] & (pos >= W)[:, None]  # [R, H]
+            self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
+            self.paged[layer] += kept.int()
+            self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
+            self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
+            flag[rows, :, slot] = False
+            qs = q.view(R * H, g, self.D).to(self.k_pool.dtype)
+            paged = paged_decode_attention(
+                qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
+                self.paged[layer].view(-1), backend=self.backend,
+            )  # fmt: skip
+            scores = torch.einsum(
+                "rhgd,rhwd->rhgw", q.view(R, H, g, self.D).float(), self.ring_k[layer].float()
+            )
+            scores = scores / math.sqrt(self.D)
+            scores = scores.masked_fill(~ring_valid[:, None, None], -math.inf)
+            lse = torch.logsumexp(scores, -1)
+            ring = (torch.softmax(scores, -1) @ self.ring_v[layer].float(), lse)
+            out = merge_attention([(paged[0].view(R, H, g, -1), paged[1].view(R, H, g)), ring])
+            h = m.finish_layer(layer, h, out.reshape(R, -1).to(h.dtype))
+        self.seen += 1
+        return m.head(h)
+
+    def _write_page(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v [R, H, D]`` into each stream's next page slot (not yet counted as held)."""
+        n = self.paged[layer].long()
+        block = self.table[layer].gather(-1, (n // self.bs)[..., None])[..., 0].long()
+        self.k_pool[block, n % self.bs] = k.to(self.k_pool.dtype)
+        self.v_pool[block, n % self.bs] = v.to(self.v_pool.dtype)
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one chunk ``tokens [n]`` to ``row`` with the exact delayed-eviction mask -> logits
+        ``[n, V]``. Works on an empty row and after decoding (multi-turn)."""
+        m, H, W, g, n = self.model, self.H, self.W, self.g, tokens.shape[0]
+        if n == 0:
+            raise ValueError("no tokens to prefill")
+        t0 = int(self.seen[row])
+        dev = tokens.device
+        pos = torch.arange(t0, t0 + n, device=dev)
+        h = m.w["model.embed_tokens.weight"][tokens]
+        seq_pos = torch.arange(t0 - W, t0 + n, device=dev)  # the ring's positions, then the chunk's
+        ring_slot = seq_pos[:W] % W
+        ring_ok = seq_pos[:W] >= 0
+        for layer in range(self.L):
+            q, k, v, logits = m.attention_inputs(layer, h, pos)
+            dec = torch.zeros(n, H, dtype=torch.bool, device=dev) if logits is None else logits > 0
+            flag = self.ring_flag[layer, row]  # [H, W]
+            if t0 > 0:
+                flag[:, (t0 - 1) % W] |= dec[0]
+            seq_flag = torch.cat([flag[:, ring_slot], dec[1:].t(), dec.new_zeros(H, 1)], 1)  # [H, W + n]
+            seq_k = torch.cat(
+                [self.ring_k[layer, row][:, ring_slot], k.transpose(0, 1).to(self.ring_k.dtype)], 1
+            )
+            seq_v = torch.cat(
+                [self.ring_v[layer, row][:, ring_slot], v.transpose(0, 1).to(self.ring_v.dtype)], 1
+            )
+            seq_ok = torch.cat([ring_ok, torch.ones(n, dtype=torch.bool, device=dev)])
+            # visibility of ring + chunk keys: causal, valid, and (inside the window or not flagged)
+            age = pos[:, None] - seq_pos[None, :]  # [n, W + n]
+            vis = (age >= 0) & seq_ok[None] & ((age <= W - 1)[None] | ~seq_flag[:, None, :])  # [H, n, W+n]
+            pk, pv, pvis = self._gather_pages(layer, row)  # [H, P, D], [H, P]
+            keys = torch.cat([pk, seq_k], 1).float()
+            values = torch.cat([pv, seq_v], 1).float()
+            vis = torch.cat([pvis[:, None, :].expand(H, n, -1), vis], 2)
+            scores = torch.einsum("nhgd,hkd->hgnk", q.view(n, H, g, self.D).float(), keys) / math.sqrt(self.D)
+            scores = scores.masked_fill(~vis[:, None], -math.inf)
+            out = torch.softmax(scores, -1) @ values[:, None]  # [H, g, n, Dv]
+            h = m.finish_layer(layer, h, out.permute(2, 0, 1, 3).reshape(n, -1).to(h.dtype))
+            # commit: the first n of (ring + chunk) leave the window; kept ones are paged in order
+            retire = seq_ok[:n][None] & ~seq_flag[:, :n]  # [H, n]
+            self._append_pages(layer, row, retire, seq_k[:, :n], seq_v[:, :n])
+            self.ring_k[layer, row][:, seq_pos[n:] % W] = seq_k[:, n:]
+            self.ring_v[layer, row][:, seq_pos[n:] % W] = seq_v[:, n:]
+            flag[:, seq_pos[n:] % W] = seq_flag[:, n:]
+        self.seen[row] += n
+        return m.head(h)
+
+    def _gather_pages(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.paged[layer, row].long()  # [H]
+        width = int(n.max())
+        idx = torch.arange(width, device=n.device)
+        block = self.table[layer, row][:, idx // self.bs].long().clamp(min=0)  # [H, width]
+        return self.k_pool[block, idx % self.bs], self.v_pool[block, idx % self.bs], idx[None] < n[:, None]
+
+    def _append_pages(
+        self, layer: int, row: int, keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Page the ``keep [H, n]`` tokens of ``k, v [H, n, D]`` in order, allocating blocks as needed."""
+        start = self.paged[layer, row].long()  # [H]
+        dest = start[:, None] + keep.long().cumsum(1) - 1  # [H, n]
+        total = start + keep.sum(1)
+        last = (total // self.bs).tolist()  # the block of the next free slot must exist too
+        new = []
+        for head, upto in enumerate(last):
+            have = self.table[layer, row, head, : upto + 1]
+            if upto >= self.max_blocks:
+                raise ValueError(f"a stream outgrew max_context ({(self.max_blocks - 1) * self.bs} tokens)")
+            new += [(head, int(b)) for b in (have < 0).nonzero()[:, 0].tolist()]
+        if len(new) > len(self.free):
+            err = CacheFullError(f"{len(new)} KV blocks needed, {len(self.free)} free of {self.num_blocks}")
+            err.rows = [row]  # type: ignore[attr-defined]
+            raise err
+        for head, b in new:
+            self.table[layer, row, head, b] = self.free.pop()
+        heads, cols = keep.nonzero().unbind(1)
+        d = dest[heads, cols]
+        block = self.table[layer, row][heads, d // self.bs].long()
+        self.k_pool[block, d % self.bs] = k[heads, cols]
+        self.v_pool[block, d % self.bs] = v[heads, cols]
+        self.paged[layer, row] = total.int()

@@ -1,0 +1,224 @@
+"""Paged decode attention for compressed KV caches: one query token per stream, heads folded into the
+batch (a stream is one (sequence, KV head); its ``g`` query heads form the rows of a small MQA problem).
+
+Contract (every backend):
+    q [S, g, D], k_pool / v_pool [num_blocks, block_size, D(v)], block_table [S, max_blocks] (int32,
+    block ids of the stream's slots in order), lengths [S] (tokens stored per stream, slots 0..len-1)
+    -> out [S, g, Dv] fp32 (softmax-normalised over the stream's tokens, 0 where len == 0),
+       lse [S, g] fp32 (natural-log sum of exp(scores), -inf where len == 0).
+
+``lse`` lets the caller merge this with attention over other keys (the DMS window ring) exactly
+(``merge_attention``).
+
+Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-decoding kernel, CUDA),
+``flash_attn`` (``flash_attn_with_kvcache`` with ``block_table``; needs flash-attn installed and a block
+size that is a multiple of 256; untested here, as flash-attn cannot be installed on our machines),
+``auto``: flash_attn when installed and the block size allows it, else triton on CUDA, else reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "flash_attn")
+TOKENS_PER_TILE = 64
+
+
+def _check(q, k_pool, v_pool, block_table, lengths) -> None:
+    if q.dim() != 3 or k_pool.dim() != 3 or v_pool.dim() != 3:
+        raise ValueError(f"q [S, g, D], pools [blocks, block_size, D]; got {q.shape}, {k_pool.shape}")
+    if block_table.shape[0] != q.shape[0] or lengths.shape != (q.shape[0],):
+        raise ValueError(
+            f"block_table {tuple(block_table.shape)} / lengths {tuple(lengths.shape)} vs S={q.shape[0]}"
+        )
+    if q.shape[-1] != k_pool.shape[-1]:
+        raise ValueError(f"head dim of q ({q.shape[-1]}) and keys ({k_pool.shape[-1]}) differ")
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather every stream's slots into a padded tensor and run masked softmax attention in fp32."""
+    S, bs = q.shape[0], k_pool.shape[1]
+    width = int(lengths.max()) if S else 0
+    if width == 0:
+        return q.new_zeros(S, q.shape[1], v_pool.shape[-1], dtype=torch.float32), q.new_full(
+            (S, q.shape[1]), -math.inf, dtype=torch.float32
+        )
+    slot = torch.arange(width, device=q.device)
+    blocks = block_table[:, slot // bs].long().clamp(min=0)  # [S, width]
+    k = k_pool[blocks, slot % bs].float()  # [S, width, D]
+    v = v_pool[blocks, slot % bs].float()
+    valid = slot[None] < lengths[:, None]
+    scores = torch.einsum("sgd,swd->sgw", q.float(), k) * scale
+    scores = scores.masked_fill(~valid[:, None], -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse.clamp(min=-1e30)[..., None]).nan_to_num(0.0)
+    return torch.einsum("sgw,swd->sgd", probs, v), lse
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax over the union of disjoint key sets from per-set ``(out, lse)``; out ``[..., Dv]``."""
+    lses = torch.stack([lse for _, lse in parts])  # [P, ...]
+    top = lses.max(0).values.clamp(min=-1e30)
+    weights = torch.exp(lses - top)  # 0 for empty sets
+    total = weights.sum(0)
+    out = sum(w[..., None] * o for w, (o, _) in zip(weights, parts, strict=True))
+    return out / total[..., None]
+
+
+@functools.cache
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def pick_backend(device: torch.device, block_size: int, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"paged decode backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend != "reference" and device.type != "cuda":
+            raise ValueError(f"paged decode backend {backend!r} needs CUDA tensors")
+        if backend == "flash_attn" and block_size % 256:
+            raise ValueError(f"flash_attn paged KV needs a block size multiple of 256, got {block_size}")
+        return backend
+    if device.type != "cuda":
+        return "reference"
+    if _flash_attn_available() and block_size % 256 == 0:
+        return "flash_attn"
+    return "triton"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of one query token per stream against its paged keys; see the module docstring."""
+    _check(q, k_pool, v_pool, block_table, lengths)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    backend = pick_backend(q.device, k_pool.shape[1], backend)
+    if backend == "reference":
+        return paged_decode_reference(q, k_pool, v_pool, block_table, lengths, scale)
+    if backend == "flash_attn":
+        return _flash_attn(q, k_pool, v_pool, block_table, lengths, scale)
+    return _triton_decode(q, k_pool, v_pool, block_table, lengths, scale)
+
+
+def _flash_attn(q, k_pool, v_pool, block_table, lengths, scale):
+    from flash_attn import flash_attn_with_kvcache
+
+    out, lse = flash_attn_with_kvcache(
+        q[:, None],  # [S, 1 token, g heads, D]
+        k_pool[:, :, None],  # [blocks, block_size, 1 KV head, D]
+        v_pool[:, :, None],
+        cache_seqlens=lengths.int(),
+        block_table=block_table.int(),
+        softmax_scale=scale,
+        causal=False,
+        return_softmax_lse=True,
+    )
+    out, lse = out[:, 0].float(), lse[..., 0].float()  # lse [S, g, 1]
+    empty = lengths == 0
+    return out.masked_fill(empty[:, None, None], 0.0), lse.masked_fill(empty[:, None], -math.inf)
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_decode_split(
+        Q, K, V, TABLE, LENS, ACC, M, L,
+        scale, tokens_per_split, table_stride, G,
+        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        BLOCK_G: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        s = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        length = tl.load(LENS + s)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, length)
+        rows = tl.arange(0, BLOCK_G)
+        dims = tl.arange(0, D)
+        dvs = tl.arange(0, DV)
+        q = tl.load(Q + (s * G + rows[:, None]) * D + dims[None, :], mask=rows[:, None] < G, other=0.0)
+        m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, DV], tl.float32)
+        for start in range(lo, hi, TILE):
+            tok = start + tl.arange(0, TILE)
+            live = tok < hi
+            block = tl.load(TABLE + s * table_stride + tok // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
+            k = tl.load(K + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(V + slot[:, None] * DV + dvs[None, :], mask=live[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            scores = tl.where(live[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+            m_i = m_new
+        out_row = (s * n_splits + split) * BLOCK_G + rows
+        tl.store(M + out_row, m_i)
+        tl.store(L + out_row, l_i)
+        tl.store(ACC + out_row[:, None] * DV + dvs[None, :], acc)
+
+    return paged_decode_split
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.int().contiguous()
+
+
+def _triton_decode(q, k_pool, v_pool, block_table, lengths, scale):
+    S, G, D = q.shape
+    DV = v_pool.shape[-1]
+    q = q.to(k_pool.dtype)
+    if D & (D - 1) or DV & (DV - 1) or D < 16:
+        raise ValueError(f"the triton paged decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
+    block_g = max(16, 1 << (G - 1).bit_length())
+    max_len = block_table.shape[1] * k_pool.shape[1]
+    # enough programs to fill the GPU (~2 per SM) when there are few streams (flash-decoding split-K)
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    splits = max(1, min(math.ceil(2 * sms / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE)))
+    per_split = math.ceil(math.ceil(max_len / splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
+    acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
+    m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    if S:
+        _kernel()[(S, splits)](
+            q.contiguous(), k_pool, v_pool, _int32(block_table), _int32(lengths),
+            acc, m, lsum, scale, per_split, block_table.shape[1], G,
+            BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
+            PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+    acc, m, lsum = acc[:, :, :G], m[:, :, :G], lsum[:, :, :G]
+    top = m.max(1).values
+    safe = top.clamp(min=-1e30)
+    w = torch.exp(m - safe[:, None])  # [S, splits, G]; 0 for empty splits
+    total = (w * lsum).sum(1)
+    out = (w[..., None] * acc).sum(1) / total.clamp(min=1e-30)[..., None]
+    lse = torch.where(total > 0, safe + torch.log(total.clamp(min=1e-30)), -math.inf)
+    return out, lse

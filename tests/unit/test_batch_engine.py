@@ -1,0 +1,179 @@
+"""The batched (GPU) engine on CPU: its tensor cache equals the per-token reference path and the dense
+oracle (logits, held tokens per stream), for both variants, chunked prefill, multi-turn, mixed-length
+continuous batching, and bad requests failing alone; the paged decode reference equals plain attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dms_megatron.inference.batch_engine import BatchEngine
+from dms_megatron.inference.compressed_cache import CompressedKV
+from dms_megatron.inference.engine import Request
+from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
+from tests.unit.test_inference_engine import _greedy_oracle
+from tests.unit.test_inference_model import _with_dms, tiny  # noqa: F401  (module fixture)
+
+
+def _expected_held(decisions, T: int, window: int) -> torch.Tensor:
+    """Tokens a stream holds after T tokens: the last window + 1, and older ones not evicted."""
+    return torch.tensor(
+        [
+            [
+                sum(1 for p in range(T) if p >= T - 1 - window or not dec[h, p + 1])
+                for h in range(dec.shape[0])
+            ]
+            for dec in decisions
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant", "per", "window"), [("adapter", "head", 4), ("adapter", "layer", 0), ("neuron", "head", 3)]
+)
+def test_decode_equals_dense_oracle_and_holds_what_decisions_predict(tiny, variant, per, window) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], variant, per, window)
+    ids = torch.randint(0, 96, (50,), generator=torch.Generator().manual_seed(2))
+    dense, decisions = model.forward_dense(ids)
+    cache = CompressedKV(model, num_blocks=400, block_size=4)
+    row = cache.add_row()
+    first = cache.prefill(row, ids[:7])
+    torch.testing.assert_close(first, dense[:7], atol=1e-4, rtol=1e-4)
+    for t in range(7, len(ids)):
+        cache.reserve()
+        torch.testing.assert_close(cache.decode(ids[t : t + 1])[0], dense[t], atol=1e-4, rtol=1e-4)
+    held = cache.held()[:, row]
+    assert torch.equal(held, _expected_held(decisions, len(ids), window))
+    assert held.sum() < 0.8 * len(ids) * held.numel()  # memory really shrank
+    # pages hold exactly the kept tokens: block capacity used <= held tokens rounded up per stream + 1 block
+    assert cache.allocated_blocks() <= int(((held + 3) // 4 + 1).sum())
+    cache.remove_rows([row])
+    assert cache.allocated_blocks() == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_chunked_prefill_decode_and_second_turn(tiny, chunk) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(3))
+    dense, decisions = model.forward_dense(ids)
+    cache = CompressedKV(model, num_blocks=400, block_size=4)
+    row = cache.add_row()
+    out = [cache.prefill(row, ids[s : min(s + chunk, 30)]) for s in range(0, 30, chunk)]  # turn 1
+    for t in range(30, 40):  # decode
+        cache.reserve()
+        out.append(cache.decode(ids[t : t + 1]))
+    out += [cache.prefill(row, ids[s : min(s + chunk, 60)]) for s in range(40, 60, chunk)]  # turn 2
+    torch.testing.assert_close(torch.cat(out), dense, atol=1e-4, rtol=1e-4)
+    assert torch.equal(cache.held()[:, row], _expected_held(decisions, 60, 4))
+
+
+def test_rows_of_different_lengths_decode_together(tiny) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "neuron", "head", 3)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 96, (n,), generator=gen) for n in (12, 23, 41)]
+    cache = CompressedKV(model, num_blocks=600, block_size=4)
+    for s in seqs:
+        cache.prefill(cache.add_row(), s[:-8])
+    for i in range(8):
+        cache.reserve()
+        logits = cache.decode(torch.stack([s[len(s) - 8 + i] for s in seqs]))
+        for r, s in enumerate(seqs):
+            dense, _ = model.forward_dense(s[: len(s) - 7 + i])
+            torch.testing.assert_close(logits[r], dense[-1], atol=1e-4, rtol=1e-4)
+    cache.remove_rows([1])  # the middle row leaves; the others keep their state
+    cache.reserve()
+    logits = cache.decode(torch.tensor([7, 9]))
+    for r, s in enumerate([seqs[0], seqs[2]]):
+        dense, _ = model.forward_dense(torch.cat([s, torch.tensor([[7, 9][r]])]))
+        torch.testing.assert_close(logits[r], dense[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_no_dms_block_is_the_dense_model(tiny) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    model.dms = None
+    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(6))
+    dense, _ = model.forward_dense(ids)
+    cache = CompressedKV(model, num_blocks=100, block_size=4)
+    row = cache.add_row()
+    cache.prefill(row, ids[:10])
+    for t in range(10, 20):
+        cache.reserve()
+        torch.testing.assert_close(cache.decode(ids[t : t + 1])[0], dense[t], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cache.held()[:, row], torch.full((3, 2), 20))
+
+
+def test_continuous_batching_matches_the_oracle_and_frees_everything(tiny) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (3, 17, 40, 9, 26)]
+    streamed: list[tuple[int, int]] = []
+    engine = BatchEngine(
+        model, num_blocks=300, block_size=4, max_batch=2, prefill_chunk=8,
+        on_token=lambda i, tok, cr: streamed.append((i, tok)),
+    )  # fmt: skip
+    lengths = [8, 3, 6, 8, 5]
+    results = engine.generate([Request(p, max_new_tokens=n) for p, n in zip(prompts, lengths, strict=True)])
+    for p, n, r in zip(prompts, lengths, results, strict=True):
+        assert r.finish_reason == "length" and r.error is None
+        assert r.tokens == _greedy_oracle(model, p, n)
+        assert r.metrics["effective_cr"] >= 1.0 and r.metrics["peak_kv_tokens"] > 0
+    assert sorted(streamed) == sorted((i, t) for i, r in enumerate(results) for t in r.tokens)
+    assert engine.cache.allocated_blocks() == 0 and engine.cache.rows == 0
+    assert engine.last_batch["decode_tokens"] == sum(lengths) - len(lengths)
+
+
+def test_sampling_stop_tokens_and_bad_requests_fail_alone(tiny) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    engine = BatchEngine(model, num_blocks=60, block_size=4, max_batch=4)
+    req = Request([1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    a, b = engine.generate([req, req])
+    assert a.tokens == b.tokens and len(a.tokens) == 12
+    stop = Request(
+        [1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11, stop_ids=(a.tokens[3],)
+    )
+    (c,) = engine.generate([stop])
+    assert c.finish_reason == "stop" and c.tokens == a.tokens[: a.tokens.index(a.tokens[3]) + 1]
+    good = Request([5, 6, 7], max_new_tokens=4)
+    results = engine.generate(
+        [
+            Request([], max_new_tokens=4),
+            Request([5] * 300, max_new_tokens=4),
+            Request([5, 999], max_new_tokens=4),
+            Request([5], max_new_tokens=4, top_p=0.0),
+            Request([5] * 120, max_new_tokens=4),  # needs more blocks than the pool has
+            good,
+        ]
+    )
+    errors = [r.error for r in results[:-1]]
+    assert "prompt is empty" in errors[0] and "exceeds the model context" in errors[1]
+    assert "token ids must be in" in errors[2] and "top_p" in errors[3]
+    assert errors[4].startswith("CacheFullError")
+    assert results[-1].error is None and results[-1].tokens == _greedy_oracle(model, good.prompt, 4)
+    assert engine.cache.allocated_blocks() == 0
+    with pytest.raises(ValueError, match="batch of zero"):
+        engine.generate([])
+
+
+def test_paged_decode_reference_and_merge_equal_plain_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    S, g, D, bs, nb = 5, 3, 16, 4, 40
+    kp, vp = torch.randn(nb, bs, D, generator=gen), torch.randn(nb, bs, D, generator=gen)
+    lengths = torch.tensor([0, 1, 7, 13, 4])
+    table = torch.randperm(nb, generator=gen)[: S * 5].view(S, 5).int()
+    q = torch.randn(S, g, D, generator=gen)
+    out, lse = paged_decode_attention(q, kp, vp, table, lengths, backend="reference")
+    ring_k, ring_v = torch.randn(S, 3, D, generator=gen), torch.randn(S, 3, D, generator=gen)
+    rs = torch.einsum("sgd,swd->sgw", q, ring_k) / math.sqrt(D)
+    merged = merge_attention([(out, lse), (torch.softmax(rs, -1) @ ring_v, torch.logsumexp(rs, -1))])
+    for s in range(S):
+        n = int(lengths[s])
+        slots = torch.arange(n)
+        k = torch.cat([kp[table[s, slots // bs].long(), slots % bs], ring_k[s]])
+        v = torch.cat([vp[table[s, slots // bs].long(), slots % bs], ring_v[s]])
+        ref = torch.softmax(q[s] @ k.t() / math.sqrt(D), -1) @ v
+        torch.testing.assert_close(merged[s], ref, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(lse[0]).all() and (out[0] == 0).all()
+    with pytest.raises(ValueError, match="needs CUDA"):
+        paged_decode_attention(q, kp, vp, table, lengths, backend="triton")

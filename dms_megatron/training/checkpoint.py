@@ -13,12 +13,14 @@ incomplete folders even if ``latest`` points at one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -131,11 +133,51 @@ def load_checkpoint(
     return state, json.loads((path / TRAIN_STATE).read_text())
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: Iterable[int] = PREEMPTION_SIGNALS) -> Iterator[None]:
+    """Block ``signals`` in the calling thread; processes started meanwhile inherit the blocked mask (through
+    fork and exec), so a signal sent to the whole process group or job does not kill them. A signal that
+    arrives meanwhile stays pending and is handled when the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_save_helpers() -> None:
+    """Start the helper process of megatron's checkpoint saves now, immune to the preemption signals.
+
+    ``dist_checkpointing.save`` hands each save's write results through a ``multiprocessing`` Manager, a
+    process spawned at the first save and kept for the run. It shares our process group (and Slurm job),
+    so the SIGTERM that GNU ``timeout``, Slurm or ``kill -- -PGID`` send to every process killed it along
+    with the training process, whose preemption save then failed with ``BrokenPipeError``."""
+    from multiprocessing import resource_tracker
+
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+    except ImportError:  # another megatron-core layout: nothing to start early
+        return
+    # spawning needs the resource tracker; starting it unblocks SIGINT and SIGTERM again (CPython's
+    # resource_tracker.ensure_running), so it must be running before the Manager is spawned
+    with signals_blocked():
+        resource_tracker.ensure_running()
+    with signals_blocked():
+        get_write_results_queue()
+
+
 class PreemptionGuard:
     """Turns SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag that the loop
-    checks at step boundaries; ``should_stop()`` agrees across ranks (any rank signalled -> all stop)."""
+    checks at step boundaries; ``should_stop()`` agrees across ranks (any rank signalled -> all stop).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Entering it also starts the checkpoint saves' helper process with these signals blocked
+    (``start_save_helpers``), so that the save after a group-wide signal still works. A helper started
+    earlier (a save before the guard) is not protected."""
+
+    SIGNALS = PREEMPTION_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -144,6 +186,7 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        start_save_helpers()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,12 +1,16 @@
-"""``launch/retrofit.py`` end to end on CPU (Hydra overrides, multirun, run directory, offline W&B), and
-the bad-input checks that run before any process group or model exists."""
+"""``launch/retrofit.py`` end to end on CPU (Hydra overrides, multirun, run directory, offline W&B,
+preemption by a signal from outside), and the bad-input checks that run before any process group or model
+exists."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +120,15 @@ def test_preflight_rejects_another_architecture(tmp_path, data) -> None:
         preflight(_cfg(tmp_path, data, model={"checkpoint": str(ckpt)}))
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
 def _launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "launch/retrofit.py", *args],
         cwd=ROOT,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -183,3 +190,64 @@ def test_cli_rejects_bad_override(tmp_path, data) -> None:
     proc = _launch(tmp_path, *COMMON, f"data.prefixes=[{data}]", "dms.window=-1", f"run_dir={tmp_path}/x")
     assert proc.returncode != 0 and "dms.window=-1 is invalid" in proc.stderr
     assert not (tmp_path / "x" / "run_info.json").exists()  # failed before the run started (Hydra logs only)
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are still running (zombies left out)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cli_sigterm_to_process_group_saves_and_resumes(tmp_path, data) -> None:
+    """SIGTERM to the launcher's whole process group, as GNU ``timeout``, Slurm and ``kill -- -PGID`` send
+    it, after an interval save (which used to leave megatron's save helper process exposed to it): the run
+    saves a checkpoint where it stopped and exits cleanly, and ``train.resume=auto`` continues from there."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    args = (*COMMON, f"data.prefixes=[{data}]", f"run_dir={run}", "logging.console=false")
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_path.open("w") as out_f, err_path.open("w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "launch/retrofit.py", *args, "train.steps=5000", "train.keep_last=1"],
+            cwd=ROOT,
+            env=_env(),
+            stdout=out_f,
+            stderr=err_f,
+            start_new_session=True,  # its own process group, like a job under timeout or Slurm
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpts / "latest_checkpointed_iteration.txt").is_file() and time.monotonic() < deadline:
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out, err = out_path.read_text(), err_path.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert "received SIGTERM" in out
+    stopped = re.search(r"retrofit stopped \(preempted\) at step (\d+)", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert f"preempted: checkpoint saved at step {step}" in out
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == str(step)
+    assert json.loads((ckpts / f"iter_{step:07d}" / "train_state.json").read_text())["step"] == step
+    deadline = time.monotonic() + 10
+    while _alive_in_group(proc.pid) and time.monotonic() < deadline:  # helpers shut down with the run
+        time.sleep(0.1)
+    assert not _alive_in_group(proc.pid)
+
+    resumed = _launch(tmp_path, *args, f"train.steps={step + 1}", "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpts / f'iter_{step:07d}'} at step {step}" in resumed.stdout
+    assert f"retrofit finished at step {step + 1}" in resumed.stdout

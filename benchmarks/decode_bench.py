@@ -6,10 +6,13 @@
 
 For each (mode, batch): ``batch`` prompts of ``context - new_tokens`` tokens (consecutive windows of
 ``--text``, or random ids) are prefilled, then ``new_tokens`` tokens are decoded greedily for all rows
-together. Reported: decode tokens/s (all rows, the decode steps only, CUDA-synchronised), prefill
-tokens/s, KV bytes held at the end (tokens held x K+V x head dim x bytes, over all layers and KV heads)
-and the bytes the engine had allocated (pool blocks in use + window rings), effective CR, and the paged
-decode kernel alone (one layer's streams at the final lengths, CUDA events, median of 50).
+together. Reported: the engine's decode tokens/s over the whole generation (includes the first step at
+a batch size, which runs eagerly, and the CUDA-graph capture of the second), the steady-state decode
+step (median over the steps after those two, each step as the engine runs it: reserve, decode, tokens
+to the host), prefill tokens/s, peak KV bytes held (tokens held x K+V x head dim x bytes, over all
+layers and KV heads) and the bytes the engine had allocated (pool blocks in use + window rings),
+effective CR, and the paged decode kernel alone (one layer's streams at the final lengths, CUDA events,
+median of 50, launched eagerly).
 """
 
 from __future__ import annotations
@@ -64,9 +67,18 @@ def _random_smollm2(device: str):
     return model
 
 
-def _kernel_ms(cache, layer: int) -> float:
+def _sync() -> None:
     import torch
 
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _kernel_ms(cache, layer: int) -> float | None:
+    import torch
+
+    if cache.k_pool.device.type != "cuda":
+        return None
     from dms_megatron.kernels.paged_decode import paged_decode_attention
 
     R, H = cache.rows, cache.H
@@ -99,7 +111,7 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     cache = engine.cache
     requests = [Request(p, max_new_tokens=new_tokens) for p in prompts]
     # prefill every row, then decode all rows together: the engine's own loop with a hook timing it
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - t0
@@ -121,7 +133,8 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
         "effective_cr": statistics.mean(r.metrics["effective_cr"] for r in results),
         "wall_s": wall,
     }
-    # allocated bytes and kernel time need the state at the end: re-run the prefill of the rows
+    # steady state: the same rows prefilled again, then decode steps timed after two warm-up steps (eager
+    # + CUDA-graph capture), each step as the engine runs it (reserve, decode, tokens to the host)
     rows = [cache.add_row() for _ in prompts]
     for row, p in zip(rows, prompts, strict=True):
         ids = torch.tensor(p, device=model.device)
@@ -132,6 +145,18 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     )
     out["paged_kernel_ms_per_layer"] = _kernel_ms(cache, L // 2)
     out["paged_tokens_per_stream_mean"] = float(cache.paged.float().mean())
+    tokens = torch.tensor([p[-1] for p in prompts], device=model.device)
+    times = []
+    for i in range(max(new_tokens, 6)):
+        _sync()
+        t0 = time.perf_counter()
+        cache.reserve()
+        tokens = cache.decode(tokens).argmax(-1)
+        tokens.tolist()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    out["steady_decode_step_ms"] = 1000 * statistics.median(times)
+    out["steady_decode_tokens_per_s"] = len(prompts) / statistics.median(times)
     cache.remove_rows(rows)
     return out
 
@@ -153,14 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (a smoke run)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_bench.py measures GPU throughput: it needs CUDA")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("decode_bench.py measures GPU throughput: it needs CUDA (--device cpu: a smoke run)")
     if args.random_smollm2:
-        model = _random_smollm2("cuda")
+        model = _random_smollm2(args.device)
     else:
-        model = DMSCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device="cuda")
+        model = DMSCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device=args.device)
         if model.dms is None:
             raise SystemExit(f"{args.model}: config.json has no dms block")
     prompt_len = args.context - args.new_tokens
@@ -173,7 +199,13 @@ def main(argv: list[str] | None = None) -> None:
             0, model.arch.vocab_size, (prompt_len * 4,), generator=torch.Generator().manual_seed(0)
         ).tolist()
     dms_block = model.dms
-    report = {"device": torch.cuda.get_device_name(), "context": args.context, "runs": []}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report = {"device": name, "context": args.context, "runs": []}
+    # warm-up outside the timings: Triton compilation and lazy CUDA state would otherwise land in the
+    # first measured run (on the H100 run of 2026-11-22 they did: DMS at batch 1 ran first)
+    for mode in ("dms", "dense"):
+        model.dms = dms_block if mode == "dms" else None
+        run_one(model, [ids[:512]], 4, args.block_size, args.backend)
     for batch in args.batch:
         prompts = [
             (ids * (1 + prompt_len * (i + 1) // len(ids)))[i * 97 : i * 97 + prompt_len] for i in range(batch)
@@ -183,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             res = {"mode": mode, **run_one(model, prompts, args.new_tokens, args.block_size, args.backend)}
             print(json.dumps(res), flush=True)
             report["runs"].append(res)
-            torch.cuda.empty_cache()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     model.dms = dms_block
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

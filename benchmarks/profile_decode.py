@@ -4,6 +4,7 @@ SmolLM2-135M-shaped weights: ``python benchmarks/profile_decode.py [--context N]
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,40 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument(
+        "--baseline-rows", type=int, default=0, help="also time BaselineKV steps with this many rows"
+    )
     args = ap.parse_args()
     model = _random_smollm2("cuda")
-    cache = CompressedKV(model, num_blocks=args.batch * 90 * (args.context // 16 + 4), block_size=16)
+    if args.baseline_rows:
+        from dms_megatron.inference.baseline_cache import BaselineKV
+
+        base = copy.copy(model)
+        base.dms = None
+        rows = [("tova", 4.0), ("h2o", 8.0), ("streaming_llm", 4.0)] * args.baseline_rows
+        bkv = BaselineKV(base, rows[: args.baseline_rows], max_len=args.context + 8)
+        toks = torch.zeros(args.baseline_rows, dtype=torch.long, device="cuda")
+        for _ in range(3):
+            bkv.decode(toks)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            bkv.decode(toks)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / args.steps * 1000
+        print(f"baseline step: {ms:.2f} ms ({args.baseline_rows} rows, max_len {args.context})")
+    cache = CompressedKV(
+        model,
+        num_blocks=args.batch * 90 * (args.context // 16 + 4),
+        block_size=16,
+        cuda_graphs=not args.no_graphs,
+    )
     ids = torch.randint(0, 49152, (args.context + 64,), device="cuda")
     for _ in range(args.batch):
         row = cache.add_row()
-        cache.prefill(row, ids[: args.context])
+        cache.prefill(row, ids[: args.context - 64])  # room for the decode steps
     tok = ids[: args.batch].clone()
 
     def step() -> None:
@@ -44,6 +72,8 @@ def main() -> None:
     for _ in range(args.steps):
         step()
     print(f"decode step: {(time.perf_counter() - t0) / args.steps * 1000:.2f} ms (batch {args.batch})")
+    if args.no_profile:
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()

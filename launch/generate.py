@@ -1,11 +1,14 @@
-"""Generate with a DMS checkpoint (an exported HF folder) on the CPU reference engine, streaming tokens
-and the live compression ratio of the KV cache.
+"""Generate with a DMS checkpoint (an exported HF folder) on the compressed-cache engine (GPU when
+available, else CPU), streaming tokens and the live compression ratio of the KV cache.
 
     python launch/generate.py --model runs/demo/export --prompt "def fibonacci(n):"
     python launch/generate.py --model runs/demo/export --interactive          # multi-turn, one cache
     python launch/generate.py --model runs/demo/export --prompts-file p.jsonl --out results.jsonl
 
-``--prompts-file``: JSONL with a "prompt" field per line (batch mode; metrics per request in --out).
+``--prompts-file``: JSONL with a "prompt" field per line (batch mode: continuous batching of up to
+``--max-batch`` requests, a live table of each one's text and CR; metrics per request in --out).
+Live CR = tokens seen x (layers x KV heads) / KV tokens held; the final line gives the effective CR
+(tokens seen / held, averaged over layers and KV heads).
 ``--no-dms`` runs the same weights with eviction off (the teacher, for comparison).
 """
 
@@ -35,6 +38,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-blocks", type=int, default=4096, help="KV blocks in the shared pool")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-dms", action="store_true", help="eviction off (the original model)")
+    ap.add_argument("--max-batch", type=int, default=32, help="batch mode: requests decoded together")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
+    ap.add_argument(
+        "--backend", default="auto", help="paged decode kernel: auto, reference, triton, flash_attn"
+    )
     return ap.parse_args(argv)
 
 
@@ -43,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from dms_megatron.inference.engine import Engine, Request, sample, validate
-    from dms_megatron.inference.model import DecodeSession, DMSCausalLM
-    from dms_megatron.inference.paged_cache import BlockPool
+    from dms_megatron.inference.engine import Request
+    from dms_megatron.inference.model import DMSCausalLM
 
     args = _args(argv)
     console = Console()
-    model = DMSCausalLM.from_pretrained(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
     if args.no_dms:
         model.dms = None
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -62,23 +72,65 @@ def main(argv: list[str] | None = None) -> None:
         return Request(ids, args.max_new_tokens, args.temperature, args.top_p, stop, args.seed)
 
     if args.prompts_file:
-        prompts = [
-            json.loads(line)["prompt"] for line in args.prompts_file.read_text().splitlines() if line.strip()
-        ]
-        engine = Engine(model, args.num_blocks, args.block_size)
-        results = engine.generate([request(p) for p in prompts])
-        lines = []
-        for p, r in zip(prompts, results, strict=True):
-            lines.append({"prompt": p, "text": tok.decode(r.tokens), **r.__dict__})
-            shown = r.error or f"{tok.decode(r.tokens)!r} (CR {r.metrics['effective_cr']:.2f})"
-            console.print(f"[bold]{p[:60]!r}[/bold] -> {shown}")
-        if args.out:
-            args.out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        _batch(args, model, tok, console, [request(p) for p in _read_prompts(args.prompts_file)])
         return
+    _conversation(args, model, tok, console, request, stop)
 
-    pool = BlockPool(args.num_blocks, args.block_size, model.d)
-    session = DecodeSession(model, pool)
+
+def _read_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _batch(args, model, tok, console, requests) -> None:
+    """All requests through the continuous-batching engine; a live table of each one's text and CR."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from dms_megatron.inference.batch_engine import BatchEngine
+
+    state = {i: ([], 1.0) for i in range(len(requests))}
+
+    def table() -> Table:
+        t = Table("#", "live CR", "generated", expand=True)
+        for i, (toks, cr) in state.items():
+            t.add_row(str(i), f"{cr:.2f}", tok.decode(toks)[-80:].replace("\n", " "))
+        return t
+
+    with Live(table(), console=console, refresh_per_second=8, transient=True) as live:
+
+        def on_token(i: int, token: int, cr: float) -> None:
+            state[i] = (state[i][0] + [token], cr)
+            live.update(table())
+
+        engine = BatchEngine(
+            model, args.num_blocks, args.block_size, max_batch=args.max_batch, backend=args.backend,
+            on_token=on_token,
+        )  # fmt: skip
+        results = engine.generate(requests)
+    prompts = _read_prompts(args.prompts_file)
+    lines = []
+    for p, r in zip(prompts, results, strict=True):
+        lines.append({"prompt": p, "text": tok.decode(r.tokens), **r.__dict__})
+        shown = r.error or f"{tok.decode(r.tokens)!r} (effective CR {r.metrics['effective_cr']:.2f})"
+        console.print(f"[bold]{p[:60]!r}[/bold] -> {shown}")
+    console.print(f"[dim]decode {engine.last_batch['decode_tokens_per_s']:.1f} tokens/s over the batch[/dim]")
+    if args.out:
+        args.out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _conversation(args, model, tok, console, request, stop) -> None:
+    """One compressed cache across turns (``--prompt``: one turn); tokens stream with the live CR."""
+    import torch
+    from rich.live import Live
+    from rich.text import Text
+
+    from dms_megatron.inference.compressed_cache import CompressedKV
+    from dms_megatron.inference.engine import Request, sample, validate
+
+    cache = CompressedKV(model, args.num_blocks, args.block_size, backend=args.backend)
+    row = cache.add_row()
     gen = torch.Generator().manual_seed(args.seed)
+    streams = cache.L * cache.H
     turns = [args.prompt] if args.prompt else None
     while True:
         if turns is not None:
@@ -93,26 +145,42 @@ def main(argv: list[str] | None = None) -> None:
             if not text.strip():
                 continue
         req = request(text)
+        seen = int(cache.seen[row])
         try:
             validate(Request(req.prompt, req.max_new_tokens), model)
-            if session.position + len(req.prompt) + req.max_new_tokens > model.arch.max_position_embeddings:
+            if seen + len(req.prompt) + req.max_new_tokens > model.arch.max_position_embeddings:
                 raise ValueError("the conversation would exceed the model context")
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")
             continue
-        logits = session.prefill(req.prompt)[-1]
-        for i in range(req.max_new_tokens):
-            token = sample(logits, req, gen)
-            console.print(tok.decode([token]), end="", highlight=False, soft_wrap=True)
-            if token in stop:
-                break
-            if i + 1 < req.max_new_tokens:
-                logits = session.step(token)
-        held = int(session.held().sum())
+        ids = torch.tensor(req.prompt, device=model.device)
+        for s in range(0, len(req.prompt), 1024):
+            logits = cache.prefill(row, ids[s : s + 1024])[-1]
+        out: list[int] = []
+
+        def view(out: list[int] = out) -> Text:
+            seen, held = int(cache.seen[row]), int(cache.held()[:, row].sum())
+            line = Text(tok.decode(out))
+            line.append(
+                f"\n[live CR {seen * streams / max(held, 1):.2f}: {seen} tokens seen, {held} KV held]", "dim"
+            )
+            return line
+
+        with Live(view(), console=console, refresh_per_second=8, transient=True) as live:
+            for i in range(req.max_new_tokens):
+                token = sample(logits.float().cpu(), req, gen)
+                out.append(token)
+                live.update(view())
+                if token in stop or i + 1 == req.max_new_tokens:
+                    break
+                cache.reserve()
+                logits = cache.decode(torch.tensor([token], device=model.device))[0]
+        console.print(tok.decode(out), highlight=False, soft_wrap=True)
+        held = cache.held()[:, row].float()
         console.print(
-            f"\n[dim]tokens seen {session.position}, KV held {held} across layers x heads, "
-            f"effective CR {session.effective_cr():.2f}, "
-            f"free blocks {pool.free_blocks}/{pool.num_blocks}[/dim]"
+            f"[dim]tokens seen {int(cache.seen[row])}, KV held {int(held.sum())} across layers x heads, "
+            f"effective CR {float((cache.seen[row] / held.clamp(min=1)).mean()):.2f}, "
+            f"blocks in use {cache.allocated_blocks()}/{cache.num_blocks}[/dim]"
         )
 
 

@@ -155,7 +155,7 @@ class CompressedKV:
         R = self.rows
         if not self.cuda_graphs:
             return self._decode(tokens)
-        if R not in self._warm:  # eager: compiles kernels, creates lazy state (RoPE tables, cuBLAS)
+        if R not in self._warm:  # eager first: compiles kernels, creates lazy state (RoPE tables, cuBLAS)
             self._warm.add(R)
             return self._decode(tokens)
         if R not in self._graphs:
@@ -188,7 +188,7 @@ class CompressedKV:
             self.paged[layer] += kept.int()
             self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
             self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
-            flag[rows, :, slot] = False
+            flag[rows, :, slot] = torch.zeros_like(kept)
             qs = q.view(R * H, g, self.D).to(self.k_pool.dtype)
             paged = paged_decode_attention(
                 qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),

@@ -49,3 +49,30 @@ def test_engine_on_cuda_equals_cpu_reference(tiny) -> None:  # noqa: F811
         assert x.error is None and y.error is None
         assert x.tokens == y.tokens
         assert x.metrics["tokens_held"] == y.metrics["tokens_held"]
+
+
+def test_cuda_graph_steps_equal_eager_steps(tiny) -> None:  # noqa: F811
+    from dms_megatron.inference.baseline_cache import BaselineKV
+    from dms_megatron.inference.compressed_cache import CompressedKV
+
+    model = _with_dms(tiny[1], "neuron", "head", 3)
+    model.w = {k: v.cuda() for k, v in model.w.items()}
+    ids = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(9)).cuda()
+    caches = [CompressedKV(model, 600, 16, cuda_graphs=flag) for flag in (False, True)]
+    for cache in caches:
+        for r in range(3):
+            cache.prefill(cache.add_row(), ids[r, :10])
+    for t in range(10, 40):
+        outs = []
+        for cache in caches:
+            cache.reserve()
+            outs.append(cache.decode(ids[:, t]).clone())
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert len(caches[1]._graphs) == 1 and torch.equal(caches[0].held(), caches[1].held())
+    model.dms = None
+    rows = [("streaming_llm", 2.0), ("tova", 3.0), ("h2o", 2.0)]
+    base = [BaselineKV(model, rows, max_len=40, min_keep=4, cuda_graphs=flag) for flag in (False, True)]
+    for t in range(40):
+        a, b = (c.decode(ids[:, t]).clone() for c in base)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert base[1]._graph is not None and torch.equal(base[0].held_mask, base[1].held_mask)

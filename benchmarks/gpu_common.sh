@@ -1,0 +1,29 @@
+# Shared by the GPU scripts (sourced): wheels into /tmp/site, then the SmolLM2 teacher (HF folder and
+# Megatron checkpoint) and the stdlib training text, built on the machine from the carried GGUF halves.
+# STASH: where the first GGUF half waits between the two calls.
+STASH=${STASH:-/tmp/dms_stash}
+mkdir -p "$STASH"
+
+setup() {
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/*.whl
+    tar -xzf .carry/antlr4_pkg.tar.gz -C /tmp/site
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+}
+
+model_and_data() {
+    if [ -f checkpoints/smollm2_135m/dms_megatron.json ] && [ -f data/stdlib.json ]; then
+        echo "model and data already prepared"
+        return
+    fi
+    cat "$STASH/part00" .carry_model/part01 > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 scripts/fetch_smollm2.py --gguf "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 launch/convert.py import --hf assets/smollm2-135m-instruct --out checkpoints/smollm2_135m --quiet
+    # training text: this machine's Python standard library (about 3M tokens)
+    LIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    INPUTS=("$LIB"/*.py)
+    for d in email json asyncio logging concurrent xml importlib; do [ -d "$LIB/$d" ] && INPUTS+=("$LIB/$d"); done
+    python3 launch/preprocess.py --quiet --tokenizer assets/smollm2-135m-instruct --output-prefix data/stdlib \
+        --input "${INPUTS[@]}"
+}
+

@@ -181,6 +181,7 @@ class BatchEngine:
             "tokens_seen": seen,
             "tokens_held": held.tolist(),
             "effective_cr": float((seen / held.clamp(min=1)).mean()),
+            "kv_cr": seen * held.numel() / max(float(held.sum()), 1.0),  # memory: all seen / all held
             "peak_kv_tokens": a.peak,
             "peak_kv_bytes": a.peak * 2 * c.D * c.k_pool.element_size(),
             "kv_reads_per_generated_token": a.reads / max(len(a.out) - 1, 1),

@@ -77,7 +77,8 @@ def _prefill_logits(model: DMSCausalLM, ids: list[int], stops: list[int], chunk:
     for a, b in itertools.pairwise(bounds):
         out.append(cache.prefill(row, ids_t[a:b]))
         if b in stops:
-            crs[b] = float((b / cache.held()[:, row].float()).mean())
+            held = cache.held()[:, row].float()
+            crs[b] = (float((b / held).mean()), b * held.numel() / float(held.sum()))
     return torch.cat(out), crs
 
 
@@ -89,7 +90,10 @@ def perplexity_and_kl(
     chunk: int = 1024,
     teacher: DMSCausalLM | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{f"perplexity_{n}": {policy label: {perplexity, kl_to_teacher, effective_cr}}}``."""
+    """``{f"perplexity_{n}": {policy label: {perplexity, kl_to_teacher, effective_cr, kv_cr}}}``:
+    ``effective_cr`` = tokens seen / held averaged over (layer, KV head) streams; ``kv_cr`` = all tokens
+    seen / all tokens held, the factor by which the KV memory shrank (lower when a few streams keep
+    many tokens)."""
     if max(prefixes) > len(ids):
         raise ValueError(f"prefix {max(prefixes)} is longer than the text ({len(ids)} tokens)")
     ids = ids[: max(prefixes)]
@@ -110,7 +114,7 @@ def perplexity_and_kl(
         if p.name == "teacher":
             z = torch.zeros(len(ids) - 1, device=dev)
             nll = -t_logp.gather(-1, target[:, None])[:, 0]
-            per_pos[p.label] = (nll, z, {n: 1.0 for n in prefixes})
+            per_pos[p.label] = (nll, z, {n: (1.0, 1.0) for n in prefixes})
         elif p.name == "dms":
             logits, crs = _prefill_logits(model, ids, prefixes, chunk)
             nll, kl = score(logits[:-1], slice(None))
@@ -122,7 +126,7 @@ def perplexity_and_kl(
             torch.zeros(len(rows), len(ids) - 1, device=dev),
             torch.zeros(len(rows), len(ids) - 1, device=dev),
         )
-        crs: dict[int, torch.Tensor] = {}
+        crs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for t, tok in enumerate(ids):
             logits = cache.decode(torch.full((len(rows),), tok, device=dev))
             if t + 1 < len(ids):
@@ -130,16 +134,20 @@ def perplexity_and_kl(
                 nll[:, t] = -logp[:, ids[t + 1]]
                 kl[:, t] = (t_logp[t].exp() * (t_logp[t] - logp)).sum(-1)
             if t + 1 in prefixes:
-                crs[t + 1] = cache.effective_cr()
+                crs[t + 1] = (
+                    cache.effective_cr(),
+                    (t + 1) * cache.L * cache.H / cache.held().sum((0, 2)).float(),
+                )
         for r, p in enumerate(rows):
-            per_pos[p.label] = (nll[r], kl[r], {n: float(c[r]) for n, c in crs.items()})
+            per_pos[p.label] = (nll[r], kl[r], {n: (float(c[r]), float(k[r])) for n, (c, k) in crs.items()})
     out: dict[str, dict[str, dict[str, float]]] = {}
     for n in sorted(prefixes):
         out[f"perplexity_{n}"] = {
             p.label: {
                 "perplexity": float(per_pos[p.label][0][: n - 1].mean().exp()),
                 "kl_to_teacher": float(per_pos[p.label][1][: n - 1].mean()),
-                "effective_cr": per_pos[p.label][2][n],
+                "effective_cr": per_pos[p.label][2][n][0],
+                "kv_cr": per_pos[p.label][2][n][1],
             }
             for p in policies
         }

@@ -25,6 +25,7 @@ from dms_megatron.core.attention import dms_attention_reference
 from dms_megatron.families import ModelArch, arch_from_hf_config
 from dms_megatron.inference.paged_cache import BlockPool, HeadStream
 
+DMS_FIELDS = ("variant", "decisions_per", "window", "logit_scale", "logit_offset")
 ADAPTER_EPS = 1e-6  # DMSConfig.adapter_eps default (not part of the exported dms block)
 
 
@@ -54,8 +55,16 @@ class DMSCausalLM:
         self.arch, self.w, self.dms = arch, weights, dms
         self.hq, self.hkv, self.d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        if dms is not None and dms.get("variant") not in ("neuron", "adapter"):
-            raise ValueError(f"config.json dms.variant must be neuron or adapter, got {dms.get('variant')!r}")
+        if dms is not None:
+            missing = [k for k in DMS_FIELDS if k not in dms]
+            if missing:
+                raise ValueError(
+                    f"config.json dms block lacks {missing} (re-export with launch/convert.py export)"
+                )
+            if dms["variant"] not in ("neuron", "adapter"):
+                raise ValueError(f"config.json dms.variant must be neuron or adapter, got {dms['variant']!r}")
+            if dms["decisions_per"] not in ("head", "layer") or int(dms["window"]) < 0:
+                raise ValueError(f"config.json dms: bad decisions_per / window in {dms}")
 
     @classmethod
     def from_pretrained(

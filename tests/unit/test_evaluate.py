@@ -44,6 +44,9 @@ def test_perplexity_kl_and_prefixes(tiny) -> None:  # noqa: F811
         assert table["tova@2"]["kl_to_teacher"] == pytest.approx(kl, rel=1e-3)
         assert table["tova@2"]["effective_cr"] == pytest.approx(session.effective_cr(), rel=1e-5)
     assert res["perplexity_48"]["dms"]["effective_cr"] > 1.0
+    dms = res["perplexity_48"]["dms"]
+    assert 1.0 < dms["kv_cr"] <= dms["effective_cr"]  # mean of ratios >= ratio of sums
+    assert res["perplexity_48"]["tova@2"]["kv_cr"] == pytest.approx(2.0, rel=0.1)
 
 
 def test_a_separate_teacher_is_used_for_kl_and_baselines(tiny) -> None:  # noqa: F811

@@ -107,3 +107,15 @@ def test_chunked_prefill_and_multi_turn_equal_the_oracle(tiny, chunk) -> None:
     decoded = torch.stack([session.step(t) for t in ids[30:40].tolist()])  # decode
     second = session.prefill(ids[40:].tolist(), chunk_size=chunk)  # turn 2 continues the compressed cache
     torch.testing.assert_close(torch.cat([first, decoded, second]), dense, atol=1e-4, rtol=1e-4)
+
+
+def test_a_dms_block_missing_fields_is_a_clear_error(tiny) -> None:
+    model = DMSCausalLM.from_pretrained(tiny[1])
+    with pytest.raises(ValueError, match=r"lacks \['window', 'logit_scale'"):
+        DMSCausalLM(model.arch, model.w, {"variant": "neuron", "decisions_per": "head", "logit_offset": 0.0})
+    with pytest.raises(ValueError, match="neuron or adapter"):
+        DMSCausalLM(
+            model.arch,
+            model.w,
+            {"variant": "x", "decisions_per": "head", "window": 4, "logit_scale": 1, "logit_offset": 0},
+        )

@@ -31,6 +31,7 @@ test-gpu: setup   ## on a CUDA machine
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck --external-sources slurm/*.sh
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -15,23 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dms_megatron.config import RetrofitConfig
 from dms_megatron.families import load_model_preset
-from dms_megatron.training.data import write_token_documents
 from dms_megatron.training.run import preflight
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    prefix = tmp_path_factory.mktemp("data") / "rand"
-    gen = torch.Generator().manual_seed(0)
-    docs = [torch.randint(3, 96, (int(n),), generator=gen).tolist() for n in torch.randint(4, 40, (200,))]
-    write_token_documents(prefix, docs, 96, 2, "random-test-tokens")
-    return str(prefix)
 
 
 def _cfg(tmp_path: Path, prefix: str, **over) -> RetrofitConfig:
@@ -166,6 +155,10 @@ def test_cli_run_directory_and_wandb(tmp_path, data) -> None:
     assert "window: 4" in (run / "config.yaml").read_text()
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert (run / "checkpoints" / "iter_0000002" / "train_state.json").is_file()
+    # started again on the finished run (a requeued or resubmitted job): resumes at the end, runs no step
+    again = _launch(tmp_path, *COMMON, f"data.prefixes=[{data}]", f"run_dir={run}", "logging.console=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "retrofit finished at step 2: no step to run" in again.stdout
 
 
 def test_cli_multirun_sweep(tmp_path, data) -> None:

@@ -24,6 +24,7 @@ ALLOWED = {
     "inference": {"core", "kernels", "config", "families", "convert"},  # serves exported checkpoints
     "runtime": set(),
     "hf": set(),  # modeling_dms.py is copied into checkpoints: torch + transformers only
+    "plan": {"families", "config"},  # the memory/throughput planner: arithmetic only
 }
 
 

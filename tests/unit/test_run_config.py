@@ -60,12 +60,15 @@ def test_unknown_override_key_is_rejected_by_hydra():
         _compose("train.stepz=3")
 
 
-@pytest.mark.parametrize("name", ["smollm2_cr8", "r1_qwen_32b_cr8", "smollm2_cpu_demo"])
+@pytest.mark.parametrize("name", ["smollm2_cr8", "r1_qwen_32b_cr8", "qwen3_8b_cr8", "smollm2_cpu_demo"])
 def test_experiment_presets_compose(name):
     cfg = _compose(f"experiment={name}", "dms.target_cr=4")
     assert cfg.dms.target_cr == 4  # command-line overrides win over the preset
     if name == "r1_qwen_32b_cr8":
         assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.global_batch_size) == (8, 2, 256)
         assert (cfg.data.seq_length, cfg.train.steps, cfg.model.name) == (8192, 1000, "r1_distill_qwen_32b")
+    elif name == "qwen3_8b_cr8":  # one node of 8 GPUs (slurm/retrofit_8b.sh)
+        assert (cfg.parallel.tp, cfg.parallel.pp, cfg.model.name) == (8, 1, "qwen3_8b")
+        assert (cfg.data.seq_length, cfg.train.steps) == (8192, 1000)
     else:
         assert cfg.model.name == "smollm2_135m" and cfg.model.checkpoint

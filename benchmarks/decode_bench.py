@@ -137,9 +137,7 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     # + CUDA-graph capture), each step as the engine runs it (reserve, decode, tokens to the host)
     rows = [cache.add_row() for _ in prompts]
     for row, p in zip(rows, prompts, strict=True):
-        ids = torch.tensor(p, device=model.device)
-        for s in range(0, len(p), 1024):
-            cache.prefill(row, ids[s : s + 1024])
+        cache.prefill_chunked(row, torch.tensor(p, device=model.device))
     out["allocated_kv_bytes"] = (
         (cache.allocated_blocks() * block_size + cache.rows * L * H * cache.W) * 2 * D * elem
     )

@@ -154,8 +154,7 @@ def _conversation(args, model, tok, console, request, stop) -> None:
             console.print(f"[red]error:[/red] {exc}")
             continue
         ids = torch.tensor(req.prompt, device=model.device)
-        for s in range(0, len(req.prompt), 1024):
-            logits = cache.prefill(row, ids[s : s + 1024])[-1]
+        logits = cache.prefill_chunked(row, ids)
         out: list[int] = []
 
         def view(out: list[int] = out) -> Text:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dms_megatron.inference.compressed_cache import CompressedKV
-from dms_megatron.inference.engine import Request, Result, sample, validate
+from dms_megatron.inference.engine import Request, Result, request_metrics, sample, validate
 from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.inference.paged_cache import CacheFullError
 
@@ -134,14 +134,13 @@ class BatchEngine:
             row = self.cache.add_row()
             t0 = time.perf_counter()
             ids = torch.tensor(req.prompt, device=self.model.device)
-            for s in range(0, len(req.prompt), self.prefill_chunk):
-                logits = self.cache.prefill(row, ids[s : s + self.prefill_chunk])
+            logits = self.cache.prefill_chunked(row, ids, self.prefill_chunk)
             held = int(self.cache.held()[:, row].sum())
             self._sync()
             a.t_prefill = time.perf_counter() - t0
             a.peak = held
             streams = self.cache.L * self.cache.H
-            self._emit(a, sample(logits[-1].cpu(), req, a.gen), len(req.prompt) * streams / max(held, 1))
+            self._emit(a, sample(logits.cpu(), req, a.gen), len(req.prompt) * streams / max(held, 1))
             return a
         except Exception as exc:  # this request fails alone; its row and blocks go away
             if row is not None:
@@ -173,24 +172,9 @@ class BatchEngine:
     ) -> None:
         a = active.pop(j)
         c = self.cache
-        held = c.held()[:, j].float()  # [layer, head]
-        seen = float(c.seen[j])
-        metrics = {
-            "prompt_tokens": len(a.request.prompt),
-            "generated_tokens": len(a.out),
-            "tokens_seen": seen,
-            "tokens_held": held.tolist(),
-            "effective_cr": float((seen / held.clamp(min=1)).mean()),
-            "kv_cr": seen * held.numel() / max(float(held.sum()), 1.0),  # memory: all seen / all held
-            "peak_kv_tokens": a.peak,
-            "peak_kv_bytes": a.peak * 2 * c.D * c.k_pool.element_size(),
-            "kv_reads_per_generated_token": a.reads / max(len(a.out) - 1, 1),
-            "prefill_tokens_per_s": len(a.request.prompt) / max(a.t_prefill, 1e-9),
-            "decode_tokens_per_s": (len(a.out) - 1) / max(a.t_decode, 1e-9),
-        }
+        metrics = request_metrics(
+            a.request, a.out, float(c.seen[j]), c.held()[:, j], a.peak, 2 * c.D * c.k_pool.element_size(),
+            a.reads, len(a.out) - 1, a.t_prefill, a.t_decode,
+        )  # fmt: skip
         c.remove_rows([j])
         results[a.index] = Result(a.out, reason, error, metrics)
-
-    def effective_cr(self, row: int) -> float:
-        held = self.cache.held()[:, row].float()
-        return float((float(self.cache.seen[row]) / held.clamp(min=1)).mean())

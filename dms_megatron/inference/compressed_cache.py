@@ -262,6 +262,14 @@ class CompressedKV:
         self.seen[row] += n
         return m.head(h)
 
+    def prefill_chunked(self, row: int, tokens: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """``prefill`` in chunks of ``chunk`` tokens; the last token's logits ``[V]`` (no ``[n, V]`` kept)."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        for s in range(0, tokens.shape[0], chunk):
+            logits = self.prefill(row, tokens[s : s + chunk])[-1]
+        return logits
+
     def _gather_pages(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.paged[layer, row].long()  # [H]
         width = int(n.max())

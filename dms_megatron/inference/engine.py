@@ -2,8 +2,9 @@
 compressed streams; a failing request (bad input, pool exhausted) returns its blocks and an error
 without touching the others. Greedy or sampled (temperature, top-p, per-request seed), stop tokens.
 
-Metrics per request: tokens seen and held per [layer, KV head], effective CR (seen / held, averaged),
-peak KV tokens and bytes, KV-cache token reads per generated token, prefill and decode tokens/s.
+Metrics per request (``request_metrics``, shared with the batched engine): tokens seen and held per
+[layer, KV head], effective CR (seen / held, averaged), kv_cr (all seen / all held), peak KV tokens and
+bytes, KV-cache token reads per generated token, prefill and decode tokens/s.
 """
 
 from __future__ import annotations
@@ -54,6 +55,42 @@ def validate(request: Request, model: DMSCausalLM) -> None:
         raise ValueError(f"temperature must be >= 0, got {request.temperature}")
     if not 0 < request.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
+
+
+def compression(seen: float, held: torch.Tensor) -> tuple[float, float]:
+    """``(effective CR, kv_cr)`` of one sequence from ``held`` tokens per stream: the mean over streams of
+    seen / held, and all seen / all held (the factor the KV memory shrank)."""
+    held = held.float()
+    return float((seen / held.clamp(min=1)).mean()), seen * held.numel() / max(float(held.sum()), 1.0)
+
+
+def request_metrics(
+    request: Request,
+    out: list[int],
+    seen: float,
+    held: torch.Tensor,
+    peak: int,
+    bytes_per_kv_token: int,
+    reads: float,
+    decoded: int,
+    t_prefill: float,
+    t_decode: float,
+) -> dict[str, Any]:
+    """The per-request metrics both engines report (module docstring); ``held [layer, KV head]``."""
+    effective, kv = compression(seen, held)
+    return {
+        "prompt_tokens": len(request.prompt),
+        "generated_tokens": len(out),
+        "tokens_seen": seen,
+        "tokens_held": held.float().tolist(),
+        "effective_cr": effective,
+        "kv_cr": kv,
+        "peak_kv_tokens": peak,
+        "peak_kv_bytes": peak * bytes_per_kv_token,
+        "kv_reads_per_generated_token": reads / max(len(out) - 1, 1),
+        "prefill_tokens_per_s": len(request.prompt) / max(t_prefill, 1e-9),
+        "decode_tokens_per_s": decoded / max(t_decode, 1e-9),
+    }
 
 
 def sample(logits: torch.Tensor, request: Request, gen: torch.Generator) -> int:
@@ -118,21 +155,11 @@ class Engine:
                     logits = session.step(token)
                     peak = max(peak, int(session.held().sum()))
             t_decode = time.perf_counter() - t0
-            held = session.held().float()
-            seen = float(session.position)
-            m = self.model
-            metrics = {
-                "prompt_tokens": len(request.prompt),
-                "generated_tokens": len(out),
-                "tokens_seen": seen,
-                "tokens_held": held.tolist(),
-                "effective_cr": session.effective_cr(),
-                "peak_kv_tokens": peak,
-                "peak_kv_bytes": peak * 2 * m.d * 2,  # K and V per (layer, KV head) token, bf16 serving
-                "kv_reads_per_generated_token": (session.reads - reads0) / max(len(out) - 1, 1),
-                "prefill_tokens_per_s": len(request.prompt) / max(t_prefill, 1e-9),
-                "decode_tokens_per_s": len(out) / max(t_decode, 1e-9),
-            }
+            metrics = request_metrics(
+                request, out, float(session.position), session.held(), peak,
+                2 * self.model.d * 2,  # K and V per (layer, KV head) token, bf16 serving
+                session.reads - reads0, len(out), t_prefill, t_decode,
+            )  # fmt: skip
             return Result(out, reason, None, metrics)
         except Exception as exc:  # this request fails alone; its blocks go back to the pool
             return Result(out, "error", f"{type(exc).__name__}: {exc}")

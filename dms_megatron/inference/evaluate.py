@@ -29,7 +29,7 @@ import torch
 from dms_megatron.inference.baseline_cache import KINDS, BaselineKV
 from dms_megatron.inference.batch_engine import BatchEngine
 from dms_megatron.inference.compressed_cache import CompressedKV
-from dms_megatron.inference.engine import Request
+from dms_megatron.inference.engine import Request, compression
 from dms_megatron.inference.model import DMSCausalLM
 
 # the pass-key haystack of Mohtashami & Jaggi (2023): retrieval without the noise of real text (on
@@ -77,8 +77,7 @@ def _prefill_logits(model: DMSCausalLM, ids: list[int], stops: list[int], chunk:
     for a, b in itertools.pairwise(bounds):
         out.append(cache.prefill(row, ids_t[a:b]))
         if b in stops:
-            held = cache.held()[:, row].float()
-            crs[b] = (float((b / held).mean()), b * held.numel() / float(held.sum()))
+            crs[b] = compression(b, cache.held()[:, row])
     return torch.cat(out), crs
 
 

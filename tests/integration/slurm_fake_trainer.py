@@ -4,7 +4,8 @@ requeue, failures): no torch, done in a moment. Called as ``slurm_fake_trainer.p
 
 - ``--print-config``: prints ``run_dir: ...`` (``--print-config=run_dir``: the run directory).
 - a training task (``RANK`` set): records its rank variables and the signals it got in
-  ``run_dir/task<RANK>.<SLURM_RESTART_COUNT>.json``. ``FAKE_MODE=fail``: exits 3. Otherwise the first
+  ``run_dir/task<RANK>.<SLURM_RESTART_COUNT>.json``. ``FAKE_MODE=fail``: rank 0 exits 3, the others hang
+  (so only ``srun --kill-on-bad-exit`` ends the step). Otherwise the first
   attempt touches ``run_dir/ready<RANK>`` and waits up to ``FAKE_WAIT`` seconds for SIGUSR1; rank 0 then
   writes ``summary.json`` as the trainer does (preempted if SIGUSR1 came, else finished); later attempts
   finish at once."""
@@ -34,8 +35,11 @@ def main(args: list[str]) -> int:
     rank = int(os.environ["RANK"])
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("FAKE_MODE") == "fail":
-        return 3
+    if os.environ.get("FAKE_MODE") == "fail":  # rank 0 fails; the others hang until srun kills them
+        if rank == 0:
+            return 3
+        time.sleep(60)
+        return 0
     preempted = False
     if restart == 0:
         (run_dir / f"ready{rank}").touch()

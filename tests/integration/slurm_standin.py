@@ -14,7 +14,8 @@ wrappers named after the tools first on PATH; each runs ``python slurm_standin.p
 - ``srun [options] command``: inside a job, starts the step's tasks here, in block distribution, with
   ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NODEID`` / ``SLURM_NTASKS`` / ``SLURM_STEP_ID``; passes
   SIGUSR1, SIGUSR2 and SIGCONT on to its tasks and answers SIGTERM / SIGINT / SIGHUP / SIGQUIT by killing them
-  (SIGKILL), as the real srun does; ``--kill-on-bad-exit``; refuses pyxis' ``--container-*`` options.
+  (SIGKILL), as the real srun does; ``--kill-on-bad-exit`` (the step then exits with the failing task's
+  status); refuses pyxis' ``--container-*`` options.
 - ``scontrol show hostnames [LIST]`` and ``scontrol requeue JOBID``.
 
 Every job's state lives in ``$SLURM_STANDIN_STATE/job<ID>/``; ``SLURM_STANDIN_CPUS_PER_NODE`` sets the CPUs
@@ -434,6 +435,7 @@ def srun(args: list[str]) -> int:
 
     kill_on_bad_exit = str(opts.get("kill-on-bad-exit", "0")) in ("1", "True")
     reported: set[int] = set()
+    first_bad: int | None = None  # the exit status that made --kill-on-bad-exit end the step
     while any(p.poll() is None for p in procs):
         for rank, p in enumerate(procs):
             code = p.poll()
@@ -441,10 +443,13 @@ def srun(args: list[str]) -> int:
                 reported.add(rank)
                 print(f"srun: error: task {rank}: Exited with exit code {code}", file=sys.stderr, flush=True)
                 if kill_on_bad_exit and not killed:
+                    first_bad = code if code > 0 else 128 - code
                     terminate(signal.SIGTERM, None)
         time.sleep(0.05)
     codes = [128 - c if c < 0 else c for c in (p.returncode for p in procs)]
-    return max(codes)
+    # A step ended by --kill-on-bad-exit reports the failing task's status, not the SIGKILL it sent the
+    # others (otherwise the result would depend on which task happened to exit first).
+    return first_bad if first_bad is not None else max(codes)
 
 
 def scontrol(args: list[str]) -> int:

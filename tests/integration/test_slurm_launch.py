@@ -273,6 +273,7 @@ def test_script_control_flow(slurm_env, tmp_path, case) -> None:
     if case == "failure":
         assert sbatch.returncode == 3 and job["restarts"] == 0, text
         assert "srun exited with status 3" in text and "not requeueing" in text
+        assert "task 0: Exited with exit code 3" in text and "forcing job termination" in text
         return
     first = [tasks[f"task{r}.0"] for r in (0, 1)]
     assert [t["env"] for t in first] == [

@@ -10,7 +10,7 @@ Positional ``key=value`` arguments are Hydra overrides of ``configs/retrofit.yam
 validated exactly as ``launch/retrofit.py`` does (``RetrofitConfig``). The flags set what the training
 config does not hold: the world size (``--nodes`` x ``--gpus-per-node``, or ``--dp``; default DP 1),
 activation recompute, the norm implementation and the planner's assumptions
-(``dms_megatron.plan.Assumptions``). The math is in ``dms_megatron/plan.py``; docs/cluster.md walks
+(``dms_megatron.plan.Assumptions``). The math is in ``dms_megatron/plan/``; docs/cluster.md walks
 through it.
 
 Exit status: 0 the plan fits (a warning on stderr when it is tight), 2 it does not fit (the report names
@@ -69,8 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--norm",
         choices=NORMS,
-        default="auto",
-        help="torch (local spec), fused (Apex/TE), auto (fused iff SP)",
+        default="torch",
+        help="torch (the trainer's LocalNorm, fp32 weights), fused (bf16 norm weights or TE: not a "
+        "trainer option yet)",
     )
     parser.add_argument(
         "--hf-config", type=Path, help="a Hugging Face config.json instead of model.hf_config"

@@ -9,11 +9,14 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.families import ModelArch
+from dms_megatron.megatron.norm import LocalNorm
 from dms_megatron.megatron.spec import apply_dms
 from dms_megatron.megatron.state import DMSRunState
 
@@ -69,16 +72,27 @@ def transformer_config(arch: ModelArch, tp: int, pp: int, **overrides: Any) -> T
 def layer_spec(
     arch: ModelArch, dms_config: DMSConfig | None = None, state: DMSRunState | None = None
 ) -> ModuleSpec:
-    """Local (non-TE) GPT layer spec for the family, with DMS applied when a config is given."""
+    """Local (non-TE) GPT layer spec for the family with ``LocalNorm`` in every norm slot (so sequence
+    parallelism works without Transformer Engine), DMS applied when a config is given."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    spec.submodules.input_layernorm = LocalNorm
+    spec.submodules.pre_mlp_layernorm = LocalNorm
+    attn = spec.submodules.self_attention.submodules
+    for slot in ("q_layernorm", "k_layernorm"):
+        if getattr(attn, slot) is not IdentityOp:
+            setattr(attn, slot, LocalNorm)
     return spec if dms_config is None else apply_dms(spec, dms_config, state)
 
 
 def build_gpt_stage(arch: ModelArch, config: TransformerConfig, spec: ModuleSpec) -> GPTModel:
-    """This rank's pipeline stage of the model (parallel state must be initialised)."""
+    """This rank's pipeline stage of the model (parallel state must be initialised); the final norm is a
+    ``LocalNorm`` too."""
+    block = TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=LocalNorm
+    )
     return GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=block,
         vocab_size=padded_vocab_size(arch, config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -113,9 +113,11 @@ def train_loop(
         )
     last = None
     step = start_step
-    preempted = False
+    preempted = step < cfg.train.steps and guard.should_stop()  # signalled during setup
+    if preempted:
+        log.warning("preempted before the first step (at step %d): stopping, nothing new to save", step)
     try:
-        while step < cfg.train.steps:
+        while step < cfg.train.steps and not preempted:
             result = trainer.train_step(step)
             last = result
             step += 1

@@ -168,16 +168,33 @@ def run_retrofit(
     on_step: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train; returns the run summary (same on every rank). ``on_step`` is called after each step."""
+    from dms_megatron.training.checkpoint import PreemptionGuard
+
+    t_start = time.perf_counter()
+    pre = preflight(cfg)
+    # The guard is entered before the slow part (process groups, dataset index, model build, checkpoint
+    # load): Slurm's warning signal may come at any time, and without a handler it would kill the task.
+    # A signal before the first step stops the run there (nothing new to save).
+    with PreemptionGuard() as guard:
+        return _run_guarded(cfg, pre, guard, t_start, config_dict, argv, on_step)
+
+
+def _run_guarded(
+    cfg: RetrofitConfig,
+    pre: Preflight,
+    guard: Any,
+    t_start: float,
+    config_dict: dict[str, Any] | None,
+    argv: list[str] | None,
+    on_step: Callable[[Any], None] | None,
+) -> dict[str, Any]:
     from megatron.core import parallel_state
 
     from dms_megatron.training.batches import build_gpt_dataset
-    from dms_megatron.training.checkpoint import PreemptionGuard
     from dms_megatron.training.loop import train_loop
     from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
     from dms_megatron.training.trainer import RetrofitTrainer
 
-    t_start = time.perf_counter()
-    pre = preflight(cfg)
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     run_dir = Path(cfg.run_dir)
     if dist.get_rank() == 0:
@@ -208,17 +225,16 @@ def run_retrofit(
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
-    with PreemptionGuard() as guard:
-        summary = train_loop(
-            trainer,
-            cfg,
-            start_step,
-            guard,
-            logging_rank,
-            lambda cr: _checkpoint_meta(cfg, pre, cr),
-            config_dict or {},
-            on_step,
-        )
+    summary = train_loop(
+        trainer,
+        cfg,
+        start_step,
+        guard,
+        logging_rank,
+        lambda cr: _checkpoint_meta(cfg, pre, cr),
+        config_dict or {},
+        on_step,
+    )
     summary["wall_s"] = time.perf_counter() - t_start
     summary["resumed_from_step"] = start_step
     if logging_rank:

@@ -167,3 +167,26 @@ def interrupted_export_job(rank: int, world: int, ckpt: str, out: str) -> None:
 
     checkpoint.hf_io.write_shard = dying_write
     checkpoint.export_hf(ckpt, out, 1, world, force=False, progress=False)
+
+
+def norm_layout_job(rank: int, world: int) -> dict[str, Any]:
+    """Build a debug Qwen3 stage (q/k norms) at TP=world with and without SP; every norm's class,
+    weight dtype and ``sequence_parallel`` tag."""
+    from dms_megatron.convert.checkpoint import _init_parallel
+    from dms_megatron.families import load_model_preset
+    from dms_megatron.megatron.families import build_gpt_stage, layer_spec, transformer_config
+    from dms_megatron.megatron.patches import cpu_megatron
+
+    arch, _ = load_model_preset("debug_qwen3")
+    _init_parallel(world, 1)
+    out: dict[str, Any] = {}
+    for key, sp in (("sp", True), ("plain", False)):
+        config = transformer_config(arch, world, 1, sequence_parallel=sp)
+        with cpu_megatron():
+            model = build_gpt_stage(arch, config, layer_spec(arch))
+        out[key] = {
+            name: (type(m).__name__, str(m.weight.dtype), bool(getattr(m.weight, "sequence_parallel", False)))
+            for name, m in model.named_modules()
+            if "layernorm" in name and hasattr(m, "weight")  # not the IdentityOp slots
+        }
+    return out

@@ -213,3 +213,26 @@ def test_interrupted_export_leaves_no_complete_looking_output(tiny, tmp_path):
     staging = tmp_path / ".export.partial"
     assert staging.is_dir() and not (staging / "model.safetensors.index.json").exists()
     assert not (staging / "config.json").exists()
+
+
+def test_every_norm_is_a_local_norm_with_sp_tags() -> None:
+    """families.layer_spec / build_gpt_stage put LocalNorm in every norm slot (final norm and Qwen3's
+    q/k norms included): torch modules with fp32 weights, tagged for the TP all-reduce under SP."""
+    results = run_distributed(convert_jobs.norm_layout_job, 2)
+    for got in results:
+        assert got["sp"] and got["plain"], got
+        for sp, names in (True, got["sp"]), (False, got["plain"]):
+            assert all(kind == "RMSNorm" and dtype == "torch.float32" for kind, dtype, _ in names.values())
+            assert all(tagged == sp for _, _, tagged in names.values()), names
+        assert any("final_layernorm" in n for n in got["sp"]) and any("q_layernorm" in n for n in got["sp"])
+
+
+def test_layer_spec_slots_hold_local_norm() -> None:
+    from dms_megatron.families import load_model_preset
+    from dms_megatron.megatron.families import layer_spec
+    from dms_megatron.megatron.norm import LocalNorm
+
+    spec = layer_spec(load_model_preset("debug_qwen3")[0])
+    attn = spec.submodules.self_attention.submodules
+    slots = (spec.submodules.input_layernorm, spec.submodules.pre_mlp_layernorm)
+    assert all(s is LocalNorm for s in (*slots, attn.q_layernorm, attn.k_layernorm))

@@ -1,9 +1,10 @@
 """The retrofit trainer end to end on CPU (gloo): a tiny Llama imported from HF, trained by
 ``run_retrofit`` with megatron's schedules, DDP and distributed optimizer.
 
-Contracts: TP=2 and PP=2 reproduce the TP=1 loss curve; a run preempted (SIGUSR1) and resumed gives
-exactly the losses of an uninterrupted run; a checkpoint saved at TP=1 resumes at TP=2; the achieved
-CR follows the target; the run directory holds config, run info, metrics, plot and summary.
+Contracts: TP=2 (with and without sequence parallelism) and PP=2 reproduce the TP=1 loss curve; a run
+preempted (SIGUSR1) and resumed gives exactly the losses of an uninterrupted run, also when the signal
+comes during setup; a checkpoint saved at TP=1 resumes at TP=2; the achieved CR follows the target; the
+run directory holds config, run info, metrics, plot and summary.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def test_run_directory(reference, assets) -> None:
     assert reference["metrics"][-1]["cr/achieved"] > reference["metrics"][0]["cr/achieved"]
 
 
-@pytest.mark.parametrize(("name", "world", "parallel"), [("tp2", 2, {"tp": 2}), ("pp2", 2, {"pp": 2})])
+@pytest.mark.parametrize(
+    ("name", "world", "parallel"),
+    [("tp2", 2, {"tp": 2}), ("tp2sp", 2, {"tp": 2, "sequence_parallel": True}), ("pp2", 2, {"pp": 2})],
+)
 def test_layouts_match_tp1(reference, assets, name, world, parallel) -> None:
     got = _run(assets, name, world, parallel=parallel)
     for ref, new in zip(_curve(reference["metrics"]), _curve(got["metrics"]), strict=True):
@@ -79,6 +83,23 @@ def test_resume_equals_uninterrupted(reference, assets) -> None:
     second = _run(assets, "resumed", 1)
     assert second["summary"]["resumed_from_step"] == 2 and second["summary"]["finished"]
     assert _curve(second["metrics"]) == _curve(reference["metrics"])  # bit-identical
+
+
+def test_signal_during_setup_stops_before_training(reference, assets) -> None:
+    """Slurm's warning may come while the models are built or a checkpoint loads: the run must not die
+    (the guard is already in place), must stop before the first step, and the next attempt must train
+    everything."""
+    run_dir = str(Path(assets["root"]) / "early")
+    cfg = trainer_jobs.tiny_config(run_dir, assets["ckpt"], assets["data"], assets["hf_config"])
+    first = run_distributed(trainer_jobs.retrofit_job, 2, cfg, 0, timeout=600)
+    for result in first:
+        summary = result["summary"]
+        assert summary["preempted"] and not summary["finished"] and summary["step"] == 0, summary
+        assert summary["checkpoint"] is None
+    assert not (Path(run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    second = _run(assets, "early", 1)
+    assert second["summary"]["finished"] and second["summary"]["resumed_from_step"] == 0
+    assert _curve(second["metrics"]) == _curve(reference["metrics"])
 
 
 def test_resume_at_another_tp(reference, assets) -> None:

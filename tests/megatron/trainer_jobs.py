@@ -57,9 +57,20 @@ def tiny_config(
 
 
 def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int | None = None) -> dict:
-    """Run a retrofit; ``preempt_after``: rank 0 sends itself SIGUSR1 after that many steps."""
+    """Run a retrofit; ``preempt_after``: rank 0 sends itself SIGUSR1 after that many steps (0: while the
+    models are being built, before the first step)."""
+    from dms_megatron.training import setup
     from dms_megatron.training.metrics import read_metrics
     from dms_megatron.training.run import run_retrofit
+
+    if preempt_after == 0 and rank == 0:
+        build_models = setup.build_models
+
+        def signalled_build(*args: Any, **kwargs: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return build_models(*args, **kwargs)
+
+        setup.build_models = signalled_build
 
     def on_step(result: Any) -> None:
         if preempt_after is not None and rank == 0 and result.step + 1 == preempt_after:

@@ -1,4 +1,4 @@
-"""The memory/throughput planner (dms_megatron/plan.py) and its CLI (launch/plan.py)."""
+"""The memory/throughput planner (dms_megatron/plan/) and its CLI (launch/plan.py)."""
 
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def test_plan_that_does_not_fit_names_settings_that_do():
     assert not plan.fits and plan.status == "does not fit"
     changes = [s.change for s in plan.suggestions]
     assert "--recompute full" in changes
-    assert "parallel.sequence_parallel=true (needs Apex/TE norms)" in changes
+    assert "parallel.sequence_parallel=true" in changes
     assert any(c.startswith("--norm fused") for c in changes)  # bf16 norm weights
     assert all(s.reserved_gib <= 79.6 for s in plan.suggestions)
     json.dumps(plan.to_dict())
@@ -246,3 +246,33 @@ def test_tight_plans_warn(cli, capsys):
     args = ["model=qwen3_8b", "parallel.tp=4", "data.seq_length=8192", "parallel.global_batch_size=64"]
     assert cli.main([*args, "--dp", "2", "--norm", "fused", "--gpu-memory-gib", "68"]) == 0
     assert "warning" in capsys.readouterr().err
+
+
+def test_saved_tensor_probe_counts_each_storage_once():
+    """The probe behind benchmarks/activation_check.py: a storage saved twice or through a view counts
+    once, parameters are excluded, and core attention's inputs and own tensors get their regions."""
+    import torch
+
+    from dms_megatron.training.activation_probe import SavedTensorProbe
+
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def core(q, k, v, bias):
+        scores = q @ k.t() + bias  # saves q and k (core inputs); bias needs no grad
+        return torch.sigmoid(scores) @ v  # saves sigmoid's output (internal) and v
+
+    probe = SavedTensorProbe([w])
+    with probe:
+        h = x @ w  # saves x (layer) and w (a parameter: excluded)
+        y = h.sin()  # saves h
+        z = y.view(8, 4) * y.view(8, 4).detach()  # saves a view of y's storage, and y's detached view
+        qk = h * 2  # a scalar product saves nothing: first saved by the core
+        out = probe.wrap_core(core)(qk[:, :4], qk[:, 4:], y, torch.zeros(4, 4))
+    totals = probe.totals()
+    assert totals["layer"] == (x.numel() + h.numel() + y.numel()) * 4  # y's storage once
+    assert totals["core_input"] == qk.numel() * 4  # q and k: views of one storage; v (y) counted before
+    assert totals["core_internal"] == 4 * 4 * 4  # sigmoid output [4, 4] fp32
+    assert sum(r["count"] for r in probe.table()) == 5
+    (out.sum() + z.sum()).backward()
+    assert x.grad is not None

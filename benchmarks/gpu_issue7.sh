@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU check of the planner's per-layer memory (issue 7), one call on one H100 (carry .carry only; no
+# model or data needed: random weights, random tokens):
+#
+#   bash benchmarks/gpu_issue7.sh
+#
+# 1. R1-Distill-Qwen-32B, one rank's shapes of TP=8 (5 of 40 heads, 1 of 8 KV heads, FFN 3456), 8K
+#    tokens, no SP, flex attention, bf16: 4 vs 8 layers -> saved bytes per layer (all regions) and the
+#    growth of max_memory_allocated per layer, against the planner (docs/cluster.md: 1.098 GiB of
+#    activations per layer and micro-batch without SP).
+# 2. SmolLM2-135M at its own shapes (full vocabulary), 15 vs 30 layers.
+# Reports land in $OUT/*.json (one archive).
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+source benchmarks/gpu_common.sh  # setup
+pack() { (cd "$OUT" && find . -type f ! -name issue7.tar.gz | tar -czf issue7.tar.gz -T - \
+    && find . -mindepth 1 ! -name issue7.tar.gz -delete) || true; }
+trap pack EXIT
+setup
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+date -u +%FT%TZ >> "$OUT/gpu.txt"
+python3 benchmarks/activation_check.py --out "$OUT/r1_qwen_32b_tp8_rank.json" --work /tmp/ac32 \
+    --layers 4 8 --emulate-tp 8 experiment=r1_qwen_32b_cr8 2>&1 | tee "$OUT/r1_qwen_32b_tp8_rank.log" | tail -40
+python3 benchmarks/activation_check.py --out "$OUT/smollm2.json" --work /tmp/acsm \
+    --layers 15 30 --vocab 0 experiment=smollm2_cr8 2>&1 | tee "$OUT/smollm2.log" | tail -40

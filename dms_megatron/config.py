@@ -144,17 +144,27 @@ class ModelConfig:
         arch_from_hf_config(self.hf_config)  # unknown architecture etc. fail here
 
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
 @dataclass
 class ParallelConfig:
+    """Layout and activation recompute (``selective``: megatron's core-attention checkpoint; ``full``:
+    every layer recomputed in backward, keeping only its input; see docs/cluster.md)."""
+
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
     micro_batch_size: int = 1
     global_batch_size: int = 8
+    recompute: str = "none"  # activation recompute: none | selective (core attention) | full (every layer)
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "micro_batch_size", "global_batch_size"):
             _positive_int("parallel", key, getattr(self, key))
+        if self.recompute not in RECOMPUTE_CHOICES:
+            choices = ", ".join(RECOMPUTE_CHOICES)
+            raise ValueError(f"parallel.recompute={self.recompute!r} is invalid: choose one of {choices}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"parallel.global_batch_size={self.global_batch_size} is not a multiple of "

@@ -3,13 +3,13 @@
     python launch/plan.py experiment=r1_qwen_32b_cr8 --nodes 32 --gpus-per-node 8
     python launch/plan.py experiment=smollm2_cr8 --json
     python launch/plan.py model=qwen3_8b parallel.tp=4 parallel.pp=2 data.seq_length=16384 --dp 4 \\
-        --recompute full
+        parallel.recompute=full
     python launch/plan.py --hf-config /path/to/config.json parallel.tp=8 --dp 2
 
 Positional ``key=value`` arguments are Hydra overrides of ``configs/retrofit.yaml``, composed and
 validated exactly as ``launch/retrofit.py`` does (``RetrofitConfig``). The flags set what the training
 config does not hold: the world size (``--nodes`` x ``--gpus-per-node``, or ``--dp``; default DP 1),
-activation recompute, the norm implementation and the planner's assumptions
+the norm implementation and the planner's assumptions
 (``dms_megatron.plan.Assumptions``). The math is in ``dms_megatron/plan/``; docs/cluster.md walks
 through it.
 
@@ -32,7 +32,6 @@ if ROOT not in sys.path:
 
 from dms_megatron.plan import (  # noqa: E402
     NORMS,
-    RECOMPUTE,
     Assumptions,
     format_plan,
     make_plan,
@@ -65,7 +64,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     world.add_argument("--dp", type=int, help="data-parallel size (default 1, or from --nodes)")
     world.add_argument("--nodes", type=int, help="nodes; DP = nodes x gpus-per-node / (TP x PP)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8; caps TP)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none", help="activation recompute")
     parser.add_argument(
         "--norm",
         choices=NORMS,
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             dp = 1 if args.dp is None else args.dp
         asm = Assumptions(**{f.name: getattr(args, f.name) for f in fields(Assumptions)})
-        inp = plan_input_from_config(cfg, dp=dp, recompute=args.recompute, norm=args.norm)
+        inp = plan_input_from_config(cfg, dp=dp, norm=args.norm)
         plan = make_plan(inp, asm, max_tp=args.gpus_per_node)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Suggestion:
-    change: str  # e.g. "parallel.pp=4" or "--recompute full"
+    change: str  # e.g. "parallel.pp=4" or "parallel.recompute=full"
     reserved_gib: float
     step_s: float
 
@@ -88,11 +88,6 @@ def _notes(inp: PlanInput) -> list[str]:
             "per norm instead of 2h+4): bf16 norm weights would save that (--norm fused; not a trainer "
             "option yet)"
         )
-    if inp.recompute != "none":
-        notes.append(
-            f"recompute={inp.recompute} is not a trainer option yet (parallel.* has no recompute key); "
-            "the DMS layer supports it (tests/megatron/test_dms_megatron.py)"
-        )
     if inp.recompute == "selective":
         notes.append(
             "selective (core-attention) recompute saves little with FlexAttention: no s^2 scores are "
@@ -106,7 +101,7 @@ def _variants(inp: PlanInput, max_tp: int) -> Iterator[tuple[str, PlanInput]]:
     world = inp.world_size
     changes: list[tuple[str, dict[str, Any]]] = []
     if inp.recompute != "full":
-        changes.append(("--recompute full", {"recompute": "full"}))
+        changes.append(("parallel.recompute=full", {"recompute": "full"}))
     if inp.tp > 1 and not inp.sequence_parallel:
         changes.append(("parallel.sequence_parallel=true", {"sequence_parallel": True}))
     if inp.norm_impl == "torch" and inp.act_bytes < FP32:
@@ -171,7 +166,7 @@ def make_plan(inp: PlanInput, asm: Assumptions | None = None, max_tp: int = 8) -
 
 
 def plan_input_from_config(
-    cfg: RetrofitConfig, dp: int = 1, recompute: str = "none", norm: str = "torch"
+    cfg: RetrofitConfig, dp: int = 1, recompute: str | None = None, norm: str = "torch"
 ) -> PlanInput:
     """The layout of a validated ``RetrofitConfig`` (teacher: separate in full mode, self in adapter
     mode, as ``training/setup.py`` builds it)."""
@@ -187,7 +182,7 @@ def plan_input_from_config(
         global_batch_size=p.global_batch_size,
         seq_length=cfg.data.seq_length,
         sequence_parallel=p.sequence_parallel,
-        recompute=recompute,
+        recompute=cfg.parallel.recompute if recompute is None else recompute,
         variant=cfg.dms.variant,
         train_mode=cfg.train.mode,
         teacher="self" if cfg.train.mode == "adapter" else "separate",

@@ -86,7 +86,17 @@ class Models:
     arch: ModelArch
 
 
-def _build(arch: ModelArch, cfg: RetrofitConfig, dms: DMSConfig, dtype: torch.dtype) -> torch.nn.Module:
+RECOMPUTE_SETTINGS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+def _build(
+    arch: ModelArch, cfg: RetrofitConfig, dms: DMSConfig, dtype: torch.dtype, recompute: bool = False
+) -> torch.nn.Module:
+    """One stage; ``recompute``: apply ``parallel.recompute`` (the student; the teacher keeps nothing)."""
     from dms_megatron.megatron.families import build_gpt_stage, layer_spec, transformer_config
 
     config = transformer_config(
@@ -99,6 +109,7 @@ def _build(arch: ModelArch, cfg: RetrofitConfig, dms: DMSConfig, dtype: torch.dt
         fp16=dtype == torch.float16,
         sequence_parallel=cfg.parallel.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
+        **(RECOMPUTE_SETTINGS[cfg.parallel.recompute] if recompute else {}),
     )
     model = build_gpt_stage(arch, config, layer_spec(arch, dms))
     if torch.cuda.is_available():
@@ -126,7 +137,7 @@ def build_models(cfg: RetrofitConfig, arch: ModelArch, checkpoint_meta: dict | N
     from dms_megatron.megatron import attach_dms_pipeline
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
-    student = _build(arch, cfg, cfg.dms, dtype)
+    student = _build(arch, cfg, cfg.dms, dtype, recompute=True)
     attach_dms_pipeline(student)
     teacher = None if cfg.train.mode == "adapter" else _build(arch, cfg, teacher_dms_config(cfg.dms), dtype)
     if cfg.model.checkpoint is not None:

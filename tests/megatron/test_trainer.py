@@ -1,10 +1,10 @@
 """The retrofit trainer end to end on CPU (gloo): a tiny Llama imported from HF, trained by
 ``run_retrofit`` with megatron's schedules, DDP and distributed optimizer.
 
-Contracts: TP=2 (with and without sequence parallelism) and PP=2 reproduce the TP=1 loss curve; a run
-preempted (SIGUSR1) and resumed gives exactly the losses of an uninterrupted run, also when the signal
-comes during setup; a checkpoint saved at TP=1 resumes at TP=2; the achieved CR follows the target; the
-run directory holds config, run info, metrics, plot and summary.
+Contracts: TP=2 (with and without sequence parallelism), PP=2 and full recompute reproduce the TP=1
+loss curve; a run preempted (SIGUSR1) and resumed gives exactly the losses of an uninterrupted run, also
+when the signal comes during setup; a checkpoint saved at TP=1 resumes at TP=2; the achieved CR follows
+the target; the run directory holds config, run info, metrics, plot and summary.
 """
 
 from __future__ import annotations
@@ -69,12 +69,34 @@ def test_run_directory(reference, assets) -> None:
 
 @pytest.mark.parametrize(
     ("name", "world", "parallel"),
-    [("tp2", 2, {"tp": 2}), ("tp2sp", 2, {"tp": 2, "sequence_parallel": True}), ("pp2", 2, {"pp": 2})],
+    [
+        ("tp2", 2, {"tp": 2}),
+        ("tp2sp", 2, {"tp": 2, "sequence_parallel": True}),
+        ("pp2", 2, {"pp": 2}),
+        ("recompute_full", 1, {"recompute": "full"}),
+    ],
 )
 def test_layouts_match_tp1(reference, assets, name, world, parallel) -> None:
     got = _run(assets, name, world, parallel=parallel)
     for ref, new in zip(_curve(reference["metrics"]), _curve(got["metrics"]), strict=True):
         assert new == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_recompute_setting_reaches_the_student_only(assets) -> None:
+    """parallel.recompute maps to megatron's settings on the student; the teacher (no grad) keeps none."""
+    for mode, granularity in (("full", "full"), ("selective", "selective"), ("none", None)):
+        cfg = trainer_jobs.tiny_config(
+            str(Path(assets["root"]) / f"rc_{mode}"), assets["ckpt"], assets["data"], assets["hf_config"]
+        )
+        cfg["parallel"]["recompute"] = mode
+        cfg["train"]["mode"] = "full"
+        (got,) = run_distributed(trainer_jobs.recompute_settings_job, 1, cfg)
+        assert got["student"]["recompute_granularity"] == granularity, got
+        assert got["teacher"]["recompute_granularity"] is None
+    assert got["student"]["recompute_method"] is None
+    cfg["parallel"]["recompute"] = "full"
+    (got,) = run_distributed(trainer_jobs.recompute_settings_job, 1, cfg)
+    assert (got["student"]["recompute_method"], got["student"]["recompute_num_layers"]) == ("uniform", 1)
 
 
 def test_resume_equals_uninterrupted(reference, assets) -> None:

@@ -79,3 +79,19 @@ def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int 
     summary = run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"], on_step=on_step)
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
     return {"summary": summary, "metrics": read_metrics(path) if os.path.isfile(path) else None}
+
+
+def recompute_settings_job(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The megatron recompute settings the student and the teacher were built with."""
+    from dms_megatron.training.run import preflight
+    from dms_megatron.training.setup import build_models, init_distributed
+
+    config = RetrofitConfig.from_dict(cfg)
+    pre = preflight(config)
+    init_distributed(config.parallel.tp, config.parallel.pp)
+    models = build_models(config, pre.arch, pre.meta)
+    keys = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
+    return {
+        name: {k: getattr(m.config, k) for k in keys}
+        for name, m in (("student", models.student), ("teacher", models.teacher))
+    }

@@ -192,7 +192,7 @@ def test_plan_that_does_not_fit_names_settings_that_do():
     plan = make_plan(inp)
     assert not plan.fits and plan.status == "does not fit"
     changes = [s.change for s in plan.suggestions]
-    assert "--recompute full" in changes
+    assert "parallel.recompute=full" in changes
     assert "parallel.sequence_parallel=true" in changes
     assert any(c.startswith("--norm fused") for c in changes)  # bf16 norm weights
     assert all(s.reserved_gib <= 79.6 for s in plan.suggestions)
@@ -220,7 +220,7 @@ def test_cli_32b_preset_fits_as_json(cli, capsys):
 def test_cli_refuses_with_exit_2_and_suggestions(cli, capsys):
     rc = cli.main(["experiment=r1_qwen_32b_cr8", "parallel.sequence_parallel=false", "--nodes", "32"])
     err = capsys.readouterr().err
-    assert rc == 2 and "refused" in err and "--recompute full" in err
+    assert rc == 2 and "refused" in err and "parallel.recompute=full" in err
     assert cli.main(["model=r1_distill_qwen_32b", "--warn-only"]) == 0
     assert "warning" in capsys.readouterr().err
 
@@ -238,7 +238,7 @@ def test_pairs_are_suggested_when_no_single_change_fits():
     plan = make_plan(inp)
     assert not plan.fits and plan.suggestions
     assert all(" + " in s.change for s in plan.suggestions)
-    assert any("--recompute full" in s.change for s in plan.suggestions)
+    assert any("parallel.recompute=full" in s.change for s in plan.suggestions)
 
 
 def test_tight_plans_warn(cli, capsys):

@@ -42,6 +42,7 @@ def test_overrides_and_group_switches():
         (["dms.window=-1"], r"dms\.window"),
         (["parallel.global_batch_size=6", "parallel.micro_batch_size=4"], "not a multiple"),
         (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+        (["parallel.recompute=some"], "parallel.recompute=.some. is invalid"),
         (["train.warmup_steps=-1"], "warmup_steps"),
         (["data.prefixes=[a,b]", "data.weights=[1.0]"], "data.weights"),
         (["+train.bogus=1"], r"train\.bogus"),

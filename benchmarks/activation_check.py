@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -220,11 +219,6 @@ def main() -> None:
         raise SystemExit("--layers A B needs 0 < A < B")
     from dms_megatron.training.setup import init_distributed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
     base = _compose(overrides)
     work = Path(args.work)
     vocab = args.vocab or base["model"]["hf_config"]["vocab_size"]

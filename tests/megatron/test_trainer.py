@@ -84,19 +84,25 @@ def test_layouts_match_tp1(reference, assets, name, world, parallel) -> None:
 
 def test_recompute_setting_reaches_the_student_only(assets) -> None:
     """parallel.recompute maps to megatron's settings on the student; the teacher (no grad) keeps none."""
-    for mode, granularity in (("full", "full"), ("selective", "selective"), ("none", None)):
-        cfg = trainer_jobs.tiny_config(
-            str(Path(assets["root"]) / f"rc_{mode}"), assets["ckpt"], assets["data"], assets["hf_config"]
-        )
-        cfg["parallel"]["recompute"] = mode
-        cfg["train"]["mode"] = "full"
-        (got,) = run_distributed(trainer_jobs.recompute_settings_job, 1, cfg)
-        assert got["student"]["recompute_granularity"] == granularity, got
-        assert got["teacher"]["recompute_granularity"] is None
-    assert got["student"]["recompute_method"] is None
-    cfg["parallel"]["recompute"] = "full"
-    (got,) = run_distributed(trainer_jobs.recompute_settings_job, 1, cfg)
-    assert (got["student"]["recompute_method"], got["student"]["recompute_num_layers"]) == ("uniform", 1)
+    cfg = trainer_jobs.tiny_config(
+        str(Path(assets["root"]) / "rc"), assets["ckpt"], assets["data"], assets["hf_config"]
+    )
+    cfg["train"]["mode"] = "full"  # a separate teacher
+    (got,) = run_distributed(trainer_jobs.recompute_settings_job, 1, cfg, ["none", "selective", "full"])
+    student = {mode: got[mode]["student"] for mode in got}
+    assert student["none"]["recompute_granularity"] is None
+    assert (student["selective"]["recompute_granularity"], student["selective"]["recompute_modules"]) == (
+        "selective",
+        ["core_attn"],
+    )
+    assert [
+        student["full"][k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")
+    ] == [
+        "full",
+        "uniform",
+        1,
+    ]
+    assert all(got[mode]["teacher"]["recompute_granularity"] is None for mode in got)
 
 
 def test_resume_equals_uninterrupted(reference, assets) -> None:

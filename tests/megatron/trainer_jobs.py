@@ -81,17 +81,20 @@ def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int 
     return {"summary": summary, "metrics": read_metrics(path) if os.path.isfile(path) else None}
 
 
-def recompute_settings_job(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The megatron recompute settings the student and the teacher were built with."""
+def recompute_settings_job(rank: int, world: int, cfg: dict[str, Any], modes: list[str]) -> dict[str, Any]:
+    """For each ``parallel.recompute`` mode: the megatron settings the student and teacher were built with."""
     from dms_megatron.training.run import preflight
     from dms_megatron.training.setup import build_models, init_distributed
 
-    config = RetrofitConfig.from_dict(cfg)
-    pre = preflight(config)
-    init_distributed(config.parallel.tp, config.parallel.pp)
-    models = build_models(config, pre.arch, pre.meta)
     keys = ("recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")
-    return {
-        name: {k: getattr(m.config, k) for k in keys}
-        for name, m in (("student", models.student), ("teacher", models.teacher))
-    }
+    out = {}
+    for mode in modes:
+        config = RetrofitConfig.from_dict({**cfg, "parallel": {**cfg["parallel"], "recompute": mode}})
+        pre = preflight(config)
+        init_distributed(config.parallel.tp, config.parallel.pp)
+        models = build_models(config, pre.arch, pre.meta)
+        out[mode] = {
+            name: {k: getattr(m.config, k) for k in keys}
+            for name, m in (("student", models.student), ("teacher", models.teacher))
+        }
+    return out

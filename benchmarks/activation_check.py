@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,18 +145,20 @@ def measure(cfg_dict: dict) -> dict[str, Any]:
         "step_s": step_s,
         "kd": result.kd,
         "backend": "flex" if cuda and cfg.dms.attention_backend in ("auto", "flex") else "reference",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "recompute": cfg.parallel.recompute,
     }
     if cuda:
         out["allocated_before_step"] = before
         out["max_allocated"] = torch.cuda.max_memory_allocated()
-    del trainer, models, optimizer, scheduler, dataset
+    del trainer, models, optimizer, scheduler, dataset, result
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    if cuda:  # diagnostic: what a second model built in this process would start on top of
+        out["allocated_after_cleanup"] = torch.cuda.memory_allocated()
     return out
 
 
-def planner_view(cfg_dict: dict, emulate_tp: int, base: dict, cpu: bool) -> dict[str, Any]:
+def planner_view(cfg_dict: dict, emulate_tp: int, base: dict, cpu: bool, flex: bool) -> dict[str, Any]:
     """The planner's per-layer numbers for the measured layout, and (equal, checked) for TP=N itself."""
     from dataclasses import replace
 
@@ -163,7 +167,10 @@ def planner_view(cfg_dict: dict, emulate_tp: int, base: dict, cpu: bool) -> dict
     from dms_megatron.plan.memory import layer_activation_terms
 
     inp = plan_input_from_config(RetrofitConfig.from_dict(cfg_dict))
-    terms = layer_activation_terms(inp, composite_norms=cpu)  # CPU: torch has no fused RMSNorm
+    # what autograd saves without recompute (the probe's view; CPU: torch has no fused RMSNorm) ...
+    terms = layer_activation_terms(inp, "none", composite_norms=cpu)
+    # ... and what stays resident per layer under the layout's own recompute setting
+    resident = sum(layer_activation_terms(inp, composite_norms=cpu).values())
     a = inp.arch
     e, q, kv = inp.act_bytes, a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim
     # The attention term is the core's inputs -- q and k after RoPE and the fused QKV output (kept by
@@ -171,8 +178,11 @@ def planner_view(cfg_dict: dict, emulate_tp: int, base: dict, cpu: bool) -> dict
     # is saved before the core, the rest (log-keep bias and its inputs) inside it.
     core_inputs = e * (q + kv + q + 2 * kv)
     sigmoid = 4.0 * a.num_query_groups
-    outside = sum(terms.values()) - terms["attention"] - terms["dms_decisions"] + sigmoid
-    inside = terms["attention"] - core_inputs + terms["dms_decisions"] - sigmoid
+    # flex saves its output inside the core (the output GEMM's input is a view of it); the CPU reference
+    # backend's output is first saved by that GEMM, outside the core
+    proj = terms["proj_input"] if flex else 0.0
+    outside = sum(terms.values()) - terms["attention"] - terms["dms_decisions"] + sigmoid - proj
+    inside = terms["attention"] - core_inputs + terms["dms_decisions"] - sigmoid + proj
     asm = Assumptions()
     one, two = (replace(inp, arch=replace(a, num_layers=n)) for n in (1, 2))
     static = stage_memory(two, asm, 0).static - stage_memory(one, asm, 0).static
@@ -186,13 +196,16 @@ def planner_view(cfg_dict: dict, emulate_tp: int, base: dict, cpu: bool) -> dict
         global_batch_size=1,
         seq_length=inp.seq_length,
     )
-    same = abs(sum(layer_activation_terms(real, composite_norms=cpu).values()) - sum(terms.values())) < 1e-6
+    real_terms = layer_activation_terms(real, "none", composite_norms=cpu)
+    same = abs(sum(real_terms.values()) - sum(terms.values())) < 1e-6
     return {
         "terms_bytes_per_token": terms,
         "saved_bytes_per_token": sum(terms.values()),
         "outside_core_bytes_per_token": outside,
         "core_input_bytes_per_token": core_inputs,
         "core_rest_bytes_per_token": inside,
+        "recompute": inp.recompute,
+        "resident_bytes_per_token": resident,
         "static_bytes_per_layer": static,
         "equals_tp_layout": same,
     }
@@ -206,6 +219,82 @@ def _compare(measured: float, planned: float) -> dict[str, float]:
     }
 
 
+def build_report(
+    args: argparse.Namespace, overrides: list[str], runs: dict[int, dict], plan: dict[str, Any]
+) -> dict[str, Any]:
+    """Per-layer differences of the two depths, each against the planner.
+
+    Saved bytes are compared only without recompute (with it, the probe also sees what the backward
+    pass re-saves). On CUDA the allocator is split into the static growth per layer (allocated before
+    the measured step: weights, gradients, optimizer state, teacher) and the transient growth (peak
+    minus that: activations resident at the peak), each against its planner term."""
+    a, b = sorted(runs)
+    tokens = runs[a]["tokens"]
+    per_layer = {
+        r: (runs[b]["saved_bytes"][r] - runs[a]["saved_bytes"][r]) / (b - a) / tokens
+        for r in runs[a]["saved_bytes"]
+    }
+    report: dict[str, Any] = {
+        "device": runs[a]["device"],
+        "torch": torch.__version__,
+        "overrides": overrides,
+        "recompute": runs[a]["recompute"],
+        "layers": [a, b],
+        "emulate_tp": args.emulate_tp,
+        "vocab": args.vocab,
+        "tokens_per_microbatch": tokens,
+        "runs": {str(n): r for n, r in runs.items()},
+        "measured_saved_bytes_per_token_per_layer": per_layer,
+        "planner": plan,
+    }
+    if runs[a]["recompute"] == "none":
+        report["outside_core"] = _compare(per_layer["layer"], plan["outside_core_bytes_per_token"])
+        if runs[a]["backend"] == "flex":
+            rest = per_layer["core_other"] + per_layer["core_internal"]
+            report["core_input"] = _compare(per_layer["core_input"], plan["core_input_bytes_per_token"])
+            report["core_rest"] = _compare(rest, plan["core_rest_bytes_per_token"])
+            report["all_saved"] = _compare(sum(per_layer.values()), plan["saved_bytes_per_token"])
+    if "max_allocated" in runs[a]:
+        gib = 2.0**30
+
+        def grow(key: Callable[[dict], float]) -> float:
+            return (key(runs[b]) - key(runs[a])) / (b - a) / gib
+
+        static = grow(lambda r: r["allocated_before_step"])
+        transient = grow(lambda r: r["max_allocated"] - r["allocated_before_step"])
+        planned_act = plan["resident_bytes_per_token"] * tokens / gib
+        planned_static = plan["static_bytes_per_layer"] / gib
+        report["static_growth_per_layer_gib"] = _compare(static, planned_static)
+        report["activation_growth_per_layer_gib"] = _compare(transient, planned_act)
+        report["peak_growth_per_layer_gib"] = _compare(static + transient, planned_static + planned_act)
+    return report
+
+
+def _measure_in_child(args: argparse.Namespace, n: int, overrides: list[str], work: Path) -> dict:
+    """One depth in a fresh interpreter: a second model built in the same process inherits memory the
+    first one left behind (megatron keeps references), which inflates the static growth per layer."""
+    out = work / f"L{n}.json"
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--emulate-tp",
+        str(args.emulate_tp),
+        "--vocab",
+        str(args.vocab),
+        "--single",
+        str(n),
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"[activation_check] the {n}-layer run failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -213,55 +302,58 @@ def main() -> None:
     ap.add_argument("--emulate-tp", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=4096, help="0: keep the preset's vocabulary")
     ap.add_argument("--work", default="runs/activation_check")
+    ap.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)  # child: one depth
+    ap.add_argument(
+        "--replan",
+        metavar="REPORT",
+        help="recompute the planner side of an earlier report from its measured runs (no model is built)",
+    )
     args, overrides = ap.parse_known_args()
+    if args.replan:
+        old = json.loads(Path(args.replan).read_text())
+        overrides = old["overrides"]
+        args.emulate_tp = old["emulate_tp"]
+        args.vocab = old.get("vocab", args.vocab)  # reports before it was recorded: pass --vocab
+    base = _compose(overrides)
+    work = Path(args.work)
+    data = work / "data" / "random"
+
+    def cfg_at(n: int) -> dict:
+        return layout(base, n, args.emulate_tp, args.vocab or None, str(data), str(work / f"L{n}"))
+
+    if args.replan:
+        runs = {int(n): r for n, r in old["runs"].items()}
+        a = min(runs)
+        if "device" not in runs[a]:
+            raise SystemExit(f"{args.replan}: its runs predate --replan (no device/recompute per run)")
+        cpu, flex = runs[a]["device"] == "cpu", runs[a]["backend"] == "flex"
+        plan = planner_view(cfg_at(a), args.emulate_tp, base, cpu, flex)
+        report = build_report(args, overrides, runs, plan)
+        report["replanned_from"] = str(args.replan)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report[k] for k in report if k not in ("runs", "planner")}, indent=2))
+        return
+    if args.single is not None:
+        from dms_megatron.training.setup import init_distributed
+
+        init_distributed(1, 1)
+        run = measure(cfg_at(args.single))
+        Path(args.out).write_text(json.dumps(run, indent=2) + "\n")
+        print(f"[activation_check] {args.single} layers: saved {run['saved_bytes']}", flush=True)
+        return
     a, b = args.layers
     if not 0 < a < b:
         raise SystemExit("--layers A B needs 0 < A < B")
-    from dms_megatron.training.setup import init_distributed
-
-    base = _compose(overrides)
-    work = Path(args.work)
     vocab = args.vocab or base["model"]["hf_config"]["vocab_size"]
-    data = work / "data" / "random"
     seq, mbs = base["data"]["seq_length"], base["parallel"]["micro_batch_size"]
     write_data(data, vocab, 3 * seq * mbs)
-    init_distributed(1, 1)
-    cfgs = {
-        n: layout(base, n, args.emulate_tp, args.vocab or None, str(data), str(work / f"L{n}"))
-        for n in (a, b)
-    }
     runs = {}
     for n in (a, b):
-        print(f"[activation_check] {n} layers ...", flush=True)
-        runs[n] = measure(cfgs[n])
-        print(f"[activation_check] {n} layers: saved {runs[n]['saved_bytes']}", flush=True)
-    tokens = runs[a]["tokens"]
-    per_layer = {
-        r: (runs[b]["saved_bytes"][r] - runs[a]["saved_bytes"][r]) / (b - a) / tokens
-        for r in runs[a]["saved_bytes"]
-    }
-    plan = planner_view(cfgs[a], args.emulate_tp, base, cpu=not torch.cuda.is_available())
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "overrides": overrides,
-        "layers": [a, b],
-        "emulate_tp": args.emulate_tp,
-        "tokens_per_microbatch": tokens,
-        "runs": {str(n): r for n, r in runs.items()},
-        "measured_saved_bytes_per_token_per_layer": per_layer,
-        "planner": plan,
-        "outside_core": _compare(per_layer["layer"], plan["outside_core_bytes_per_token"]),
-    }
-    if torch.cuda.is_available() and runs[a]["backend"] == "flex":
-        rest = per_layer["core_other"] + per_layer["core_internal"]
-        report["core_input"] = _compare(per_layer["core_input"], plan["core_input_bytes_per_token"])
-        report["core_rest"] = _compare(rest, plan["core_rest_bytes_per_token"])
-        report["all_saved"] = _compare(sum(per_layer.values()), plan["saved_bytes_per_token"])
-    if torch.cuda.is_available():
-        grow = (runs[b]["max_allocated"] - runs[a]["max_allocated"]) / (b - a) / 2**30
-        planned = (plan["saved_bytes_per_token"] * tokens + plan["static_bytes_per_layer"]) / 2**30
-        report["peak_growth_per_layer_gib"] = _compare(grow, planned)
+        print(f"[activation_check] {n} layers (own process) ...", flush=True)
+        runs[n] = _measure_in_child(args, n, overrides, work)
+    cpu, flex = runs[a]["device"] == "cpu", runs[a]["backend"] == "flex"
+    plan = planner_view(cfg_at(a), args.emulate_tp, base, cpu=cpu, flex=flex)
+    report = build_report(args, overrides, runs, plan)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in report if k not in ("runs", "planner")}, indent=2))

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the GPU scripts (sourced): wheels into /tmp/site, then the SmolLM2 teacher (HF folder and
 # Megatron checkpoint) and the stdlib training text, built on the machine from the carried GGUF halves.
 # STASH: where the first GGUF half waits between the two calls.

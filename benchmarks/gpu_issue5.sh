@@ -47,9 +47,7 @@ pp)
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
     for layout in "1 1" "2 2"; do
-        set -- $layout
-        WORLD=$1
-        PP=$2
+        read -r WORLD PP <<< "$layout"
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((WORLD - 1))) torchrun --nproc-per-node "$WORLD" launch/retrofit.py \
             experiment=smollm2_cr8 parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
             train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" "${EXTRA[@]}" \

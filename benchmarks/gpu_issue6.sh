@@ -49,7 +49,7 @@ retrofit() {  # name, seconds, overrides...: resumes from the newest checkpoint 
 
 export_run() {  # name
     local ckpt
-    ckpt=$(ls -d "runs/$1"/checkpoints/iter_* | sort | tail -1)
+    ckpt=$(printf '%s\n' "runs/$1"/checkpoints/iter_* | sort | tail -1)
     python3 launch/convert.py export --ckpt "$ckpt" --out "exports/$1" --force --quiet > "$OUT/export_$1.log" 2>&1
     cp "runs/$1"/{metrics.jsonl,summary.json,config.yaml,run_info.json,cr_curve.png} "$OUT/" 2>/dev/null || true
     for f in metrics.jsonl summary.json cr_curve.png; do [ -f "runs/$1/$f" ] && cp "runs/$1/$f" "$OUT/$1_$f"; done
@@ -63,8 +63,10 @@ part1)
     export PYTHONPATH=$PWD
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_decode.py 2>&1 | tee "$OUT/gpu_tests_part1.txt" | tail -5
     for b in 1 32; do
+        rows=()
+        [ "$b" = 1 ] && rows=(--baseline-rows 30)
         python3 benchmarks/profile_decode.py --context 8192 --batch "$b" --steps 20 --no-profile \
-            $([ "$b" = 1 ] && echo --baseline-rows 30) 2>&1 | grep -E "step" | tee -a "$OUT/probe.txt"
+            "${rows[@]}" 2>&1 | grep -E "step" | tee -a "$OUT/probe.txt"
     done
     ;;
 train)

@@ -83,11 +83,12 @@ def layer_activation_terms(
         qkv_input, fc1_input      e*h each (saved by the column-parallel GEMMs)      / sd
         rope_cos_sin              4 tensors [s, 1, 1, d]: 4*e*d (not sharded)
         attention                 FlexAttention saves q and k (own tensors after RoPE), v -- a view
-                                  of the fused QKV output, which keeps all of it (q + 2kv) alive --,
-                                  its output and the fp32 log-sum-exp: e*(3q + 3kv) + 4*heads  / t
+                                  of the fused QKV output, which keeps all of it (q + 2kv) alive --
+                                  and the fp32 log-sum-exp: e*(2q + 3kv) + 4*heads         / t
         dms_decisions             [b, Hkv, s] fp32: sigmoid, logsigmoid input + buffer, shifted
                                   log-keep (captured by flex), mask: ~5 x 4 bytes * Hkv  / t
-        proj_input                e*q                                                / t
+        proj_input                e*q: flex's output, which it also saves; the output
+                                  projection's input is a view of the same storage      / t
         mlp                       SwiGLU unfused: fc1 output (2f, kept by silu's input view), silu
                                   output f, x_linear + glu_linear_offset f, fc2 input f: e*5f / t
         adapter (variant)         adapter RMSNorm output (Linear input) e*h, its own rstd, and the
@@ -129,7 +130,7 @@ def layer_activation_terms(
     if recompute == "selective":
         terms["core_attn_checkpoint"] = (e * (q + kv) + e * (q + 2 * kv) + 4 * kv_heads) / t
     else:
-        terms["attention"] = (e * (3 * q + 3 * kv) + 4 * heads) / t
+        terms["attention"] = (e * (2 * q + 3 * kv) + 4 * heads) / t  # output: proj_input
         terms["dms_decisions"] = 20.0 * kv_heads / t
     terms["proj_input"] = e * q / t
     terms["mlp_norm"] = _norm_bytes(inp, h, composite_norms) / sd

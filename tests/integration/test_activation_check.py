@@ -54,3 +54,51 @@ def test_planner_matches_saved_tensors_outside_core_attention(tmp_path, override
     check = report["outside_core"]
     # exact up to a few per-layer constants (the neuron mask, the decision shift): < 2 bytes per token
     assert check["measured"] == pytest.approx(check["planner"], abs=2.0), report["runs"]["3"]
+    # --replan recomputes the planner side from the stored runs alone and gives the same report
+    again = tmp_path / "replanned.json"
+    cmd = [sys.executable, cmd[1], "--replan", str(out), "--out", str(again)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    replanned = json.loads(again.read_text())
+    assert replanned["outside_core"] == report["outside_core"] and replanned["planner"] == report["planner"]
+
+
+def _load_check_module():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "activation_check.py"
+    spec = importlib.util.spec_from_file_location("activation_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_splits_allocator_growth_into_static_and_activations() -> None:
+    """The CUDA part of the report, from two synthetic depths: static growth (allocated before the step)
+    and transient growth (peak minus that) per layer, each against its own planner term."""
+    check = _load_check_module()
+    gib = 2**30
+
+    def run(layers: int, static_gib: float, act_gib: float) -> dict:
+        before = (1.0 + static_gib * layers) * gib  # 1 GiB that does not grow with depth
+        return {
+            "tokens": 1024,
+            "saved_bytes": dict(layer=100 * layers * 1024, core_input=0, core_other=0, core_internal=7),
+            "backend": "flex",
+            "device": "fake-gpu",
+            "recompute": "full",
+            "allocated_before_step": before,
+            "max_allocated": before + (0.5 + act_gib * layers) * gib,
+        }
+
+    runs = {2: run(2, 1.25, 0.5), 6: run(6, 1.25, 0.5)}
+    plan = {"resident_bytes_per_token": 0.25 * gib / 1024, "static_bytes_per_layer": 1.0 * gib}
+    args = type("Args", (), {"emulate_tp": 8, "vocab": 4096})()
+    report = check.build_report(args, ["parallel.recompute=full"], runs, plan)
+    assert report["recompute"] == "full" and report["layers"] == [2, 6]
+    assert "outside_core" not in report  # saved bytes are not compared under recompute
+    assert report["measured_saved_bytes_per_token_per_layer"]["layer"] == pytest.approx(100.0)
+    static, act = report["static_growth_per_layer_gib"], report["activation_growth_per_layer_gib"]
+    assert static == pytest.approx({"measured": 1.25, "planner": 1.0, "ratio": 1.25})
+    assert act == pytest.approx({"measured": 0.5, "planner": 0.25, "ratio": 2.0})
+    assert report["peak_growth_per_layer_gib"]["ratio"] == pytest.approx(1.75 / 1.25)

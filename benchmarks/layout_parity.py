@@ -1,0 +1,140 @@
+"""The real trainer at several parallel layouts from one random model and one random dataset: loss curves.
+
+    python benchmarks/layout_parity.py --out runs/layout_parity --steps 8 \
+        --layouts tp1 tp2sp tp2sp_full -- experiment=smollm2_cr8 model.dtype=fp32 ...
+
+A random Hugging Face model is built from the composed ``model.hf_config`` (seeded; transformers) and
+imported with ``launch/convert.py import``, so every layout starts from the same weights, teacher
+included; random token documents are the data. Each layout is one ``torchrun`` of ``launch/retrofit.py``
+(one process per GPU; on CPU gloo). The report has, per layout, the metrics of every step and the
+largest relative difference to the first layout of KD, compression loss, achieved CR and grad norm.
+
+What it answers on a GPU machine that the CPU tests cannot: sequence parallelism with ``LocalNorm``,
+NCCL, flex attention and megatron's recompute on CUDA give the curve of the TP=1 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# name -> (processes, overrides)
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "tp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
+    "tp2": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=false"]),
+    "tp2sp": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true"]),
+    "tp2sp_full": (
+        2,
+        ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "parallel.recompute=full"],
+    ),
+    "tp2sp_selective": (
+        2,
+        ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "parallel.recompute=selective"],
+    ),
+    "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
+}
+KEYS = ("loss/kd", "loss/compression", "cr/achieved", "grad_norm")
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def random_hf_model(hf_config: dict, folder: Path, seed: int, init_std: float) -> None:
+    """A seeded random model of the preset's architecture, saved as a Hugging Face folder. ``init_std``
+    (``initializer_range``): transformers' 0.02 gives near-uniform next-token distributions and a KD loss
+    of ~1e-6, too small to compare layouts by; 0.1 gives peaked ones."""
+    import torch
+    import transformers as tf
+
+    arch = hf_config["architectures"][0]
+    family = next((f for f, cls in CLASSES.items() if cls == arch), None)
+    if family is None:
+        raise SystemExit(f"no random-model recipe for {arch} (known: {sorted(CLASSES.values())})")
+    config = tf.AutoConfig.for_model(family, **{k: v for k, v in hf_config.items() if k != "architectures"})
+    config.architectures = [arch]
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = getattr(tf, arch)(config)
+    model.save_pretrained(folder)
+
+
+def compare(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Largest relative difference of each key, every layout against the first, over the common steps."""
+    names = list(rows)
+    ref = rows[names[0]]
+    out = {}
+    for name in names[1:]:
+        pairs = list(zip(ref, rows[name], strict=False))
+        out[name] = {
+            k: max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in pairs) for k in KEYS if k in ref[0]
+        }
+        out[name]["steps"] = len(pairs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="work folder (model, data, runs, report.json)")
+    ap.add_argument("--layouts", nargs="+", default=["tp1", "tp2sp"], choices=sorted(LAYOUTS))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--init-std", type=float, default=0.1, help="initializer_range of the random model")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every layout")
+    args = ap.parse_args()
+    from activation_check import _compose, write_data
+
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    base = _compose(args.overrides)
+    hf_config = base["model"]["hf_config"]
+    hf_dir, ckpt, data = work / "hf", work / "megatron", work / "data" / "random"
+    if not (ckpt / "dms_megatron.json").is_file():
+        print(f"[layout_parity] random model ({hf_config['architectures'][0]}) -> {ckpt}", flush=True)
+        random_hf_model(hf_config, hf_dir, args.seed, args.init_std)
+        convert = [sys.executable, str(ROOT / "launch" / "convert.py"), "import", "--hf", str(hf_dir)]
+        subprocess.run([*convert, "--out", str(ckpt), "--force", "--quiet"], check=True)
+    seq, gbs = base["data"]["seq_length"], base["parallel"]["global_batch_size"]
+    write_data(data, hf_config["vocab_size"], 2 * seq * gbs * args.steps, seed=args.seed)
+    common = [
+        *args.overrides,
+        f"model.checkpoint={ckpt}",
+        f"data.prefixes=[{data}]",
+        "data.weights=null",
+        f"train.steps={args.steps}",
+        f"train.save_interval={args.steps}",
+        "train.resume=none",
+        "logging.console=false",
+        "logging.wandb_project=null",
+    ]
+    rows: dict[str, list[dict]] = {}
+    for name in args.layouts:
+        procs, layout = LAYOUTS[name]
+        run_dir = work / "runs" / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        cmd += [str(ROOT / "launch" / "retrofit.py"), *common, *layout, f"run_dir={run_dir}"]
+        print(f"[layout_parity] {name}: {' '.join(layout)}", flush=True)
+        log = work / f"{name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ}, check=False)
+        if proc.returncode != 0:
+            sys.stdout.write(log.read_text()[-6000:])
+            raise SystemExit(f"[layout_parity] {name} failed (exit {proc.returncode}); log: {log}")
+        rows[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = rows[name][-1]
+        summary = ", ".join(f"{k} {last[k]:.6g}" for k in KEYS if k in last)
+        print(f"[layout_parity] {name}: {summary}", flush=True)
+    report = {"overrides": args.overrides, "steps": args.steps, "layouts": args.layouts}
+    report["max_relative_difference_to_" + args.layouts[0]] = compare(rows)
+    report["metrics"] = {n: [{k: r.get(k) for k in ("step", *KEYS)} for r in v] for n, v in rows.items()}
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["max_relative_difference_to_" + args.layouts[0]], indent=2))
+
+
+if __name__ == "__main__":
+    main()

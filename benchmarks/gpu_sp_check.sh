@@ -2,7 +2,8 @@
 # GPU check of sequence parallelism (LocalNorm) and recompute through the real trainer, one call on
 # 2 GPUs (nvidia-h200-x2; carry .carry only: random model, random tokens):
 #
-#   bash benchmarks/gpu_sp_check.sh
+#   bash benchmarks/gpu_sp_check.sh          # 2 GPUs: the layouts below
+#   bash benchmarks/gpu_sp_check.sh repeat   # 1 GPU: TP=1 twice, the run-to-run spread of the device
 #
 # A SmolLM2-shaped Llama with heads divisible by 2 (8 heads, 4 KV heads, hidden 512, 12 layers, SmolLM2's
 # vocabulary), random weights; the smollm2_cr8 recipe (micro-batch 4 x 2048, global batch 8).
@@ -32,5 +33,17 @@ run() {  # name, layouts, overrides...
     cp "/tmp/sp_$name/report.json" "$OUT/${name}_report.json"
     for f in /tmp/sp_"$name"/*.log; do cp "$f" "$OUT/${name}_$(basename "$f")"; done
 }
-run fp32 "tp1 tp2sp tp2sp_full" model.dtype=fp32 train.lr=2e-5 train.min_lr=2e-5
-run bf16 "tp1 tp2sp tp2sp_selective"
+case "${1:-sp}" in
+sp)  # 2 GPUs
+    run fp32 "tp1 tp2sp tp2sp_full" model.dtype=fp32 train.lr=2e-5 train.min_lr=2e-5
+    run bf16 "tp1 tp2sp tp2sp_selective"
+    ;;
+repeat)  # 1 GPU: the same TP=1 run twice, the device's own run-to-run spread
+    run fp32_repeat "tp1 tp1_again" model.dtype=fp32 train.lr=2e-5 train.min_lr=2e-5
+    run bf16_repeat "tp1 tp1_again"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_sp_check.sh [sp | repeat]" >&2
+    exit 2
+    ;;
+esac

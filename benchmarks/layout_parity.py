@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # name -> (processes, overrides)
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "tp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
+    "tp1_again": (1, ["parallel.tp=1", "parallel.pp=1"]),  # run-to-run noise of the device itself
     "tp2": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=false"]),
     "tp2sp": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true"]),
     "tp2sp_full": (

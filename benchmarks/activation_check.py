@@ -44,7 +44,7 @@ quiet_missing_accelerators()
 import torch  # noqa: E402
 
 
-def _compose(overrides: list[str]) -> dict:
+def compose_config(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -314,7 +314,7 @@ def main() -> None:
         overrides = old["overrides"]
         args.emulate_tp = old["emulate_tp"]
         args.vocab = old.get("vocab", args.vocab)  # reports before it was recorded: pass --vocab
-    base = _compose(overrides)
+    base = compose_config(overrides)
     work = Path(args.work)
     data = work / "data" / "random"
 

@@ -28,3 +28,18 @@ model_and_data() {
         --input "${INPUTS[@]}"
 }
 
+
+# The device tool brings back at most 8 files: at exit, everything under $OUT goes into one archive.
+pack_out() {
+    (cd "$OUT" && find . -type f ! -name "$ARCHIVE" | tar -czf "$ARCHIVE" -T - \
+        && find . -mindepth 1 ! -name "$ARCHIVE" -delete) || true
+}
+archive_at_exit() {  # archive name without .tar.gz
+    ARCHIVE="$1.tar.gz"
+    trap pack_out EXIT
+}
+
+record_gpu() {  # the GPU model, memory, driver and the UTC date into $OUT/gpu.txt
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+    date -u +%FT%TZ >> "$OUT/gpu.txt"
+}

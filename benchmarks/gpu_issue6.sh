@@ -16,11 +16,8 @@ PHASE=${1:?phase: part1 | train | eval | bench}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 START=$(date +%s)
-source benchmarks/gpu_common.sh  # setup, model_and_data, STASH
-# the device tool brings back at most 8 files: everything under $OUT goes into one archive at exit
-pack() { (cd "$OUT" && find . -type f ! -name "$PHASE.tar.gz" | tar -czf "$PHASE.tar.gz" -T - \
-    && find . -mindepth 1 ! -name "$PHASE.tar.gz" -delete) || true; }
-trap pack EXIT
+source benchmarks/gpu_common.sh  # setup, model_and_data, STASH, archive_at_exit
+archive_at_exit "$PHASE"
 
 CR8=(experiment=smollm2_cr8 run_dir=runs/cr8 train.save_interval=100 logging.console=false)
 CR4=(experiment=smollm2_cr8 run_dir=runs/cr4 dms.target_cr=4 dms.cr_ramp_steps=110 train.steps=130

@@ -15,13 +15,10 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-source benchmarks/gpu_common.sh  # setup
-pack() { (cd "$OUT" && find . -type f ! -name issue7.tar.gz | tar -czf issue7.tar.gz -T - \
-    && find . -mindepth 1 ! -name issue7.tar.gz -delete) || true; }
-trap pack EXIT
+source benchmarks/gpu_common.sh  # setup, archive_at_exit, record_gpu
+archive_at_exit issue7
 setup
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-date -u +%FT%TZ >> "$OUT/gpu.txt"
+record_gpu
 for rc in none full selective; do
     python3 benchmarks/activation_check.py --out "$OUT/r1_qwen_32b_tp8_rank_$rc.json" --work /tmp/ac32_$rc \
         --layers 4 8 --emulate-tp 8 experiment=r1_qwen_32b_cr8 parallel.recompute=$rc 2>&1 \

@@ -14,13 +14,10 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-source benchmarks/gpu_common.sh  # setup
-pack() { (cd "$OUT" && find . -type f ! -name sp_check.tar.gz | tar -czf sp_check.tar.gz -T - \
-    && find . -mindepth 1 ! -name sp_check.tar.gz -delete) || true; }
-trap pack EXIT
+source benchmarks/gpu_common.sh  # setup, archive_at_exit, record_gpu
+archive_at_exit sp_check
 setup
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-date -u +%FT%TZ >> "$OUT/gpu.txt"
+record_gpu
 ARCH=(experiment=smollm2_cr8 model.hf_config.hidden_size=512 model.hf_config.num_attention_heads=8
     model.hf_config.num_key_value_heads=4 model.hf_config.num_hidden_layers=12 dms.cr_ramp_steps=12
     train.warmup_steps=2)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,11 +87,11 @@ def main() -> None:
     ap.add_argument("--init-std", type=float, default=0.1, help="initializer_range of the random model")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every layout")
     args = ap.parse_args()
-    from activation_check import _compose, write_data
+    from activation_check import compose_config, write_data
 
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    base = _compose(args.overrides)
+    base = compose_config(args.overrides)
     hf_config = base["model"]["hf_config"]
     hf_dir, ckpt, data = work / "hf", work / "megatron", work / "data" / "random"
     if not (ckpt / "dms_megatron.json").is_file():
@@ -122,7 +121,7 @@ def main() -> None:
         print(f"[layout_parity] {name}: {' '.join(layout)}", flush=True)
         log = work / f"{name}.log"
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ}, check=False)
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False)
         if proc.returncode != 0:
             sys.stdout.write(log.read_text()[-6000:])
             raise SystemExit(f"[layout_parity] {name} failed (exit {proc.returncode}); log: {log}")

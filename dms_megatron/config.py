@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from dms_megatron.core.gating import DEFAULT_LOGIT_OFFSET, DEFAULT_LOGIT_SCALE
+from dms_megatron.core.dms_rules import (
+    DEFAULT_ADAPTER_EPS,
+    DEFAULT_LOGIT_OFFSET,
+    DEFAULT_LOGIT_SCALE,
+    DMSBlock,
+)
 from dms_megatron.core.losses import KL_DIRECTIONS, CRSchedule
 from dms_megatron.runtime import TORCH_DTYPES
 
@@ -66,7 +71,7 @@ class DMSConfig:
     teacher_mode: bool = False
     train_noise: bool = True
     adapter_bias: bool = False
-    adapter_eps: float = 1e-6
+    adapter_eps: float = DEFAULT_ADAPTER_EPS
     kl_direction: str = "student_teacher"
     kl_temperature: float = 1.0
     compression_loss: CompressionLossForm = "global"
@@ -114,6 +119,17 @@ class DMSConfig:
         return CRSchedule(
             end_cr=float(self.target_cr), ramp_steps=self.cr_ramp_steps, start_cr=float(self.cr_start)
         )
+
+    def exported_block(self, trained_cr: float | None = None) -> DMSBlock:
+        """The ``dms`` block export writes into ``config.json`` (``core.dms_rules.DMSBlock``): every block
+        field but ``trained_cr`` is a field of this config."""
+        if self.adapter_bias:
+            raise ValueError(
+                "dms.adapter_bias=true cannot be exported: the exported adapter (NVIDIA's "
+                "self_attn.dms_proj_alpha) has no bias. Retrofit with dms.adapter_bias=false to export."
+            )
+        shared = {f.name: getattr(self, f.name) for f in fields(DMSBlock) if f.name != "trained_cr"}
+        return DMSBlock(**shared, trained_cr=trained_cr)
 
 
 # ----------------------------------------------------------------------------- the retrofit run

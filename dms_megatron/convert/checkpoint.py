@@ -271,6 +271,8 @@ def export_hf(
     model, meta = load_stage(ckpt_dir, tp, pp)
     arch = ModelArch(**meta["arch"])
     dms = meta["dms"]
+    if dms is not None:
+        DMSConfig(**dms).exported_block()  # fail before any work if the block cannot be written
     adapter = dms is not None and dms["variant"] == "adapter"
     rank = dist.get_rank()
     tp_rank, tp_group = (
@@ -336,12 +338,8 @@ def _finish_export(
     config = dict(meta["hf_config"])
     config.pop("quantization_config", None)
     config["torch_dtype"] = meta["source"]["dtype"].replace("torch.", "")
-    if meta["dms"] is not None:
-        config["dms"] = {
-            k: meta["dms"][k]
-            for k in ("variant", "decisions_per", "window", "logit_scale", "logit_offset", "tau", "target_cr")
-        }
-        config["dms"]["trained_cr"] = meta.get("trained_cr")
+    if meta["dms"] is not None:  # the one schema of the block: core.dms_rules.DMSBlock
+        config["dms"] = DMSConfig(**meta["dms"]).exported_block(meta.get("trained_cr")).to_dict()
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if meta["dms"] is not None:  # transformers loading: modeling_dms.py + auto_map (docs/inference.md)
         install_remote_code(staging)

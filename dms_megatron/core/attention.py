@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dms_megatron.core._checks import require_float, require_ndim, require_non_negative_int, require_tensor
+from dms_megatron.core.dms_rules import outside_window
 from dms_megatron.core.shift import check_doc_ids, shifted_log_keep
 
 # Upper bound on the number of score elements one chunk may hold (B * Hq * chunk * keys).
@@ -82,8 +83,11 @@ def _chunk_forward(
     kpos = torch.arange(K, device=q_chunk.device).view(1, K)
     distance = qpos - kpos  # [C, K]
     if log_keep is not None:
-        outside = distance > window
-        bias = torch.where(outside, log_keep[:, :, None, None, :], torch.zeros((), dtype=scores.dtype))
+        bias = torch.where(
+            outside_window(distance, window),
+            log_keep[:, :, None, None, :],
+            torch.zeros((), dtype=scores.dtype),
+        )
         scores = scores + bias
     visible = (distance >= 0).view(1, 1, 1, C, K)
     if doc_q is not None and doc_k is not None:

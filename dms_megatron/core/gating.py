@@ -19,63 +19,19 @@ import torch
 from torch import nn
 
 from dms_megatron.core._checks import require_float, require_positive, require_tensor
+from dms_megatron.core.dms_rules import (
+    DEFAULT_ADAPTER_EPS,
+    DEFAULT_LOGIT_OFFSET,
+    DEFAULT_LOGIT_SCALE,
+    evicts,
+    neuron_evict_logits,
+    per_layer_logits,
+    scaled_logits,
+    zero_neuron,
+)
 
-DEFAULT_LOGIT_SCALE = 100.0
-DEFAULT_LOGIT_OFFSET = 5.0
-
-
-def _group_size(num_heads: int, num_kv_heads: int) -> int:
-    if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"number of query heads ({num_heads}) must be a positive multiple of the number of "
-            f"KV heads ({num_kv_heads})"
-        )
-    return num_heads // num_kv_heads
-
-
-def _neuron_index(q: torch.Tensor, num_kv_heads: int, head_axis: int) -> tuple[int, int]:
-    require_tensor("q", q)
-    require_float("q", q)
-    if q.dim() < 2:
-        raise ValueError(f"q needs a head axis and a channel axis, got shape {tuple(q.shape)}")
-    axis = head_axis % q.dim()
-    if axis == q.dim() - 1:
-        raise ValueError("head_axis must not be the channel (last) axis")
-    return axis, _group_size(q.shape[axis], num_kv_heads)
-
-
-def neuron_evict_logits(
-    q: torch.Tensor,
-    num_kv_heads: int,
-    scale: float = DEFAULT_LOGIT_SCALE,
-    offset: float = DEFAULT_LOGIT_OFFSET,
-    head_axis: int = -2,
-) -> torch.Tensor:
-    """Read the repurposed neuron: ``scale * q[first head of each group, D-1] - offset``.
-
-    Call it on q after q-layernorm and before RoPE. The result keeps q's layout with the head axis
-    reduced to one entry per KV group and the channel axis dropped (``[..., Hkv]`` for the default
-    ``head_axis=-2``). Differentiable in q. Scaled in fp32 (bf16 times 100 would be too coarse).
-    """
-    axis, g = _neuron_index(q, num_kv_heads, head_axis)
-    channel = q[..., -1]  # drops the channel axis; the head axis keeps its index
-    first_heads = torch.arange(0, q.shape[axis], g, device=q.device)
-    raw = channel.index_select(axis, first_heads)
-    return raw.to(torch.promote_types(raw.dtype, torch.float32)) * scale - offset
-
-
-def zero_neuron(q: torch.Tensor, num_kv_heads: int, head_axis: int = -2) -> torch.Tensor:
-    """Return a copy of q with the repurposed channel (D-1 of each group's first head) set to 0.
-
-    Apply before RoPE and again after it: rotate-half RoPE mixes channel D-1 with D/2-1, so a single
-    zeroing would let the value leak back. Out of place, so views of a fused QKV buffer are safe.
-    """
-    axis, g = _neuron_index(q, num_kv_heads, head_axis)
-    keep = torch.ones(q.shape[axis], q.shape[-1], dtype=q.dtype, device=q.device)
-    keep[::g, -1] = 0
-    view = [1] * q.dim()
-    view[axis], view[-1] = q.shape[axis], q.shape[-1]
-    return q * keep.view(view)
+# neuron_evict_logits, zero_neuron and per_layer_logits live in dms_rules.py (shared with the exported
+# remote code); re-exported here with the rest of the gating API.
 
 
 class EvictionAdapter(nn.Module):
@@ -91,7 +47,7 @@ class EvictionAdapter(nn.Module):
         num_kv_heads: int,
         scale: float = DEFAULT_LOGIT_SCALE,
         offset: float = DEFAULT_LOGIT_OFFSET,
-        eps: float = 1e-6,
+        eps: float = DEFAULT_ADAPTER_EPS,
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -113,14 +69,7 @@ class EvictionAdapter(nn.Module):
             raise ValueError(
                 f"adapter expects hidden size {self.norm.normalized_shape[0]}, got input {tuple(x.shape)}"
             )
-        raw = self.proj(self.norm(x))
-        return raw.to(torch.promote_types(raw.dtype, torch.float32)) * self.scale - self.offset
-
-
-def per_layer_logits(logits: torch.Tensor, head_axis: int = -1) -> torch.Tensor:
-    """Decisions per layer: broadcast KV head 0's logit to every KV head (same shape out)."""
-    axis = head_axis % logits.dim()
-    return logits.narrow(axis, 0, 1).expand_as(logits)
+        return scaled_logits(self.proj(self.norm(x)), self.scale, self.offset)
 
 
 class Decisions(NamedTuple):
@@ -163,5 +112,19 @@ def teacher_decisions(evict_logits: torch.Tensor) -> Decisions:
 
 
 def hard_decisions(evict_logits: torch.Tensor) -> torch.Tensor:
-    """Inference decisions: no noise, no temperature; 1 where the logit is positive."""
-    return (evict_logits > 0).to(torch.int8)
+    """Inference decisions: no noise, no temperature; 1 where the logit is positive (``dms_rules.evicts``)."""
+    return evicts(evict_logits).to(torch.int8)
+
+
+__all__ = [
+    "DEFAULT_LOGIT_OFFSET",
+    "DEFAULT_LOGIT_SCALE",
+    "Decisions",
+    "EvictionAdapter",
+    "hard_decisions",
+    "neuron_evict_logits",
+    "per_layer_logits",
+    "relaxed_decisions",
+    "teacher_decisions",
+    "zero_neuron",
+]

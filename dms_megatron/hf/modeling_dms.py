@@ -1,78 +1,94 @@
 """Dynamic Memory Sparsification (DMS) for transformers: remote code for exported DMS checkpoints.
 
-This file is copied verbatim next to the weights of an exported checkpoint (``launch/convert.py export``),
-and ``config.json`` gets ``auto_map: {"AutoModelForCausalLM": "modeling_dms.DMS<Family>ForCausalLM"}``.
-It imports only torch and transformers (5.x), so it runs where dms_megatron is not installed::
+Export (``launch/convert.py export``) copies this file and ``dms_rules.py`` (dms_megatron's
+``core/dms_rules.py``: the ``dms`` block schema, the eviction logits and the visibility rule) next to the
+weights, and points ``config.json``'s ``auto_map`` at ``modeling_dms.DMS<Family>ForCausalLM``. Both files
+import only torch and transformers, so the checkpoint runs where dms_megatron is not installed::
 
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    out = model.generate(ids, max_new_tokens=64, do_sample=False)
+    out = model.generate(ids, max_new_tokens=64, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values      # a DMSCache (``out.cache`` on transformers >= 5.24)
 
-What it does (the math of ``dms_megatron.inference.model``, the project's reference):
+What lives here is only what must live inside transformers; the model loop, generation and the family
+classes are transformers' own:
 
-* Eviction logit per token and KV head. ``neuron`` variant: the last channel of the first query head of
-  each KV group (after q_norm, before RoPE) ``* logit_scale - logit_offset``; that channel is zeroed in q,
-  before and after RoPE (RoPE rotates channel D/2-1 into D-1). ``adapter`` variant:
-  ``dms_proj_alpha(rmsnorm(h)) * logit_scale - logit_offset`` on the layer's pre-norm residual ``h``
-  (rmsnorm eps 1e-6). ``decisions_per: layer`` uses KV head 0's logit for every head.
-* Decision of token t (logit > 0) evicts token t-1 of the same (layer, KV head) stream. An evicted token
-  stays visible while its age (query position - key position) is <= ``window``; then it is removed.
-  Inside a forward chunk (prefill, decode, a later turn) key k is visible to query i iff k <= i and
-  (i - k <= window or token k is not evicted).
-* ``DMSCache`` holds per layer, per (batch row, KV head) only the tokens still needed: the ``window + 1``
-  most recent and the older ones not evicted. Rows and heads hold different counts; the tensors of one
-  layer are padded to the largest count (slots with position -1 are empty) and compacted after every
-  forward, so memory follows the held tokens. ``tokens_seen()``, ``tokens_held()``, ``effective_cr()``.
+* ``DMSAttention`` replaces each decoder layer's ``self_attn`` (same projections and norms, plus the
+  adapter's ``dms_proj_alpha_norm`` / ``dms_proj_alpha``, so weights load by name). It computes the
+  eviction logits and runs attention through its layer of the cache. The adapter reads the layer's
+  pre-norm residual, which a forward pre-hook on the decoder layer hands over.
+* ``DMSCache`` (a transformers ``Cache`` of ``DMSCacheLayer``) holds per layer and (batch row, KV head)
+  only the tokens still needed: the ``window + 1`` most recent and the older ones not evicted. Decision of
+  token t (logit > 0) evicts token t-1; an evicted token stays visible while its age is <= ``window``.
+  Rows and heads hold different counts: a layer's tensors are padded to its fullest (row, head) (slots
+  with position -1 are empty) and compacted after every forward. ``tokens_seen()``, ``tokens_held()``,
+  ``storage_tokens()``, ``effective_cr()``, ``kv_cr()``.
+* ``DMS<Family>ForCausalLM.forward`` prepares the cache for the chunk (which tokens are real, their
+  positions) and calls the family forward. Given no cache, or the empty default cache ``generate``
+  creates, it starts a ``DMSCache`` and returns it; ``generate`` continues with the returned cache, as
+  it does for every model.
 
-Padding: left-padded (and any other) batches are supported. Tokens whose ``attention_mask`` is 0 are never
-stored and take no position; the positions of the other tokens count only the real tokens of their row
-(as ``generate`` computes them). ``position_ids`` that disagree with this raise a ValueError.
-
-Not supported with DMS (clear errors): a non-DMS cache object, static / quantized / offloaded caches,
-``cache.crop`` (assisted decoding), 4D attention masks, sliding-window layers, ``output_attentions`` and
-``output_hidden_states``. Calling the inner ``model.model`` directly raises: use the ``*ForCausalLM``.
-Without a ``dms`` block in the config the classes are exactly the transformers ones.
+Padding: tokens whose ``attention_mask`` is 0 are never stored and take no position; positions count the
+real tokens of each row (what ``generate`` computes from the mask). ``position_ids`` that disagree raise a
+ValueError. Not supported with DMS (clear errors): a cache of another kind that already holds tokens,
+``cache.crop`` (assisted decoding), 4D attention masks, sliding-window layers, ``output_attentions``, and
+calling the inner ``model.model`` directly. Without a ``dms`` block the classes are the transformers ones.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.modeling_outputs import CausalLMOutputWithPast
+import re
 
-ADAPTER_EPS = 1e-6  # the adapter's rmsnorm eps (training default; not part of the exported dms block)
+import transformers
+
+# Oldest and newest transformers this file is tested with (dms_megatron's tests/unit/test_hf_remote_code.py
+# under both). Older releases lack the Cache API used here; newer ones get a warning, not an error.
+OLDEST_TRANSFORMERS = "5.0.0"
+NEWEST_TESTED_TRANSFORMERS = "5.25.0"
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if found is None:
+        raise ValueError(f"cannot read the transformers version {version!r}")
+    return int(found[1]), int(found[2]), int(found[3] or 0)
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Raise (older than supported) or warn (newer than tested), naming both versions."""
+    if _release(installed) < _release(OLDEST_TRANSFORMERS):
+        raise ImportError(
+            f"this DMS checkpoint's remote code needs transformers >= {OLDEST_TRANSFORMERS} (tested "
+            f"{OLDEST_TRANSFORMERS} to {NEWEST_TESTED_TRANSFORMERS}); transformers {installed} is installed. "
+            f"Upgrade: pip install 'transformers>={OLDEST_TRANSFORMERS}'"
+        )
+    if _release(installed) > _release(NEWEST_TESTED_TRANSFORMERS):
+        import warnings
+
+        warnings.warn(
+            f"transformers {installed} is newer than the newest release this DMS remote code was tested "
+            f"with ({NEWEST_TESTED_TRANSFORMERS}; oldest {OLDEST_TRANSFORMERS}). If generation fails, "
+            f"pin transformers<={NEWEST_TESTED_TRANSFORMERS}.",
+            stacklevel=2,
+        )
+
+
+check_transformers_version()  # before importing anything version-dependent
+
+import inspect  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+
+from .dms_rules import DMSBlock, eviction_logits, evicts, held, visible, zero_neuron  # noqa: E402
+
 SCORE_BUDGET = 1 << 24  # score elements per attention block (queries are processed in blocks)
-
-
-def dms_settings(config) -> dict | None:
-    """The validated ``dms`` block of a config, or None when the model has no DMS."""
-    dms = getattr(config, "dms", None)
-    if not dms:
-        return None
-    variant = dms.get("variant")
-    if variant not in ("neuron", "adapter"):
-        raise ValueError(f"config dms.variant must be 'neuron' or 'adapter', got {variant!r}")
-    per = dms.get("decisions_per", "head")
-    if per not in ("head", "layer"):
-        raise ValueError(f"config dms.decisions_per must be 'head' or 'layer', got {per!r}")
-    window = dms.get("window")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-        raise ValueError(f"config dms.window must be an int >= 0, got {window!r}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"DMS supports full-attention layers only, config has layer_types {layer_types}")
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-    return {
-        "variant": variant,
-        "per_layer": per == "layer",
-        "window": window,
-        "scale": float(dms["logit_scale"]),
-        "offset": float(dms["logit_offset"]),
-        "adapter_eps": float(dms.get("adapter_eps", ADAPTER_EPS)),
-    }
+# transformers 5.24 renamed the cache argument of forward/generate from ``past_key_values`` to ``cache``
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +100,7 @@ class DMSCacheLayer(CacheLayerMixin):
     """One layer of a ``DMSCache``. ``keys [B, Hkv, N, D]``, ``values [B, Hkv, N, Dv]``, ``positions
     [B, Hkv, N]`` (-1: empty slot), ``flagged [B, Hkv, N]`` (evicted by its successor's decision, still
     inside the window), ``seen [B]`` real tokens of each row so far, ``columns`` input columns so far
-    (pads included; what ``generate`` calls the sequence length)."""
+    (pads included: what ``generate`` counts as the sequence length)."""
 
     is_sliding = False
     is_compileable = False
@@ -112,13 +128,20 @@ class DMSCacheLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError("a DMS cache layer is written by DMSAttention (attend), not by update()")
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.columns + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # DMS attention does not read the model's mask (visibility is the DMS rule on the held tokens):
+        # sizing it to the new chunk keeps transformers from building a mask over the whole context.
+        # transformers < 5.5 passes cache_position (a tensor of the chunk's columns) instead of a length.
+        n = query_length.shape[-1] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return n, self.columns
 
     def get_seq_length(self) -> int:
         return self.columns
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.3
         return -1
 
     @property
@@ -129,16 +152,7 @@ class DMSCacheLayer(CacheLayerMixin):
         """Tokens held per ``[B, Hkv]``."""
         return (self.positions >= 0).sum(-1)
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        evict: torch.Tensor,
-        pos: torch.Tensor,
-        valid: torch.Tensor,
-        scaling: float,
-    ) -> torch.Tensor:
+    def attend(self, q, k, v, evict, pos, valid, scaling: float) -> torch.Tensor:
         """Attention of a chunk of ``n`` new tokens against the held ones and each other, then commit.
         ``q [B, Hq, n, D]``, ``k [B, Hkv, n, D]`` (RoPE applied), ``v [B, Hkv, n, Dv]``, ``evict [B, Hkv, n]``
         (decision of each new token about its predecessor), ``pos [B, n]`` positions (-1 for pads),
@@ -147,8 +161,8 @@ class DMSCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(k[:, :, :0], v[:, :, :0])
         if self.keys.shape[0] != b or self.keys.shape[1] != hkv:
-            raise ValueError(f"DMS cache holds batch {self.keys.shape[0]}, got a chunk of batch {b}")
-        held = self.positions.shape[2]
+            raise ValueError(f"the DMS cache holds batch {self.keys.shape[0]}, got a chunk of batch {b}")
+        held_before = self.positions.shape[2]
         # decision of each new token, indexed by its offset from the row's first new position (pads -> n)
         evict = evict & valid[:, None, :]
         offset = torch.where(valid, pos - self.seen[:, None], n)[:, None, :].expand(b, hkv, n)
@@ -161,16 +175,15 @@ class DMSCacheLayer(CacheLayerMixin):
         flagged = torch.cat([self.flagged, torch.zeros_like(new_pos, dtype=torch.bool)], 2) | hit
         keys = torch.cat([self.keys, k.to(self.keys.dtype)], 2)
         values = torch.cat([self.values, v.to(self.values.dtype)], 2)
-        out = self._attention(q, keys, values, kpos, flagged, pos, valid, held, scaling)
-        # commit: pads are never stored; a flagged token p is removed once the row's last token is
-        # p + window + 1 or later (no later query can see it), as the reference frees it then
+        out = self._attention(q, keys, values, kpos, flagged, pos, valid, held_before, scaling)
+        # commit: pads are never stored; keep what the row's last token still sees
         self.seen = self.seen + valid.sum(1)
-        gone = flagged & (kpos <= (self.seen - 2 - self.window)[:, None, None])
-        self._store(keys, values, kpos, flagged, (kpos >= 0) & ~gone)
+        keep = (kpos >= 0) & held(kpos, flagged, (self.seen - 1)[:, None, None], self.window)
+        self._store(keys, values, kpos, flagged, keep)
         self.columns += n
         return out
 
-    def _attention(self, q, keys, values, kpos, evicted, qpos, qvalid, held, scaling) -> torch.Tensor:
+    def _attention(self, q, keys, values, kpos, evicted, qpos, qvalid, held_before, scaling) -> torch.Tensor:
         b, hq, n, d = q.shape
         hkv, total = keys.shape[1], keys.shape[2]
         g = hq // hkv
@@ -182,13 +195,12 @@ class DMSCacheLayer(CacheLayerMixin):
             e = min(n, s + block)
             c = e - s
             age = qpos[:, None, s:e, None] - kpos[:, :, None, :]  # [B, Hkv, c, K]
-            recent_or_kept = (age <= self.window) | ~evicted[:, :, None, :]
-            visible = (kpos >= 0)[:, :, None, :] & (age >= 0) & recent_or_kept
+            seen_by = (kpos >= 0)[:, :, None, :] & visible(age, evicted[:, :, None, :], self.window)
             pad = ~qvalid[:, s:e]
             if bool(pad.any()):  # a pad query sees itself only (its output is discarded; no empty row)
-                own = key_index[None, :] == (held + torch.arange(s, e, device=q.device))[:, None]  # [c, K]
-                visible = visible | (own[None, None] & pad[:, None, :, None])
-            mask = visible[:, :, None].expand(b, hkv, g, c, total).reshape(b, hkv, g * c, total)
+                own = key_index[None, :] == (held_before + torch.arange(s, e, device=q.device))[:, None]
+                seen_by = seen_by | (own[None, None] & pad[:, None, :, None])
+            mask = seen_by[:, :, None].expand(b, hkv, g, c, total).reshape(b, hkv, g * c, total)
             qc = qg[:, :, :, s:e].reshape(b, hkv, g * c, d)
             o = F.scaled_dot_product_attention(
                 qc, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scaling
@@ -234,14 +246,42 @@ class DMSCacheLayer(CacheLayerMixin):
 
 class DMSCache(Cache):
     """KV cache of a DMS model: per layer and (batch row, KV head) only the held tokens; see the module
-    docstring. ``DMSCache(model.config)``; ``generate`` creates one by itself."""
+    docstring. ``DMSCache(model.config)``; the DMS causal LM starts one by itself."""
 
     def __init__(self, config) -> None:
-        dms = dms_settings(config)
+        dms = DMSBlock.from_config(config)
         if dms is None:
             raise ValueError("DMSCache needs a config with a dms block")
-        super().__init__(layers=[DMSCacheLayer(dms["window"]) for _ in range(config.num_hidden_layers)])
-        self.window = dms["window"]
+        super().__init__(layers=[DMSCacheLayer(dms.window) for _ in range(config.num_hidden_layers)])
+        self.window = dms.window
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # (pos, valid) of the chunk in flight
+
+    def begin_chunk(self, attention_mask, position_ids, batch: int, n: int, device) -> torch.Tensor:
+        """Set the positions and validity of the ``n`` new tokens of each row; returns the positions for
+        RoPE (pads at 0)."""
+        if attention_mask is None:
+            valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+        elif attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < n:
+            raise ValueError(
+                "DMS models take a 2D attention_mask [batch, past + new tokens], "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        else:
+            valid = attention_mask[:, -n:].to(device=device, dtype=torch.bool)
+        first = self.layers[0]
+        seen = first.seen if first.is_initialized else torch.zeros(batch, dtype=torch.long, device=device)
+        if seen.shape[0] != batch:
+            raise ValueError(f"the DMSCache holds batch {seen.shape[0]}, the input has batch {batch}")
+        pos = torch.where(valid, seen[:, None] + valid.long().cumsum(1) - 1, -1)
+        if position_ids is not None:
+            given = position_ids.to(pos.device).expand(batch, n)
+            if bool((given != pos)[valid].any()):
+                raise ValueError(
+                    "position_ids disagree with the DMS cache (positions count the real tokens of each row); "
+                    "pass the full attention_mask, or leave position_ids out"
+                )
+        self.chunk = (pos, valid)
+        return pos.clamp(min=0)
 
     def _check(self) -> None:
         if not all(layer.is_initialized for layer in self.layers):
@@ -264,8 +304,12 @@ class DMSCache(Cache):
 
     def effective_cr(self) -> float:
         """Tokens seen / tokens held, averaged over layers, batch rows and KV heads."""
-        seen, held = self.tokens_seen().float(), self.tokens_held().float()
-        return float((seen / held.clamp(min=1)).mean())
+        seen, held_now = self.tokens_seen().float(), self.tokens_held().float()
+        return float((seen / held_now.clamp(min=1)).mean())
+
+    def kv_cr(self) -> float:
+        """All tokens seen / all tokens held: the factor the KV memory shrank (a dense cache holds all)."""
+        return float(self.tokens_seen().sum() / self.tokens_held().sum().clamp(min=1))
 
 
 class DMSAttention(nn.Module):
@@ -273,7 +317,7 @@ class DMSAttention(nn.Module):
     ``o_proj``, ``q_norm`` / ``k_norm`` where the family has them) plus ``dms_proj_alpha_norm`` and
     ``dms_proj_alpha`` for the adapter variant, so checkpoint weights load by name."""
 
-    def __init__(self, base: nn.Module, config, layer_idx: int, dms: dict, norm_cls: type) -> None:
+    def __init__(self, base: nn.Module, config, layer_idx: int, dms: DMSBlock, norm_cls: type) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.q_proj, self.k_proj, self.v_proj = base.q_proj, base.k_proj, base.v_proj
@@ -284,174 +328,122 @@ class DMSAttention(nn.Module):
         self.scaling = base.scaling
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.dms = dms
-        if dms["variant"] == "adapter":
-            self.dms_proj_alpha_norm = norm_cls(config.hidden_size, eps=dms["adapter_eps"])
+        self.residual: torch.Tensor | None = None  # the layer's input, set by the pre-hook (adapter)
+        if dms.variant == "adapter":
+            self.dms_proj_alpha_norm = norm_cls(config.hidden_size, eps=dms.adapter_eps)
             self.dms_proj_alpha = nn.Linear(config.hidden_size, self.num_kv_heads, bias=False)
 
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError(
-            "DMS attention runs from the DMS *ForCausalLM forward (it needs the DMS cache and the residual); "
-            "call the causal LM, not its inner model"
-        )
-
-    def attend(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        cache: DMSCacheLayer,
-        pos: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """``x [B, n, hidden]`` (after input_layernorm), ``residual`` (before it) -> ``[B, n, hidden]``."""
-        b, n, _ = x.shape
-        d, g = self.head_dim, self.num_heads // self.num_kv_heads
-        q = self.q_proj(x).view(b, n, self.num_heads, d)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, d)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, -1)
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        if not isinstance(cache, DMSCache) or cache.chunk is None:
+            raise ValueError(
+                "DMS attention runs inside the DMS *ForCausalLM forward (it prepares the DMSCache); "
+                "call the causal LM, not its inner model"
+            )
+        b, n, _ = hidden_states.shape
+        d = self.head_dim
+        q = self.q_proj(hidden_states).view(b, n, self.num_heads, d)
+        k = self.k_proj(hidden_states).view(b, n, self.num_kv_heads, d)
+        v = self.v_proj(hidden_states).view(b, n, self.num_kv_heads, -1)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        dms = self.dms
-        keep = None
-        if dms["variant"] == "neuron":
-            logits = q[:, :, ::g, -1].float() * dms["scale"] - dms["offset"]  # [B, n, Hkv]
-            keep = torch.ones(self.num_heads, d, dtype=q.dtype, device=q.device)
-            keep[::g, -1] = 0
-            q = q * keep
-        else:
-            z = self.dms_proj_alpha_norm(residual)
-            logits = self.dms_proj_alpha(z).float() * dms["scale"] - dms["offset"]
-        if dms["per_layer"]:
-            logits = logits[..., :1].expand_as(logits)
+        adapter_raw = None
+        if self.dms.variant == "adapter":
+            residual, self.residual = self.residual, None
+            adapter_raw = self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))
+        logits = eviction_logits(self.dms, q, self.num_kv_heads, adapter_raw)  # [B, n, Hkv]
+        if self.dms.variant == "neuron":
+            q = zero_neuron(q, self.num_kv_heads)
         cos, sin = position_embeddings
         cos, sin = cos[:, :, None], sin[:, :, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if keep is not None:
-            q = q * keep  # RoPE rotated channel D/2-1 into D-1
-        out = cache.attend(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            (logits > 0).transpose(1, 2),
-            pos,
-            valid,
-            self.scaling,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        if self.dms.variant == "neuron":
+            q = zero_neuron(q, self.num_kv_heads)  # RoPE rotated channel D/2-1 into D-1
+        pos, valid = cache.chunk
+        out = cache.layers[self.layer_idx].attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), evicts(logits).transpose(1, 2),
+            pos, valid, self.scaling,
+        )  # fmt: skip
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
+
+
+def _hand_residual_to_attention(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a decoder layer: its input is the residual the adapter reads."""
+    layer.self_attn.residual = args[0] if args else kwargs["hidden_states"]
 
 
 class _DMSCausalLM:
-    """Shared by the family classes: swaps in ``DMSAttention`` and runs the DMS forward with a
-    ``DMSCache``; without a ``dms`` block everything is the parent transformers class."""
+    """Shared by the family classes: swaps in ``DMSAttention`` and prepares the ``DMSCache`` for each
+    forward; without a ``dms`` block everything is the parent transformers class."""
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self._dms = dms_settings(config)
-        if self._dms is not None:
-            for i, layer in enumerate(self.model.layers):
-                layer.self_attn = DMSAttention(
-                    layer.self_attn, config, i, self._dms, type(layer.input_layernorm)
-                )
+        self.dms = DMSBlock.from_config(config)
+        if self.dms is None:
+            return
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"DMS supports full-attention layers only, config has layer_types {layer_types}")
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = DMSAttention(layer.self_attn, config, i, self.dms, type(layer.input_layernorm))
+            if self.dms.variant == "adapter":
+                layer.register_forward_pre_hook(_hand_residual_to_attention, with_kwargs=True)
 
-    def _token_mask(self, attention_mask, b: int, n: int, device) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(b, n, dtype=torch.bool, device=device)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
-            raise ValueError(
-                "DMS models take a 2D attention_mask [batch, past + new tokens], "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        return attention_mask[:, -n:].to(device=device, dtype=torch.bool)
+    def _dms_cache(self, given, batch: int) -> DMSCache:
+        if isinstance(given, DMSCache):
+            if len(given.layers) != self.config.num_hidden_layers:
+                raise ValueError(
+                    f"the DMSCache has {len(given.layers)} layers, the model {self.config.num_hidden_layers}"
+                )
+            return given
+        if given is None or (isinstance(given, Cache) and given.get_seq_length() == 0):
+            return DMSCache(self.config)  # no cache, or the empty default one generate made: start ours
+        raise ValueError(f"a DMS model needs a DMSCache (or none), got {type(given).__name__} holding tokens")
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        if self._dms is None:
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if self.dms is None:
+            kwargs[CACHE_ARG] = cache
             return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        return_dict = kwargs.pop("return_dict", None)
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):
-                raise ValueError(f"{flag} is not supported by the DMS forward")
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )  # fmt: skip
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported by DMS models")
+        kwargs.pop("cache_position", None)  # positions come from the cache (real tokens of each row)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        b, n = h.shape[:2]
+        b, n = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        dms_cache = self._dms_cache(cache, b)
+        rope_pos = dms_cache.begin_chunk(attention_mask, position_ids, b, n, device)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
-        if cache is None:
-            cache = DMSCache(self.config)
-        elif not isinstance(cache, DMSCache):
-            raise ValueError(f"a DMS model needs a DMSCache (or none), got {type(cache).__name__}")
-        if len(cache.layers) != self.config.num_hidden_layers:
-            raise ValueError(
-                f"the DMSCache has {len(cache.layers)} layers, the model {self.config.num_hidden_layers}"
-            )
-        valid = self._token_mask(attention_mask, b, n, h.device)
-        first = cache.layers[0]
-        seen = first.seen if first.is_initialized else torch.zeros(b, dtype=torch.long, device=h.device)
-        if seen.shape[0] != b:
-            raise ValueError(f"the DMSCache holds batch {seen.shape[0]}, the input has batch {b}")
-        pos = torch.where(valid, seen[:, None] + valid.long().cumsum(1) - 1, -1)
-        if position_ids is not None:
-            given = position_ids.to(pos.device).expand(b, n)
-            if bool((given != pos)[valid].any()):
-                raise ValueError(
-                    "position_ids disagree with the DMS cache (positions count the real tokens of each row); "
-                    "pass the full attention_mask, or leave position_ids out"
-                )
-        position_embeddings = self.model.rotary_emb(h, pos.clamp(min=0))
-        for i, layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
-            attn = layer.self_attn.attend(
-                layer.input_layernorm(h), h, position_embeddings, cache.layers[i], pos, valid
-            )
-            h = h + attn
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.model.norm(h)
-        if isinstance(logits_to_keep, int):
-            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
-        else:
-            h = h[:, logits_to_keep]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return_dict = kwargs.pop("return_dict", None)
+        kwargs[CACHE_ARG] = dms_cache
+        try:  # the model's own mask is not used: visibility comes from the cache (see get_mask_sizes)
+            out = super().forward(
+                input_ids=input_ids, attention_mask=None, position_ids=rope_pos, inputs_embeds=inputs_embeds,
+                labels=labels, use_cache=True, logits_to_keep=logits_to_keep, return_dict=True, **kwargs,
+            )  # fmt: skip
+        finally:
+            dms_cache.chunk = None
+        if not use_cache:  # generate without a cache feeds the whole sequence again: return none
+            out = type(out)(**{key: value for key, value in out.items() if key != CACHE_ARG})
         return out.to_tuple() if return_dict is False else out
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if self._dms is not None:
-            given = model_kwargs.get("past_key_values")
-            if given is not None and not isinstance(given, DMSCache):
-                raise ValueError(f"a DMS model needs a DMSCache, got {type(given).__name__}")
-            if given is None and generation_config.use_cache is not False:
-                if generation_config.cache_implementation not in (None, "dynamic"):
-                    raise ValueError(
-                        f"cache_implementation={generation_config.cache_implementation!r} is not "
-                        "supported by DMS models (they use their own DMSCache)"
-                    )
-                model_kwargs["past_key_values"] = DMSCache(self.config)
-                return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
 class DMSLlamaForCausalLM(_DMSCausalLM, LlamaForCausalLM):
@@ -473,5 +465,5 @@ __all__ = [
     "DMSLlamaForCausalLM",
     "DMSQwen2ForCausalLM",
     "DMSQwen3ForCausalLM",
-    "dms_settings",
+    "check_transformers_version",
 ]

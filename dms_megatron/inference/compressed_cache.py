@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from dms_megatron.core.dms_rules import evicts, visible
 from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.inference.paged_cache import CacheFullError
 from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
@@ -181,7 +182,7 @@ class CompressedKV:
             flag = self.ring_flag[layer]
             if logits is not None:  # the new token's decision flags its predecessor
                 prev = (pos - 1) % W
-                flag[rows, :, prev] |= (logits > 0) & (pos >= 1)[:, None]
+                flag[rows, :, prev] |= evicts(logits) & (pos >= 1)[:, None]
             # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
             kept = ~flag[rows, :, slot] & (pos >= W)[:, None]  # [R, H]
             self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
@@ -230,7 +231,7 @@ class CompressedKV:
         ring_ok = seq_pos[:W] >= 0
         for layer in range(self.L):
             q, k, v, logits = m.attention_inputs(layer, h, pos)
-            dec = torch.zeros(n, H, dtype=torch.bool, device=dev) if logits is None else logits > 0
+            dec = torch.zeros(n, H, dtype=torch.bool, device=dev) if logits is None else evicts(logits)
             flag = self.ring_flag[layer, row]  # [H, W]
             if t0 > 0:
                 flag[:, (t0 - 1) % W] |= dec[0]
@@ -244,7 +245,7 @@ class CompressedKV:
             seq_ok = torch.cat([ring_ok, torch.ones(n, dtype=torch.bool, device=dev)])
             # visibility of ring + chunk keys: causal, valid, and (inside the window or not flagged)
             age = pos[:, None] - seq_pos[None, :]  # [n, W + n]
-            vis = (age >= 0) & seq_ok[None] & ((age <= W - 1)[None] | ~seq_flag[:, None, :])  # [H, n, W+n]
+            vis = seq_ok[None] & visible(age[None], seq_flag[:, None, :], W - 1)  # [H, n, W + n]
             pk, pv, pvis = self._gather_pages(layer, row)  # [H, P, D], [H, P]
             keys = torch.cat([pk, seq_k], 1).float()
             values = torch.cat([pv, seq_v], 1).float()

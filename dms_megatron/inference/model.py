@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from dms_megatron.core.attention import dms_attention_reference
+from dms_megatron.core.dms_rules import DMSBlock, eviction_logits, evicts, visible, zero_neuron
 from dms_megatron.families import ModelArch, arch_from_hf_config
 from dms_megatron.inference.paged_cache import BlockPool, HeadStream
-
-DMS_FIELDS = ("variant", "decisions_per", "window", "logit_scale", "logit_offset")
-ADAPTER_EPS = 1e-6  # DMSConfig.adapter_eps default (not part of the exported dms block)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,20 +50,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class DMSCausalLM:
     """Weights + the per-layer math shared by the dense oracle and the cached decoder."""
 
-    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], dms: dict[str, Any] | None) -> None:
-        self.arch, self.w, self.dms = arch, weights, dms
+    def __init__(
+        self, arch: ModelArch, weights: dict[str, torch.Tensor], dms: DMSBlock | Mapping[str, Any] | None
+    ) -> None:
+        self.arch, self.w = arch, weights
+        self.dms = dms
         self.hq, self.hkv, self.d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        if dms is not None:
-            missing = [k for k in DMS_FIELDS if k not in dms]
-            if missing:
-                raise ValueError(
-                    f"config.json dms block lacks {missing} (re-export with launch/convert.py export)"
-                )
-            if dms["variant"] not in ("neuron", "adapter"):
-                raise ValueError(f"config.json dms.variant must be neuron or adapter, got {dms['variant']!r}")
-            if dms["decisions_per"] not in ("head", "layer") or int(dms["window"]) < 0:
-                raise ValueError(f"config.json dms: bad decisions_per / window in {dms}")
+
+    @property
+    def dms(self) -> DMSBlock | None:
+        """The ``dms`` block (None: the original model, no eviction); a dict is parsed on assignment."""
+        return self._dms
+
+    @dms.setter
+    def dms(self, block: DMSBlock | Mapping[str, Any] | None) -> None:
+        self._dms = block if block is None or isinstance(block, DMSBlock) else DMSBlock.from_dict(block)
 
     @classmethod
     def from_pretrained(
@@ -76,7 +77,7 @@ class DMSCausalLM:
         config = json.loads((Path(path) / "config.json").read_text())
         weights = {n: reader.get(n).to(device=device, dtype=dtype) for n in reader.names()}
         reader.close()
-        return cls(arch_from_hf_config(config), weights, config.get("dms"))
+        return cls(arch_from_hf_config(config), weights, DMSBlock.from_config(config))
 
     @property
     def device(self) -> torch.device:
@@ -88,7 +89,7 @@ class DMSCausalLM:
 
     @property
     def window(self) -> int:
-        return int(self.dms["window"]) if self.dms else 0
+        return self.dms.window if self.dms else 0
 
     def _p(self, layer: int, name: str) -> torch.Tensor:
         return self.w[f"model.layers.{layer}.{name}"]
@@ -111,28 +112,22 @@ class DMSCausalLM:
             q = _rms(q, self._p(layer, "self_attn.q_norm.weight"), eps)
             k = _rms(k, self._p(layer, "self_attn.k_norm.weight"), eps)
         logits = None
-        g = self.hq // self.hkv
         if self.dms is not None:
-            scale, offset = float(self.dms["logit_scale"]), float(self.dms["logit_offset"])
-            if self.dms["variant"] == "neuron":
-                logits = q[:, ::g, -1].float() * scale - offset
-                q = q.clone()
-                q[:, ::g, -1] = 0
-            else:
-                z = _rms(h, self._p(layer, "self_attn.dms_proj_alpha_norm.weight"), ADAPTER_EPS)
-                logits = (
-                    F.linear(z, self._p(layer, "self_attn.dms_proj_alpha.weight")).float() * scale - offset
-                )
-            if self.dms.get("decisions_per") == "layer":
-                logits = logits[:, :1].expand_as(logits)
+            raw = None
+            if self.dms.variant == "adapter":
+                z = _rms(h, self._p(layer, "self_attn.dms_proj_alpha_norm.weight"), self.dms.adapter_eps)
+                raw = F.linear(z, self._p(layer, "self_attn.dms_proj_alpha.weight"))
+            logits = eviction_logits(self.dms, q, self.hkv, raw)
+        neuron = self.dms is not None and self.dms.variant == "neuron"
+        if neuron:
+            q = zero_neuron(q, self.hkv)
         key = (q.device, q.dtype)
         if key not in self._rope:
             self._rope[key] = _rope_table(a.rope_theta, self.d, a.max_position_embeddings, q.device, q.dtype)
         cos, sin = (t[pos] for t in self._rope[key])
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if self.dms is not None and self.dms["variant"] == "neuron":
-            q = q.clone()
-            q[:, ::g, -1] = 0  # RoPE rotated channel D/2-1 into D-1
+        if neuron:
+            q = zero_neuron(q, self.hkv)  # RoPE rotated channel D/2-1 into D-1
         return q, k, v, logits
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -158,7 +153,7 @@ class DMSCausalLM:
             q, k, v, logits = self.attention_inputs(layer, h, pos)
             relaxed = None
             if logits is not None:
-                hard = logits.t() > 0  # [Hkv, T]
+                hard = evicts(logits).t()  # [Hkv, T]
                 decisions.append(hard.int())
                 relaxed = torch.where(hard, math.inf, -math.inf)[None]
             out = dms_attention_reference(
@@ -214,7 +209,7 @@ class DecodeSession:
             q, k, v, logits = m.attention_inputs(layer, h, pos)
             heads = []
             for j, stream in enumerate(streams):
-                dec = torch.zeros(n, dtype=torch.bool) if logits is None else logits[:, j] > 0
+                dec = torch.zeros(n, dtype=torch.bool) if logits is None else evicts(logits[:, j])
                 held_pos, held_k, held_v = stream.gather()
                 keys_pos = torch.cat([held_pos, pos])
                 # evicted[k]: the decision of token k + 1 says evict (pending in the cache, or in the chunk)
@@ -224,12 +219,12 @@ class DecodeSession:
                     evicted[len(held_pos) - 1] |= bool(dec[0])
                 evicted[len(held_pos) : len(held_pos) + n - 1] |= dec[1:]
                 age = pos[:, None] - keys_pos[None, :]  # [n, keys]
-                visible = (age >= 0) & ((age <= w) | ~evicted[None, :])
+                seen_by = visible(age, evicted[None, :], w)
                 keys = torch.cat([held_k, k[:, j]]).float()
                 values = torch.cat([held_v, v[:, j]]).float()
-                self.reads += int(visible.sum()) * g
+                self.reads += int(seen_by.sum()) * g
                 scores = torch.einsum("ngd,kd->ngk", q[:, j * g : (j + 1) * g].float(), keys) / math.sqrt(m.d)
-                scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+                scores = scores.masked_fill(~seen_by[:, None, :], float("-inf"))
                 probs = torch.softmax(scores, -1)
                 heads.append(probs @ values)  # [n, g, D]
                 for i in range(n):  # commit: the token's decision flags its predecessor, then it is stored

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dms_megatron.core.dms_rules import outside_window
 from dms_megatron.core.shift import check_doc_ids, shifted_log_keep
 
 
@@ -97,7 +98,7 @@ def dms_attention_flex(
         win = torch.tensor(window, device=q.device, dtype=torch.int32)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(q_idx - kv_idx > win, score + log_keep[b, kv_idx], score)
+            return torch.where(outside_window(q_idx - kv_idx, win), score + log_keep[b, kv_idx], score)
 
     out = _compiled_flex()(
         qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=g > 1

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from dms_megatron.config import DMSConfig
+from dms_megatron.core.dms_rules import evicts
 from dms_megatron.core.gating import EvictionAdapter, neuron_evict_logits, relaxed_decisions, zero_neuron
 from dms_megatron.core.noise import NoiseKey, logistic_noise
 from dms_megatron.core.shift import doc_ids_from_cu_seqlens
@@ -249,7 +250,7 @@ class DMSCoreAttention(MegatronModule):
             noise = self._noise(B, ng, T, q.device)
             decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
         else:  # inference semantics (eval mode): hard decisions, no noise, no temperature
-            hard = logits_bht.float() > 0
+            hard = evicts(logits_bht)
             decisions = hard.float()
             relaxed = torch.where(hard, float("inf"), float("-inf"))
         out = dms_attention(

@@ -1,23 +1,35 @@
 """Exported DMS folders load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
-(dms_megatron/hf/modeling_dms.py) and equal the reference (``DMSCausalLM``, ``DecodeSession``, the
-engine's greedy loop): full-sequence logits, greedy ``generate`` tokens, chunked prefill, multi-turn,
-left padding, and the tokens the ``DMSCache`` physically holds per (layer, KV head)."""
+(dms_megatron/hf/modeling_dms.py + core/dms_rules.py) and equal the reference (``DMSCausalLM``,
+``DecodeSession``, the engine): full-sequence logits, greedy and sampled ``generate``, chunked prefill,
+multi-turn, left padding, and the tokens the ``DMSCache`` physically holds per (layer, KV head).
+
+Runs under whatever transformers is installed; CI runs it under the oldest and the newest release we
+support (``make test-transformers-oldest``; docs/inference.md).
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
+import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from dms_megatron.hf import MODELING_FILE, install_remote_code
+from dms_megatron.config import DMSConfig
+from dms_megatron.hf import REMOTE_FILES, install_remote_code
 from dms_megatron.inference.engine import Engine, Request
 from dms_megatron.inference.model import DecodeSession, DMSCausalLM
 from dms_megatron.inference.paged_cache import BlockPool
 
 tf = pytest.importorskip("transformers")
+TF_RELEASE = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", tf.__version__).groups())
+CACHE = "cache" if TF_RELEASE >= (5, 24) else "past_key_values"  # renamed in transformers 5.24
+# before 5.2 generate makes no cache by default, and chunked prefill needs one (for every model)
+CHUNKED = {} if TF_RELEASE >= (5, 2) else {"cache_implementation": "dynamic"}
 
 V, HIDDEN, LAYERS, KV = 96, 64, 3, 2
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -65,6 +77,13 @@ def bases(tmp_path_factory):
     return out
 
 
+def _dms_config(variant: str, per: str, window: int) -> DMSConfig:
+    scale, offset = (1.0, -0.5) if variant == "adapter" else (20.0, 0.0)
+    return DMSConfig(
+        variant=variant, decisions_per=per, window=window, logit_scale=scale, logit_offset=offset
+    )
+
+
 def _add_dms(folder, variant: str, per: str, window: int) -> None:
     """Write the dms block into config.json (and the adapter weights into the safetensors), like export."""
     from safetensors.torch import load_file, save_file
@@ -77,20 +96,8 @@ def _add_dms(folder, variant: str, per: str, window: int) -> None:
             weights[f"{prefix}_norm.weight"] = 1 + 0.1 * torch.randn(HIDDEN, generator=gen)
             weights[f"{prefix}.weight"] = torch.randn(KV, HIDDEN, generator=gen) * 0.3
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-        scale, offset = 1.0, -0.5
-    else:
-        scale, offset = 20.0, 0.0
     config = json.loads((folder / "config.json").read_text())
-    config["dms"] = {
-        "variant": variant,
-        "decisions_per": per,
-        "window": window,
-        "logit_scale": scale,
-        "logit_offset": offset,
-        "tau": 0.1,
-        "target_cr": 4.0,
-        "trained_cr": None,
-    }
+    config["dms"] = _dms_config(variant, per, window).exported_block().to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -135,10 +142,13 @@ def test_logits_generate_and_held_tokens_equal_the_reference(folders, family, va
     prompt = _ids(24, seed=2)
     dense, _ = ref.forward_dense(prompt)
     with torch.no_grad():
-        no_cache = model(prompt[None], use_cache=False).logits[0]
-        cached = model(prompt[None]).logits[0]
-    torch.testing.assert_close(no_cache, dense, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cached, dense, atol=1e-4, rtol=1e-4)
+        no_cache = model(prompt[None], use_cache=False)
+        cached = model(prompt[None], output_hidden_states=True)
+    assert getattr(no_cache, CACHE) is None
+    assert type(getattr(cached, CACHE)).__name__ == "DMSCache"
+    assert len(cached.hidden_states) == LAYERS + 1  # transformers' own model loop runs
+    torch.testing.assert_close(no_cache.logits[0], dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.logits[0], dense, atol=1e-4, rtol=1e-4)
 
     out = model.generate(prompt[None], max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     engine = Engine(ref, num_blocks=LAYERS * KV * 16, block_size=4)
@@ -150,7 +160,7 @@ def test_logits_generate_and_held_tokens_equal_the_reference(folders, family, va
     _, decisions = ref.forward_dense(out.sequences[0, :seen])
     rate = torch.stack(decisions).float()[:, :, 1:].mean().item()
     assert 0.2 < rate < 0.9, rate  # mixed decisions: eviction really happens
-    cache = out.past_key_values
+    cache = getattr(out, CACHE)
     assert type(cache).__name__ == "DMSCache"
     assert cache.get_seq_length() == seen
     assert (cache.tokens_seen() == seen).all()
@@ -160,6 +170,7 @@ def test_logits_generate_and_held_tokens_equal_the_reference(folders, family, va
     assert (held < seen).all() and held.sum() < 0.8 * seen * LAYERS * KV
     assert sum(cache.storage_tokens()) < seen * LAYERS  # the padded storage shrank too
     assert cache.effective_cr() > 1.2
+    assert cache.kv_cr() == pytest.approx(seen * LAYERS * KV / held.sum().item())
 
 
 @pytest.mark.parametrize(("variant", "per", "window"), [CASES[0], CASES[2]])
@@ -173,19 +184,19 @@ def test_chunked_prefill_and_multi_turn_equal_the_reference(folders, variant, pe
     parts = []
     with torch.no_grad():
         for a, b in [(0, 7), (7, 8), (8, 9), (9, 30), (30, 31), (31, 50)]:  # prefill, decode, a new turn
-            out = model(ids[None, a:b], past_key_values=cache)
-            cache = out.past_key_values
+            out = model(ids[None, a:b], **{CACHE: cache})
+            cache = getattr(out, CACHE)
             parts.append(out.logits[0])
     torch.testing.assert_close(torch.cat(parts), dense, atol=1e-4, rtol=1e-4)
 
     # two generate turns on one cache (chunked prefill in the first) vs DecodeSession
     first, second = ids[:20], ids[20:31]
-    turn1 = model.generate(
-        first[None], max_new_tokens=6, do_sample=False, prefill_chunk_size=6, return_dict_in_generate=True
-    )
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    turn1 = model.generate(first[None], prefill_chunk_size=6, **CHUNKED, **kwargs)
     full = torch.cat([turn1.sequences[0], second])
-    cache = turn1.past_key_values  # turn 2 continues it (the same object)
-    turn2 = model.generate(full[None], past_key_values=cache, max_new_tokens=6, do_sample=False)
+    cache = getattr(turn1, CACHE)  # turn 2 continues it (the same object)
+    turn2 = model.generate(full[None], **{CACHE: cache}, **kwargs)
+    assert getattr(turn2, CACHE) is cache
     session = DecodeSession(ref, BlockPool(LAYERS * KV * 20, 4, ref.d))
     expect, pending = [], first.tolist()
     for _ in range(2):
@@ -196,11 +207,12 @@ def test_chunked_prefill_and_multi_turn_equal_the_reference(folders, variant, pe
                 logits = session.step(expect[-1])
         pending = [expect[-1], *second.tolist()]
     assert turn1.sequences[0, 20:].tolist() == expect[:6]
-    assert turn2[0, len(full) :].tolist() == expect[6:]
+    assert turn2.sequences[0, len(full) :].tolist() == expect[6:]
     assert cache.tokens_held()[:, 0].tolist() == session.held().tolist()  # both after the two turns
 
 
-def test_left_padded_batch_equals_one_prompt_at_a_time(folders) -> None:
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_left_padded_batch_equals_one_prompt_at_a_time(folders, chunk) -> None:
     window = 4
     folder = folders[("llama", "adapter", "head", window)]
     model = _load(folder)
@@ -211,16 +223,42 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(folders) -> None:
     batch[0], mask[0] = long, 1
     batch[1, 11:], mask[1, 11:] = short, 1
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    if chunk is not None:
+        kwargs.update(prefill_chunk_size=chunk, **CHUNKED)
     out = model.generate(batch, attention_mask=mask, **kwargs)
     engine = Engine(ref, num_blocks=2 * LAYERS * KV * 16, block_size=4)
     results = engine.generate([Request(p.tolist(), max_new_tokens=12) for p in (long, short)])
     assert out.sequences[:, 24:].tolist() == [r.tokens for r in results]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE)
     assert cache.tokens_seen()[0, :, 0].tolist() == [24 + 11, 13 + 11]  # pad tokens are never stored
     for row, (prompt, result) in enumerate(zip((long, short), results, strict=True)):
         seq = torch.cat([prompt, torch.tensor(result.tokens[:-1])])
         _, decisions = ref.forward_dense(seq)
         assert cache.tokens_held()[:, row].tolist() == _expected_held(decisions, len(seq), window)
+        assert cache.tokens_held()[:, row].tolist() == result.metrics["tokens_held"]
+
+
+def test_sampling_follows_the_reference_logits(folders) -> None:
+    """Sampled tokens differ from any other sampler's, so check what decides them: every step's logits
+    equal the dense oracle's on the sampled sequence, and the cache holds what the decisions predict."""
+    window = 3
+    folder = folders[("qwen2", "neuron", "head", window)]
+    model = _load(folder)
+    ref = DMSCausalLM.from_pretrained(folder)
+    prompt = _ids(17, seed=9)
+    torch.manual_seed(0)
+    out = model.generate(
+        prompt[None], max_new_tokens=16, do_sample=True, top_k=30, temperature=1.3,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    seq = out.sequences[0]
+    assert (
+        seq[17:].tolist() != model.generate(prompt[None], max_new_tokens=16, do_sample=False)[0, 17:].tolist()
+    )
+    dense, decisions = ref.forward_dense(seq[:-1])
+    torch.testing.assert_close(torch.stack(out.logits)[:, 0], dense[16:], atol=1e-4, rtol=1e-4)
+    held = getattr(out, CACHE).tokens_held()[:, 0].tolist()
+    assert held == _expected_held(decisions, len(seq) - 1, window)
 
 
 def test_without_dms_block_the_model_is_the_original(bases, tmp_path) -> None:
@@ -230,7 +268,8 @@ def test_without_dms_block_the_model_is_the_original(bases, tmp_path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_dms.DMSLlamaForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
-    shutil.copyfile(MODELING_FILE, folder / "modeling_dms.py")
+    for name, source in REMOTE_FILES.items():
+        shutil.copyfile(source, folder / name)
     model = _load(folder)
     assert type(model).__name__ == "DMSLlamaForCausalLM"
     ids = _ids(30, seed=6)[None]
@@ -238,23 +277,50 @@ def test_without_dms_block_the_model_is_the_original(bases, tmp_path) -> None:
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
     out = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.tolist() == plain.generate(ids, max_new_tokens=10, do_sample=False).tolist()
-    assert type(out.past_key_values).__name__ == "DynamicCache"
+    assert type(getattr(out, CACHE)).__name__ == "DynamicCache"
 
 
-def test_clear_errors(folders) -> None:
+def test_clear_errors(folders, bases) -> None:
     model = _load(folders[("llama", "neuron", "head", 3)])
     ids = _ids(8, seed=7)[None]
-    with pytest.raises(ValueError, match="DMSCache"):
-        model(ids, past_key_values=tf.DynamicCache(config=model.config))
-    with pytest.raises(ValueError, match="2D attention_mask"):
-        model(ids, attention_mask=torch.ones(1, 1, 8, 8))
-    with pytest.raises(ValueError, match="position_ids"):
-        model(ids, position_ids=torch.arange(8)[None] + 3)
-    with pytest.raises(NotImplementedError, match="causal LM"):
-        model.model(ids)
-    cache = model(ids).past_key_values
+    with torch.no_grad():
+        foreign = getattr(bases["llama"][0](ids, use_cache=True), CACHE)  # a DynamicCache holding tokens
+        with pytest.raises(ValueError, match="needs a DMSCache"):
+            model(ids, **{CACHE: foreign})
+        with pytest.raises(ValueError, match="2D attention_mask"):
+            model(ids, attention_mask=torch.ones(1, 1, 8, 8))
+        with pytest.raises(ValueError, match="position_ids disagree"):
+            model(ids, position_ids=torch.arange(8)[None] + 3)
+        with pytest.raises(ValueError, match="output_attentions"):
+            model(ids, output_attentions=True)
+        with pytest.raises(ValueError, match="call the causal LM"):
+            model.model(ids)
+        cache = getattr(model(ids), CACHE)
+        with pytest.raises(ValueError, match="holds batch 1"):
+            model(torch.cat([ids, ids]), **{CACHE: cache})
     with pytest.raises(NotImplementedError, match="rolled back"):
         cache.crop(-1)
+
+
+def test_transformers_version_is_checked_at_load(folders, tmp_path) -> None:
+    """An unsupported transformers fails when the checkpoint loads, naming both versions."""
+    module = sys.modules[type(_load(folders[("llama", "neuron", "head", 3)])).__module__]
+    with pytest.raises(ImportError, match=r"needs transformers >= .* transformers 4\.30\.2 is installed"):
+        module.check_transformers_version("4.30.2")
+    with pytest.warns(UserWarning, match=r"transformers 99\.1\.0 is newer than the newest release"):
+        module.check_transformers_version("99.1.0")
+    module.check_transformers_version(tf.__version__)  # the running one is in range: silent
+
+    folder = tmp_path / "future"  # remote code that claims a minimum above the running transformers
+    shutil.copytree(folders[("llama", "neuron", "head", 3)], folder)
+    code = (folder / "modeling_dms.py").read_text()
+    (folder / "modeling_dms.py").write_text(
+        re.sub(r'OLDEST_TRANSFORMERS = "[^"]+"', 'OLDEST_TRANSFORMERS = "98.0.0"', code)
+    )
+    with pytest.raises(
+        ImportError, match=rf"transformers >= 98\.0\.0 .* transformers {re.escape(tf.__version__)}"
+    ):
+        _load(folder)
 
 
 def test_install_remote_code(bases, tmp_path) -> None:
@@ -269,15 +335,17 @@ def test_install_remote_code(bases, tmp_path) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "qwen2"
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_dms.DMSQwen2ForCausalLM"}
-    assert (folder / "modeling_dms.py").read_text() == MODELING_FILE.read_text()
+    for name, source in REMOTE_FILES.items():
+        assert (folder / name).read_text() == source.read_text()
     config["model_type"] = "mistral"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="mistral"):
         install_remote_code(folder)
 
 
-def test_export_writes_the_remote_code(bases, tmp_path) -> None:
-    """``_finish_export`` (the last step of ``launch/convert.py export``) installs modeling_dms.py."""
+def test_export_writes_the_remote_code_and_the_block(bases, tmp_path) -> None:
+    """``_finish_export`` (the last step of ``launch/convert.py export``) writes the dms block from the
+    training config and installs the remote code; both loaders read the folder and agree."""
     from safetensors.torch import load_file, save_file
 
     from dms_megatron.convert.checkpoint import _finish_export
@@ -288,23 +356,22 @@ def test_export_writes_the_remote_code(bases, tmp_path) -> None:
     shutil.copytree(base, src)
     _add_dms(src, "adapter", "head", 4)
     config = json.loads((src / "config.json").read_text())
-    dms = config.pop("dms")
+    config.pop("dms")
     staging, shard = tmp_path / ".out.partial", "model-00001-of-00001.safetensors"
     staging.mkdir()
     weights = load_file(src / "model.safetensors")
     save_file(weights, staging / shard, metadata={"format": "pt"})
     (staging / f".{shard}.names.json").write_text(json.dumps(sorted(weights)))
-    meta = {
-        "hf_config": config,
-        "source": {"dtype": "torch.float32", "hf_dir": None},
-        "dms": dms,
-        "trained_cr": None,
-    }
+    dms = _dms_config("adapter", "head", 4)
+    meta = {"hf_config": config, "source": {"dtype": "torch.float32", "hf_dir": None}, "dms": asdict(dms)}
+    meta["trained_cr"] = 3.5
     _finish_export(staging, tmp_path / "out", meta, arch_from_hf_config(config), 1, None, tmp_path)
     out = tmp_path / "out"
     exported = json.loads((out / "config.json").read_text())
     assert exported["auto_map"] == {"AutoModelForCausalLM": "modeling_dms.DMSLlamaForCausalLM"}
-    assert exported["model_type"] == "llama" and exported["dms"]["variant"] == "adapter"
+    assert exported["model_type"] == "llama"
+    assert exported["dms"] == dms.exported_block(3.5).to_dict()
+    assert exported["dms"]["adapter_eps"] == dms.adapter_eps and exported["dms"]["trained_cr"] == 3.5
     model = _load(out)
     ids = _ids(20, seed=8)
     dense, _ = DMSCausalLM.from_pretrained(out).forward_dense(ids)
@@ -312,13 +379,18 @@ def test_export_writes_the_remote_code(bases, tmp_path) -> None:
         torch.testing.assert_close(model(ids[None]).logits[0], dense, atol=1e-4, rtol=1e-4)
 
 
-def test_modeling_file_imports_only_torch_and_transformers() -> None:
-    """It is copied into checkpoint folders and must run where dms_megatron is not installed."""
-    names = set()
-    for node in ast.walk(ast.parse(MODELING_FILE.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "no relative imports"
-            names.add(node.module.split(".")[0])
-    assert names <= {"__future__", "torch", "transformers"}, names
+def test_remote_files_import_only_torch_transformers_and_each_other() -> None:
+    """They are copied into checkpoint folders and must run where dms_megatron is not installed."""
+    stdlib = set(sys.stdlib_module_names)
+    allowed = {"modeling_dms.py": {"torch", "transformers"}, "dms_rules.py": {"torch"}}
+    for name, source in REMOTE_FILES.items():
+        found, relative = set(), set()
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                relative.add(node.module)
+            elif isinstance(node, ast.ImportFrom):
+                found.add(node.module.split(".")[0])
+        assert found - stdlib <= allowed[name], (name, found - stdlib)
+        assert {f"{m}.py" for m in relative} <= set(REMOTE_FILES) - {name}, (name, relative)

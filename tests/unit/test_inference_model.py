@@ -113,7 +113,7 @@ def test_a_dms_block_missing_fields_is_a_clear_error(tiny) -> None:
     model = DMSCausalLM.from_pretrained(tiny[1])
     with pytest.raises(ValueError, match=r"lacks \['window', 'logit_scale'"):
         DMSCausalLM(model.arch, model.w, {"variant": "neuron", "decisions_per": "head", "logit_offset": 0.0})
-    with pytest.raises(ValueError, match="neuron or adapter"):
+    with pytest.raises(ValueError, match=r"dms.variant='x' is invalid: choose one of neuron, adapter"):
         DMSCausalLM(
             model.arch,
             model.w,

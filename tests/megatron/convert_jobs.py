@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from runner import needs_fresh_process
 
 COMMON = {
     "vocab_size": 96,
@@ -141,6 +142,7 @@ def import_job(
     )
 
 
+@needs_fresh_process  # replaces dist_checkpointing.save for good
 def interrupted_import_job(rank: int, world: int, hf_dir: str, ckpt: str) -> None:
     """Import whose checkpoint save dies half-way (after writing a file), as a killed job would."""
     from megatron.core import dist_checkpointing
@@ -155,6 +157,7 @@ def interrupted_import_job(rank: int, world: int, hf_dir: str, ckpt: str) -> Non
     import_hf(hf_dir, ckpt, world, 1, None, torch.float32, force=False, progress=False)
 
 
+@needs_fresh_process  # replaces hf_io.write_shard for good
 def interrupted_export_job(rank: int, world: int, ckpt: str, out: str) -> None:
     """Export that dies after the first shard file was written."""
     from dms_megatron.convert import checkpoint, hf_io

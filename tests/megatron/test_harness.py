@@ -7,6 +7,8 @@ PP2, TP2xPP2 and TP2xPP2+SP, all with the same master weights and the same 2 mic
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -98,6 +100,40 @@ def _failing_job(rank: int, world_size: int, bad_rank: int) -> int:
     if rank == bad_rank:
         raise ValueError(f"deliberate failure on rank {rank}")
     return rank
+
+
+def _dirty_job(rank: int, world_size: int) -> int:
+    """Leave behind the process state a careless job could (a pooled rank must undo all of it)."""
+    import tiny_gpt
+    from megatron.core import parallel_state
+
+    tiny_gpt.init_parallel(world_size, 1, seed=1)  # parallel state and RNG tracker left initialised
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    os.environ["DMS_POOL_PROBE"] = "dirty"
+    os.chdir("/")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parallel_state.get_tensor_model_parallel_world_size = lambda: 99  # a monkeypatch never undone
+    return os.getpid()
+
+
+def _probe_job(rank: int, world_size: int) -> dict[str, Any]:
+    """What a previous job left behind in this rank, as far as a job can see."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    return {
+        "pid": os.getpid(),
+        "model_parallel": parallel_state.model_parallel_is_initialized(),
+        "rng_tracker": mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+        "patched": parallel_state.get_tensor_model_parallel_world_size.__name__,
+        "seed": torch.initial_seed(),
+        "dtype": torch.get_default_dtype(),
+        "env": os.environ.get("DMS_POOL_PROBE"),
+        "rank_env": (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]),
+        "cwd": os.getcwd(),
+        "sigusr1_default": signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,3 +239,20 @@ def test_layout_matches_reference(layout_runs: list[dict[str, Any]], layout: Lay
         torch.testing.assert_close(
             grads[name], ref, rtol=0.0, atol=GRAD_ATOL, msg=lambda m, n=name: f"grad of {n}: {m}"
         )
+
+
+def test_pooled_rank_looks_fresh_to_the_next_job() -> None:
+    """runner pools ranks across jobs: what one job changes must be gone for the next."""
+    dirty_pids = run_distributed(_dirty_job, 2, timeout=120.0)
+    probes = run_distributed(_probe_job, 2, timeout=120.0)
+    for rank, probe in enumerate(probes):
+        assert not probe["model_parallel"] and not probe["rng_tracker"]
+        assert probe["patched"] == "get_tensor_model_parallel_world_size"
+        assert probe["seed"] != 0  # reseeded from the OS, as in a fresh process
+        assert probe["dtype"] == torch.float32
+        assert probe["env"] is None and probe["cwd"] == os.getcwd()
+        assert probe["rank_env"] == (str(rank), str(rank), "2")
+        assert probe["sigusr1_default"]
+    assert probes[0]["seed"] != probes[1]["seed"]
+    if os.environ.get("DMS_MEGATRON_FRESH_RANKS") != "1":  # pooled: the probe ran where the dirt was left
+        assert [p["pid"] for p in probes] == dirty_pids

@@ -63,8 +63,8 @@ def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int 
     from dms_megatron.training.metrics import read_metrics
     from dms_megatron.training.run import run_retrofit
 
+    build_models = setup.build_models
     if preempt_after == 0 and rank == 0:
-        build_models = setup.build_models
 
         def signalled_build(*args: Any, **kwargs: Any) -> Any:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -76,7 +76,10 @@ def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int 
         if preempt_after is not None and rank == 0 and result.step + 1 == preempt_after:
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    summary = run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"], on_step=on_step)
+    try:
+        summary = run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"], on_step=on_step)
+    finally:
+        setup.build_models = build_models  # the rank may run further jobs (runner's pool)
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
     return {"summary": summary, "metrics": read_metrics(path) if os.path.isfile(path) else None}
 

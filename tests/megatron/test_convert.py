@@ -119,9 +119,40 @@ def test_dms_adapter_export_reloads_at_another_layout(tiny, tmp_path):
         got, decisions = engine_model.forward_dense(TOKENS[row])
         assert 0 < torch.stack(decisions)[:, :, 1:].float().mean() < 1  # eviction really happens
         torch.testing.assert_close(got, a[0][row], rtol=1e-4, atol=1e-4)
+    # transformers with the exported remote code: the same logits, and generate on a left-padded batch
+    # (with and without chunked prefill) gives the engine's tokens
+    _check_transformers_loads_the_export(exported, a[0], engine_model)
     # and the adapter matters: a zero adapter (the teacher-equivalent start) gives other logits
     c = run_distributed(convert_jobs.load_and_logits_job, 2, str(ckpt), 2, 1, TOKENS, timeout=300)
     assert (a[0] - c[0]).abs().max() > 1e-3
+
+
+def _check_transformers_loads_the_export(exported: Path, megatron_logits, engine_model) -> None:
+    import transformers
+
+    from dms_megatron.inference.engine import Engine, Request
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    assert type(model).__name__ == "DMSLlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, megatron_logits, rtol=1e-4, atol=1e-4)
+    prompts = [TOKENS[0], TOKENS[1, 4:]]  # 12 and 8 tokens: the second row is left-padded
+    batch, mask = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 12 - len(prompt) :], mask[row, 12 - len(prompt) :] = prompt, 1
+    layers, kv = engine_model.arch.num_layers, engine_model.hkv
+    engine = Engine(engine_model, num_blocks=2 * layers * kv * 16, block_size=4)
+    want = [r.tokens for r in engine.generate([Request(p.tolist(), max_new_tokens=8) for p in prompts])]
+    for chunk in (None, 5):
+        out = model.generate(
+            batch,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+            prefill_chunk_size=chunk,
+        )
+        assert out[:, 12:].tolist() == want, chunk
 
 
 def test_sharded_input_and_vocab_padding(tmp_path):

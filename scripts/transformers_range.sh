@@ -16,14 +16,18 @@ summary="$out/summary.txt"
 for v in "$@"; do
   dir=.venv-transformers-$v
   log="$out/transformers-$v.log"
-  how="with its dependencies"
-  if [ ! -d "$dir/transformers" ]; then
-    if ! "$py" -m pip install --quiet --disable-pip-version-check --target "$dir" "transformers==$v" > "$log" 2>&1; then
+  : > "$log"
+  if [ ! -f "$dir/.installed-how" ]; then
+    rm -rf "$dir"
+    how="with its dependencies"
+    if ! "$py" -m pip install --quiet --disable-pip-version-check --target "$dir" "transformers==$v" >> "$log" 2>&1; then
       rm -rf "$dir"
       how="WITHOUT its dependencies (the index cannot satisfy them; see the pip error above)"
       "$py" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" "transformers==$v" >> "$log" 2>&1
     fi
+    echo "$how" > "$dir/.installed-how"
   fi
+  how=$(cat "$dir/.installed-how")
   echo "== transformers $v installed $how into $dir" >> "$log"
   USE_HUB_KERNELS=0 PYTHONPATH=$dir "$py" -m pytest tests/unit/test_hf_remote_code.py -p no:cacheprovider >> "$log" 2>&1
   rc=$?

@@ -120,9 +120,23 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None
         torch.distributed.destroy_process_group()
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Validate the input of an import (or a round trip's import) before any rank starts."""
+    from dms_megatron.convert.checkpoint import check_import
+
+    if args.cmd == "export":
+        return
+    out = args.out if args.cmd == "import" else Path(args.work) / "megatron"
+    try:
+        check_import(args.hf, out, args.tp, args.pp, _dms(args), args.force)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = args.tp * args.pp
+    preflight(args)
     if "WORLD_SIZE" in os.environ:  # torchrun / srun with the rank variables set
         torch.distributed.init_process_group("gloo")
         if torch.distributed.get_world_size() != world:

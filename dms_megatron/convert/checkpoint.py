@@ -152,6 +152,27 @@ def check_hf_tensors(reader: hf_io.HFReader, arch: ModelArch, adapter: bool) -> 
     return has_adapter
 
 
+def _checked_source(
+    hf_dir: str | Path, tp: int, pp: int, dms: DMSConfig | None
+) -> tuple[hf_io.HFReader, ModelArch, bool]:
+    """Open an HF folder and validate it for an import at ``tp`` x ``pp`` (architecture, layout, tensor
+    names and shapes). Returns the reader, the architecture and whether it carries adapter weights."""
+    reader = hf_io.HFReader(hf_dir)
+    arch = arch_from_hf_config(reader.config)
+    arch.check_parallel(tp, pp)
+    return reader, arch, check_hf_tensors(reader, arch, dms is not None and dms.variant == "adapter")
+
+
+def check_import(
+    hf_dir: str | Path, out_dir: str | Path, tp: int, pp: int, dms: DMSConfig | None, force: bool
+) -> None:
+    """Every check ``import_hf`` makes before building a model, without megatron or a process group:
+    the CLI runs it before starting any rank, so bad input fails in a second."""
+    reader, _, _ = _checked_source(hf_dir, tp, pp, dms)
+    reader.close()
+    hf_io.prepare_output(out_dir, force)
+
+
 def import_hf(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -165,11 +186,7 @@ def import_hf(
     """HF folder -> Megatron distributed checkpoint (call on every rank of a tp*pp group)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    reader = hf_io.HFReader(hf_dir)
-    arch = arch_from_hf_config(reader.config)
-    arch.check_parallel(tp, pp)
-    adapter = dms is not None and dms.variant == "adapter"
-    has_adapter = check_hf_tensors(reader, arch, adapter)
+    reader, arch, has_adapter = _checked_source(hf_dir, tp, pp, dms)
     final, staging = hf_io.prepare_output(out_dir, force)
     model = build_stage(arch, tp, pp, dms, dtype)
     rank, tp_rank = dist.get_rank(), parallel_state.get_tensor_model_parallel_rank()
@@ -385,4 +402,4 @@ def _progress(enabled: bool, total: int, label: str) -> _NullBar | _RichBar:
     return _RichBar(total, label) if enabled else _NullBar()
 
 
-__all__ = ["export_hf", "import_hf", "load_stage", "mcore_names", "read_meta"]
+__all__ = ["check_import", "export_hf", "import_hf", "load_stage", "mcore_names", "read_meta"]

@@ -393,7 +393,7 @@ class _DMSCausalLM:
             if self.dms.variant == "adapter":
                 layer.register_forward_pre_hook(_hand_residual_to_attention, with_kwargs=True)
 
-    def _dms_cache(self, given, batch: int) -> DMSCache:
+    def _dms_cache(self, given) -> DMSCache:
         if isinstance(given, DMSCache):
             if len(given.layers) != self.config.num_hidden_layers:
                 raise ValueError(
@@ -437,7 +437,7 @@ class _DMSCausalLM:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         b, n = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         device = (input_ids if inputs_embeds is None else inputs_embeds).device
-        dms_cache = self._dms_cache(cache, b)
+        dms_cache = self._dms_cache(cache)
         rope_pos = dms_cache.begin_chunk(attention_mask, position_ids, b, n, device)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return_dict = kwargs.pop("return_dict", None)

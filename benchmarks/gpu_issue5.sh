@@ -59,7 +59,7 @@ pp)
 import json, sys
 out = sys.argv[1]
 rows = {pp: [json.loads(l) for l in open(f"{out}/metrics_pp{pp}.jsonl")] for pp in (1, 2)}
-keys = ("loss/kd", "loss/compression", "cr/achieved", "grad_norm")
+keys = ("loss/kd", "loss/compression", "cr/decision_rate", "grad_norm")
 worst = {k: max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(rows[1], rows[2])) for k in keys}
 print("max relative difference PP=2 vs PP=1 over", len(rows[1]), "steps:", worst)
 json.dump(worst, open(f"{out}/pp_compare.json", "w"), indent=2)

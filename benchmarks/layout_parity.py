@@ -41,7 +41,7 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     ),
     "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
 }
-KEYS = ("loss/kd", "loss/compression", "cr/achieved", "grad_norm")
+KEYS = ("loss/kd", "loss/compression", "cr/decision_rate", "grad_norm")
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 

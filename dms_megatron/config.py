@@ -15,7 +15,7 @@ from dms_megatron.core.dms_rules import (
     DEFAULT_LOGIT_SCALE,
     DMSBlock,
 )
-from dms_megatron.core.losses import KL_DIRECTIONS, CRSchedule
+from dms_megatron.core.losses import KL_DIRECTIONS, CRSchedule, decision_cr_for_memory
 from dms_megatron.runtime import TORCH_DTYPES
 
 Variant = Literal["neuron", "adapter"]
@@ -57,6 +57,14 @@ class DMSConfig:
         PP size) or ``per_layer`` (stricter: mean of per-layer hinges).
     compression_weight: lambda in ``L = L_KD + lambda * L_cmp``.
     cr_start, target_cr, cr_ramp_steps: linear CR ramp (paper pace: ~100 steps per CR unit).
+    cr_context: the CRs are **memory** CRs (tokens seen / tokens held over all layers and KV heads, the
+        always-kept window included) at this many tokens; the compression loss asks the decisions for
+        the eviction rate that yields it (``core.losses.decision_cr_for_memory``). 0: the CRs are
+        decision rates (1 / kept fraction of decisions), the paper's convention.
+    neuron_fade_steps: neuron variant only: for this many steps the repurposed q channel is faded out
+        of attention linearly (the student starts equal to the teacher) with eviction off; then its q
+        rows are zeroed, so every logit starts at ``-logit_offset`` like the adapter's, and the CR ramp
+        begins. 0: the paper's start (channel removed and read as a logit from step 0).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
         CUDA), ``auto`` (flex on CUDA tensors, reference otherwise).
     """
@@ -79,6 +87,8 @@ class DMSConfig:
     cr_start: float = 1.0
     target_cr: float = 8.0
     cr_ramp_steps: int = 700
+    cr_context: int = 8192
+    neuron_fade_steps: int = 50
     attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
@@ -113,11 +123,30 @@ class DMSConfig:
             _fail("target_cr", self.target_cr, f"must be >= cr_start ({self.cr_start})")
         if self.cr_ramp_steps < 0:
             _fail("cr_ramp_steps", self.cr_ramp_steps, "must be >= 0 (0 = target CR from step 0)")
+        if self.cr_context < 0:
+            _fail("cr_context", self.cr_context, "must be >= 0 (0: target_cr is a decision rate)")
+        if self.neuron_fade_steps < 0:
+            _fail("neuron_fade_steps", self.neuron_fade_steps, "must be >= 0 (0: no fade)")
+        if self.cr_context:
+            try:
+                decision_cr_for_memory(float(self.target_cr), self.cr_context, self.window)
+            except ValueError as e:
+                _fail("target_cr", self.target_cr, str(e))
+
+    @property
+    def fade_steps(self) -> int:
+        """Steps of the neuron variant's channel fade (0 for the adapter)."""
+        return self.neuron_fade_steps if self.variant == "neuron" else 0
 
     @property
     def schedule(self) -> CRSchedule:
         return CRSchedule(
-            end_cr=float(self.target_cr), ramp_steps=self.cr_ramp_steps, start_cr=float(self.cr_start)
+            end_cr=float(self.target_cr),
+            ramp_steps=self.cr_ramp_steps,
+            start_cr=float(self.cr_start),
+            delay_steps=self.fade_steps,
+            context=self.cr_context,
+            window=self.window,
         )
 
     def exported_block(self, trained_cr: float | None = None) -> DMSBlock:
@@ -129,6 +158,7 @@ class DMSConfig:
                 "self_attn.dms_proj_alpha) has no bias. Retrofit with dms.adapter_bias=false to export."
             )
         shared = {f.name: getattr(self, f.name) for f in fields(DMSBlock) if f.name != "trained_cr"}
+        shared["cr_context"] = self.cr_context or None  # None: the CRs are decision rates
         return DMSBlock(**shared, trained_cr=trained_cr)
 
 

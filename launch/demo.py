@@ -143,8 +143,8 @@ def main(overrides: list[str]) -> None:
         g = gen[name]
         print(f"  {name:8s} (eviction rate {g['eviction_rate']:.2f}): {g['text']!r}")
     print(
-        f"\nachieved CR {summary['cr_achieved']:.2f} (decision rate; window-adjusted at 512 tokens "
-        f"{summary['cr_window_adjusted']:.2f}), target {summary['cr_target']:.2f}; "
+        f"\nmemory CR at {summary['cr_context']} tokens {summary['cr_memory']:.2f} (target "
+        f"{summary['cr_target']:.2f}; decision rate {summary['cr_decision_rate']:.2f}); "
         f"KD loss {summary['kd']:.4f}"
     )
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {wall:.0f} s")

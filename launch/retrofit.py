@@ -53,8 +53,9 @@ def main(cfg: DictConfig) -> dict:
         else:
             print(
                 f"retrofit {done} at step {summary['step']}: KD {summary['kd']:.4g}, "
-                f"CR target {summary['cr_target']:.3g} / achieved {summary['cr_achieved']:.3g} "
-                f"(window-adjusted {summary['cr_window_adjusted']:.3g}), {summary['wall_s']:.0f} s; "
+                f"memory CR at {summary['cr_context']} tokens: target {summary['cr_target']:.3g} / reached "
+                f"{summary['cr_memory']:.3g} (decision rate {summary['cr_decision_rate']:.3g}), "
+                f"{summary['wall_s']:.0f} s; "
                 f"checkpoint {summary['checkpoint']}"
             )
     return summary

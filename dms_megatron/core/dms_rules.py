@@ -48,8 +48,9 @@ class DMSBlock:
     window: an evicted token stays visible to the ``window`` queries after it, then leaves the cache.
     logit_scale, logit_offset: ``logit = scale * raw - offset``.
     adapter_eps: eps of the adapter's RMSNorm (older exports lack it: the training default applies).
-    tau, target_cr, trained_cr: training metadata (the temperature, the CR aimed at, the CR reached);
-        loaders ignore them.
+    tau, target_cr, trained_cr, cr_context: training metadata (the temperature, the CR aimed at, the CR
+        reached, and the context length at which they are memory CRs, tokens seen / tokens held; absent
+        or None: decision-rate CRs); loaders ignore them.
     """
 
     variant: str
@@ -61,6 +62,7 @@ class DMSBlock:
     tau: float | None = None
     target_cr: float | None = None
     trained_cr: float | None = None
+    cr_context: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, want: str) -> ValueError:
@@ -79,6 +81,10 @@ class DMSBlock:
                 raise bad(key, "expected a number")
             if value is not None and not isinstance(value, int | float):
                 raise bad(key, "expected a number")
+        if self.cr_context is not None and (
+            isinstance(self.cr_context, bool) or not isinstance(self.cr_context, int) or self.cr_context < 0
+        ):
+            raise bad("cr_context", "expected an integer >= 0 or null")
         if self.logit_scale <= 0:
             raise bad("logit_scale", "must be > 0")
         if self.adapter_eps <= 0:

@@ -111,6 +111,15 @@ def teacher_decisions(evict_logits: torch.Tensor) -> Decisions:
     return Decisions(decisions=zeros, relaxed=torch.full_like(zeros, float("-inf")))
 
 
+def fade_neuron(q: torch.Tensor, num_kv_heads: int, keep: float, head_axis: int = -2) -> torch.Tensor:
+    """q with the repurposed channel scaled by ``keep`` (1: untouched, 0: ``zero_neuron``): the
+    neuron variant's fade-out at the start of a retrofit, applied where ``zero_neuron`` is."""
+    zeroed = zero_neuron(q, num_kv_heads, head_axis)
+    if keep == 0.0:
+        return zeroed
+    return zeroed + keep * (q - zeroed)
+
+
 def hard_decisions(evict_logits: torch.Tensor) -> torch.Tensor:
     """Inference decisions: no noise, no temperature; 1 where the logit is positive (``dms_rules.evicts``)."""
     return evicts(evict_logits).to(torch.int8)
@@ -121,6 +130,7 @@ __all__ = [
     "DEFAULT_LOGIT_SCALE",
     "Decisions",
     "EvictionAdapter",
+    "fade_neuron",
     "hard_decisions",
     "neuron_evict_logits",
     "per_layer_logits",

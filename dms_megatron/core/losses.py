@@ -96,27 +96,82 @@ def target_fraction(cr: float) -> float:
     return 1.0 - 1.0 / cr
 
 
+def memory_cr(decision_cr: float, context: int, window: int) -> float:
+    """Memory CR (tokens seen / tokens held) after ``context`` tokens when a fraction ``1 / decision_cr``
+    of the tokens older than the window is kept: the last ``window + 1`` tokens are always held
+    (delayed eviction), so a stream holds ``min(context, window + 1) + older / decision_cr`` tokens.
+    Exact for the total over all streams when decisions do not depend on position."""
+    require_cr("decision_cr", decision_cr)
+    kept_window = min(context, window + 1)
+    return context / (kept_window + (context - kept_window) / decision_cr)
+
+
+def max_memory_cr(context: int, window: int) -> float:
+    """The largest memory CR reachable at ``context`` tokens: only the window is held."""
+    return context / min(context, window + 1)
+
+
+def decision_cr_for_memory(target_memory_cr: float, context: int, window: int) -> float:
+    """The decision-rate CR whose tokens-held total at ``context`` tokens gives ``target_memory_cr``
+    (inverse of ``memory_cr``); a ValueError when the window alone holds more than the target allows."""
+    require_cr("target_memory_cr", target_memory_cr)
+    kept_window = min(context, window + 1)
+    older = context - kept_window
+    budget = context / target_memory_cr - kept_window  # older tokens the target lets a stream keep
+    if target_memory_cr == 1.0:
+        return 1.0
+    if budget <= 0 or older <= 0:
+        raise ValueError(
+            f"memory CR {target_memory_cr:g} at {context} tokens is out of reach with window {window}: the "
+            f"window alone holds {kept_window} tokens per stream, i.e. at most CR "
+            f"{max_memory_cr(context, window):.3g}; lower the target, shrink the window or raise the context"
+        )
+    return max(1.0, older / budget)
+
+
 @dataclass(frozen=True)
 class CRSchedule:
-    """Linear CR ramp: ``CR(step) = start + (end - start) * min(step / ramp_steps, 1)``."""
+    """Linear CR ramp after ``delay_steps``: ``CR(step) = start + (end - start) * clip((step - delay) /
+    ramp_steps, 0, 1)``.
+
+    With ``context > 0`` the CRs are **memory** CRs at ``context`` tokens (tokens seen / held, the
+    always-kept window included) and ``target_fraction`` converts them to the eviction rate the
+    compression loss asks of the decisions; with ``context = 0`` they are decision-rate CRs.
+    """
 
     end_cr: float
     ramp_steps: int
     start_cr: float = 1.0
+    delay_steps: int = 0
+    context: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
         require_cr("start_cr", self.start_cr)
         require_cr("end_cr", self.end_cr)
         require_non_negative_int("ramp_steps", self.ramp_steps)
+        require_non_negative_int("delay_steps", self.delay_steps)
+        require_non_negative_int("context", self.context)
+        require_non_negative_int("window", self.window)
+        if self.context:
+            decision_cr_for_memory(self.end_cr, self.context, self.window)  # reachable, or a clear error
 
     def cr(self, step: int) -> float:
         require_non_negative_int("step", step)
+        if step < self.delay_steps:
+            return self.start_cr
         if self.ramp_steps == 0:
             return self.end_cr
-        return self.start_cr + (self.end_cr - self.start_cr) * min(step / self.ramp_steps, 1.0)
+        progress = min((step - self.delay_steps) / self.ramp_steps, 1.0)
+        return self.start_cr + (self.end_cr - self.start_cr) * progress
+
+    def decision_cr(self, step: int) -> float:
+        """The decision-rate CR the compression loss targets at ``step``."""
+        cr = self.cr(step)
+        return decision_cr_for_memory(cr, self.context, self.window) if self.context else cr
 
     def target_fraction(self, step: int) -> float:
-        return target_fraction(self.cr(step))
+        return target_fraction(self.decision_cr(step))
 
 
 # ----------------------------------------------------------------------------- distillation

@@ -11,6 +11,7 @@ from dms_megatron.megatron.attention import (  # noqa: E402  (after the version 
     DMSCoreAttention,
     DMSSelfAttention,
     DMSTransformerLayer,
+    zero_repurposed_q_rows,
 )
 from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes  # noqa: E402
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss, vocab_parallel_token_kl  # noqa: E402
@@ -45,4 +46,5 @@ __all__ = [
     "reduce_decision_stats",
     "vocab_parallel_kd_loss",
     "vocab_parallel_token_kl",
+    "zero_repurposed_q_rows",
 ]

@@ -24,7 +24,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.core.dms_rules import evicts
-from dms_megatron.core.gating import EvictionAdapter, neuron_evict_logits, relaxed_decisions, zero_neuron
+from dms_megatron.core.gating import (
+    EvictionAdapter,
+    fade_neuron,
+    neuron_evict_logits,
+    relaxed_decisions,
+)
 from dms_megatron.core.noise import NoiseKey, logistic_noise
 from dms_megatron.core.shift import doc_ids_from_cu_seqlens
 from dms_megatron.kernels import dms_attention
@@ -126,7 +131,10 @@ class DMSSelfAttention(SelfAttention):
             logits = neuron_evict_logits(
                 query, ng, self.dms_config.logit_scale, self.dms_config.logit_offset, head_axis=-2
             )
-            query = zero_neuron(query, ng)  # before RoPE (the core zeroes again after RoPE)
+            keep = self.dms_state.channel_keep if self.training else 0.0
+            if keep > 0.0:  # fading the channel out: eviction off (the adapter's start, noise only)
+                logits = torch.full_like(logits, -self.dms_config.logit_offset)
+            query = fade_neuron(query, ng, keep)  # before RoPE (the core zeroes again after RoPE)
             out = (query, *out[1:])
         else:
             if self.adapter is None:
@@ -156,6 +164,29 @@ class DMSSelfAttention(SelfAttention):
         return super()._checkpointed_attention_forward(
             query, key, value, attention_mask, *args, core_attention_extra_kwargs=extra, **kwargs
         )
+
+
+@torch.no_grad()
+def zero_repurposed_q_rows(model: torch.nn.Module) -> int:
+    """Zero the q-projection rows (and biases) that produce the neuron variant's repurposed channel
+    (D-1 of each KV group's first head), so every eviction logit reads ``-logit_offset``. Megatron's
+    ``linear_qkv`` interleaves rows per query group: ``[g query heads, key, value] x D``. Returns the
+    number of rows zeroed on this rank. Call only once the channel no longer feeds attention (after the
+    fade), then refresh the optimizer's main params (``optimizer.reload_model_params()``)."""
+    rows = 0
+    for module in model.modules():
+        if not isinstance(module, DMSSelfAttention) or module.dms_config.variant != "neuron":
+            continue
+        ng = module.num_query_groups_per_partition
+        g = module.num_attention_heads_per_partition // ng
+        d = module.hidden_size_per_attention_head
+        idx = torch.arange(ng) * (g + 2) * d + d - 1
+        for name in ("weight", "bias"):
+            param = getattr(module.linear_qkv, name, None)
+            if isinstance(param, torch.Tensor) and param.numel():
+                param.data[idx.to(param.device)] = 0
+        rows += ng
+    return rows
 
 
 class DMSCoreAttention(MegatronModule):
@@ -228,7 +259,8 @@ class DMSCoreAttention(MegatronModule):
         self.pending_logits = None
         ng = key.shape[-2]
         if self.dms_config.variant == "neuron":
-            query = zero_neuron(query, ng)  # after RoPE: RoPE rotated channel D/2-1 into D-1
+            keep = self.dms_state.channel_keep if self.training else 0.0
+            query = fade_neuron(query, ng, keep)  # after RoPE: RoPE rotated channel D/2-1 into D-1
         thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", None) == "thd"
         doc_ids = None
         if thd:  # [t, heads, hn] -> [1, heads, t, hn]

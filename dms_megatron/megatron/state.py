@@ -108,6 +108,8 @@ class DMSRunState:
     step, micro_batch: noise coordinates (with seed, DP rank and layer).
     teacher_pass: the modules run as the teacher (eviction off) for ``DistillationStage``'s self-teacher.
     target_fraction: compression target of the current step (1 - 1/CR).
+    channel_keep: neuron variant: how much of the repurposed q channel attention still uses in training
+        (1 -> 0 over ``dms.neuron_fade_steps``; eviction is off while it is > 0); 0 otherwise.
     accumulators: one ``DecisionAccumulator`` per model chunk (keyed by ``id`` of the block).
     stats: per-layer ``[Hkv_local]`` decision sums and counts recorded in this step (detached),
         reduced across TP/PP/DP once per step by ``metrics.reduce_decision_stats``.
@@ -116,6 +118,7 @@ class DMSRunState:
     step: int = 0
     micro_batch: int = 0
     target_fraction: float = 0.0
+    channel_keep: float = 0.0
     teacher_pass: bool = False  # set while the student's modules compute the self-teacher (eviction off)
     accumulators: dict[int, DecisionAccumulator] = field(default_factory=dict)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

@@ -13,13 +13,18 @@ import torch
 from dms_megatron.config import RetrofitConfig
 from dms_megatron.training.metrics import (
     MetricsLogger,
+    cr_metrics,
     plot_cr_curve,
     retrofit_flops_per_token,
     throughput,
-    window_adjusted_cr,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _cr(result: Any, cfg: RetrofitConfig) -> dict[str, float]:
+    r = result
+    return cr_metrics(r.decision_cr, r.decision_target, r.target_cr, cfg.dms, cfg.data.seq_length)
 
 
 def _metrics(result: Any, cfg: RetrofitConfig, flops_per_token: float, world: int) -> dict[str, float]:
@@ -28,9 +33,7 @@ def _metrics(result: Any, cfg: RetrofitConfig, flops_per_token: float, world: in
         "loss/kd": result.kd,
         "loss/compression": result.compression,
         "loss/total": result.kd + cfg.dms.compression_weight * result.compression,
-        "cr/target": result.target_cr,
-        "cr/achieved": result.achieved_cr,
-        "cr/window_adjusted": window_adjusted_cr(result.achieved_cr, cfg.data.seq_length, cfg.dms.window),
+        **_cr(result, cfg),
         "lr": result.lr,
         "grad_norm": result.grad_norm,
         "step_time_s": result.seconds,
@@ -133,7 +136,7 @@ def train_loop(
                     ckpt_root,
                     step,
                     {"consumed_samples": step * cfg.parallel.global_batch_size},
-                    checkpoint_meta(result.achieved_cr),
+                    checkpoint_meta(_cr(result, cfg)["cr/memory"]),
                 )
             if preempted:
                 log.warning("preempted: checkpoint saved at step %d, stopping", step)
@@ -154,10 +157,11 @@ def train_loop(
         "checkpoint": str(ckpt_root / f"iter_{step:07d}") if last is not None else None,
         "kd": None if last is None else last.kd,
         "compression": None if last is None else last.compression,
-        "cr_target": None if last is None else last.target_cr,
-        "cr_achieved": None if last is None else last.achieved_cr,
-        "cr_window_adjusted": None
-        if last is None
-        else window_adjusted_cr(last.achieved_cr, cfg.data.seq_length, cfg.dms.window),
+        **(
+            {f"cr_{k.split('/')[1]}": v for k, v in _cr(last, cfg).items()}
+            if last is not None
+            else {f"cr_{k}": None for k in ("target", "memory", "memory_train_len", "decision_rate")}
+        ),
+        "cr_context": cfg.dms.cr_context or cfg.data.seq_length,
         "tokens_per_s": None if last is None else last.tokens / last.seconds,
     }

@@ -2,10 +2,15 @@
 eviction-rate heatmap and the CR plot. Only the logging rank (the last pipeline stage's rank 0)
 creates a ``MetricsLogger``; the others log nothing.
 
-Metric names (shared by JSONL and W&B): ``loss/kd``, ``loss/compression``, ``cr/target``,
-``cr/achieved`` (decision rate: 1 / (1 - evicted fraction)), ``cr/window_adjusted`` (what the cache
-actually holds at the training length, the always-kept window included), ``lr``, ``grad_norm``,
-``throughput/tokens_per_s``, ``throughput/tflops_per_gpu``, ``throughput/mfu``, ``memory/max_allocated_gb``.
+Metric names (shared by JSONL and W&B): ``loss/kd``, ``loss/compression``, ``cr/target`` (the memory
+CR aimed at, at ``dms.cr_context`` tokens), ``cr/memory`` (the memory CR this step's decisions give at
+that length: tokens seen / tokens held over all layers and KV heads, the always-kept window included),
+``cr/memory_train_len`` (the same at the training sequence length), ``cr/decision_rate`` and
+``cr/decision_target`` (diagnostics: 1 / kept fraction of decisions, reached and asked for), ``lr``,
+``grad_norm``, ``throughput/tokens_per_s``, ``throughput/tflops_per_gpu``, ``throughput/mfu``,
+``memory/max_allocated_gb``. The memory CRs are computed from the step's eviction rate with
+``core.losses.memory_cr`` (exact for the total when decisions do not depend on position); the KV memory
+a served model really holds is measured by ``launch/evaluate.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dms_megatron.config import DMSConfig
+from dms_megatron.core.losses import memory_cr
 from dms_megatron.families import ModelArch
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense bf16 tensor core peak
@@ -39,12 +46,16 @@ def retrofit_flops_per_token(arch: ModelArch, seq_len: int) -> float:
     return 4 * forward_flops_per_token(arch, seq_len)
 
 
-def window_adjusted_cr(decision_rate_cr: float, seq_len: int, window: int) -> float:
-    """Tokens seen / tokens held after ``seq_len`` tokens: the last ``window + 1`` are always kept, older
-    ones with probability 1/CR (the decision rate)."""
-    kept_window = min(seq_len, window + 1)
-    older = seq_len - kept_window
-    return seq_len / (kept_window + older / decision_rate_cr)
+def cr_metrics(decision_cr: float, decision_target: float, target_cr: float, dms: DMSConfig, seq_len: int):
+    """The ``cr/*`` metrics of one step (module docstring) from its decision-rate CR."""
+    context = dms.cr_context or seq_len
+    return {
+        "cr/target": target_cr,
+        "cr/memory": memory_cr(decision_cr, context, dms.window),
+        "cr/memory_train_len": memory_cr(decision_cr, seq_len, dms.window),
+        "cr/decision_rate": decision_cr,
+        "cr/decision_target": decision_target,
+    }
 
 
 @dataclass
@@ -118,7 +129,7 @@ class MetricsLogger:
                 payload.update(self._wandb_rates(rates))
             self._wandb.log(payload, step=step)
         if self._console is not None:
-            keys = ("loss/kd", "loss/compression", "cr/target", "cr/achieved", "throughput/tokens_per_s")
+            keys = ("loss/kd", "loss/compression", "cr/target", "cr/memory", "throughput/tokens_per_s")
             shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in keys if k in metrics)
             self._console.print(f"[bold]step {step}[/bold]  {shown}")
 
@@ -160,12 +171,14 @@ def plot_cr_curve(metrics_path: str | Path, out_png: str | Path) -> Path:
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["cr/target"] for r in rows], label="target CR", color="black", linestyle="--")
-    if all("cr/achieved" in r for r in rows):
-        ax.plot(steps, [r["cr/achieved"] for r in rows], label="achieved CR (decision rate)")
-    if all("cr/window_adjusted" in r for r in rows):
-        ax.plot(steps, [r["cr/window_adjusted"] for r in rows], label="achieved CR (window-adjusted)")
+    if all("cr/memory" in r for r in rows):
+        ax.plot(steps, [r["cr/memory"] for r in rows], label="memory CR (at the target's context)")
+    if all("cr/memory_train_len" in r for r in rows):
+        ax.plot(steps, [r["cr/memory_train_len"] for r in rows], label="memory CR (training length)")
+    if all("cr/decision_rate" in r for r in rows):
+        ax.plot(steps, [r["cr/decision_rate"] for r in rows], label="decision rate", alpha=0.5, linestyle=":")
     ax.set_xlabel("step")
-    ax.set_ylabel("compression ratio")
+    ax.set_ylabel("compression ratio (target: memory CR)")
     if all("loss/kd" in r for r in rows):
         ax2 = ax.twinx()
         ax2.plot(steps, [r["loss/kd"] for r in rows], color="tab:red", alpha=0.5, label="KD loss")

@@ -33,16 +33,18 @@ class StepResult:
     step: int
     kd: float
     compression: float
-    target_cr: float
+    target_cr: float  # the schedule's CR (a memory CR at dms.cr_context tokens unless that is 0)
     rates: torch.Tensor  # [layers, kv_heads] eviction rate of this step
     lr: float
     grad_norm: float
     seconds: float
     tokens: int
     extra: dict[str, float] = field(default_factory=dict)
+    decision_target: float = 1.0  # the decision-rate CR the compression loss asked for
 
     @property
-    def achieved_cr(self) -> float:
+    def decision_cr(self) -> float:
+        """1 / (1 - evicted fraction) of this step's decisions (the decision rate)."""
         evicted = float(self.rates.mean())
         return 1.0 / max(1.0 - evicted, 1e-6)
 
@@ -118,6 +120,7 @@ class RetrofitTrainer:
         schedule = self.cfg.dms.schedule
         target = schedule.target_fraction(step)
         self.state.step, self.state.target_fraction = step, target
+        self._fade(step)
         micro = step_micro_batches(self.dataset, self.slicer, step)
         device = self.device if self.device is not None else "cpu"
         packed = [pack_thd(mb, device) for mb in micro]
@@ -160,6 +163,7 @@ class RetrofitTrainer:
             kd=kd,
             compression=cmp,
             target_cr=schedule.cr(step),
+            decision_target=schedule.decision_cr(step),
             rates=rates.cpu(),
             lr=float(self.optimizer.param_groups[0]["lr"]),
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
@@ -167,6 +171,18 @@ class RetrofitTrainer:
             tokens=self.cfg.parallel.global_batch_size * s,
             extra={"skipped": 0.0 if ok else 1.0},
         )
+
+    def _fade(self, step: int) -> None:
+        """Neuron variant: fade the repurposed channel out over ``dms.neuron_fade_steps`` steps, then
+        zero its q rows (model and optimizer main params) at the step the fade ends."""
+        fade = self.cfg.dms.fade_steps
+        self.state.channel_keep = max(0.0, 1.0 - step / fade) if fade else 0.0
+        if fade and step == fade:
+            from dms_megatron.megatron import zero_repurposed_q_rows
+
+            rows = zero_repurposed_q_rows(self.models.student)
+            self.optimizer.reload_model_params()
+            log.info("step %d: channel fade done, zeroed %d repurposed q rows; eviction starts", step, rows)
 
     def _mean_losses(self, out: list[dict[str, torch.Tensor]] | None) -> tuple[float, float]:
         """Micro-batch mean on the last stage, averaged over DP; broadcast from the last stage so every

@@ -386,3 +386,63 @@ def fused_norm_job(rank: int, world_size: int, tp: int) -> dict:
             "residual_is_input": residual_is_input,
         }
     return out
+
+
+# ------------------------------------------------------------------------------ neuron channel fade
+
+
+def neuron_fade_job(rank: int, world_size: int, tp: int) -> dict:
+    """The neuron variant's start: with the channel fully kept (``channel_keep=1``) the training-mode DMS
+    model computes the stock model's logits; ``zero_repurposed_q_rows`` zeroes exactly the repurposed
+    rows, after which every eviction logit is ``-offset``."""
+    from dms_megatron.megatron import dms_run_state, zero_repurposed_q_rows
+
+    batches = tiny_gpt.make_batches(1)
+    cfg = dms_test_config(variant="neuron", logit_scale=100.0, logit_offset=5.0, tau=0.1, train_noise=False)
+    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    dms = tiny_gpt.build_tiny_gpt(tp, 1, seed=11, layer_spec=spec)
+    stock = tiny_gpt.build_tiny_gpt(
+        tp, 1, seed=11, layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm")
+    )
+    state = dms_run_state(dms)
+    seen: list[torch.Tensor] = []
+    for layer in dms.decoder.layers:
+        layer.self_attention.core_attention.register_forward_pre_hook(
+            lambda m, args: seen.append(m.pending_logits.detach().clone())
+        )
+
+    def run(model):
+        model.train()
+        with torch.no_grad():
+            return model(
+                input_ids=batches[0]["tokens"], position_ids=batches[0]["position_ids"], attention_mask=None
+            )
+
+    out = {"stock": run(stock)}
+    state.channel_keep = 1.0
+    out["kept"] = run(dms)
+    out["kept_logits"] = torch.stack(seen)
+    state.channel_keep = 0.0
+    seen.clear()
+    out["removed"] = run(dms)
+    out["removed_logits_min"] = torch.stack(seen).abs().min()
+    state.teacher_pass = True  # channel removed, eviction off
+    out["removed_no_eviction"] = run(dms)
+    state.teacher_pass = False
+    before = {n: p.detach().clone() for n, p in dms.named_parameters()}
+    out["rows"] = zero_repurposed_q_rows(dms)
+    changed = {}
+    for name, p in dms.named_parameters():
+        diff = (p.detach() != before[name]).any(dim=-1) if p.dim() > 1 else p.detach() != before[name]
+        if diff.any():
+            changed[name] = diff.nonzero().flatten().tolist()
+    out["changed"] = changed
+    out["expected_rows"] = {
+        n: _neuron_rows(p.shape[0], 2, tiny_gpt.HIDDEN // 4)
+        for n, p in dms.named_parameters()
+        if n.endswith("linear_qkv.weight")
+    }
+    seen.clear()
+    out["zeroed"] = run(dms)
+    out["zeroed_logits"] = torch.stack(seen)
+    return out

@@ -178,3 +178,24 @@ def test_fused_input_norm_spec_equals_local_spec(tp):
     assert set(local["grads"]) == set(fused["grads"])
     for name, g in local["grads"].items():
         torch.testing.assert_close(fused["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_neuron_fade_starts_at_the_teacher_and_zeroes_the_repurposed_rows(tp):
+    res = run_distributed(dms_jobs.neuron_fade_job, tp, tp, timeout=300)[0]
+    # channel kept: the student's logits are the stock model's; eviction reads a constant -offset
+    torch.testing.assert_close(res["kept"], res["stock"], rtol=1e-6, atol=1e-6)
+    assert torch.all(res["kept_logits"] == -5.0)
+    # channel removed (the paper's start): logits differ and the channel's logits are far from -offset
+    assert not torch.allclose(res["removed"], res["stock"], atol=1e-4)
+    assert res["removed_logits_min"] < 5.0
+    # zeroing touches exactly the repurposed rows (every layer); then every logit is -offset and the
+    # forward equals the channel-removed one without eviction (the channel no longer feeds attention)
+    assert res["rows"] == 4 * 2 // tp
+    assert set(res["changed"]) == {n for n in res["expected_rows"]}
+    for name, rows in res["changed"].items():
+        assert rows == res["expected_rows"][name][: len(rows)] and len(rows) == len(
+            res["expected_rows"][name]
+        )
+    assert torch.all(res["zeroed_logits"] == -5.0)
+    torch.testing.assert_close(res["zeroed"], res["removed_no_eviction"], rtol=1e-6, atol=1e-6)

@@ -43,6 +43,7 @@ def tiny_config(
             "tau": 0.5,
             "target_cr": 3.0,
             "cr_ramp_steps": 4,
+            "cr_context": 0,  # decision-rate targets: the tests follow the decisions directly
             "attention_backend": "reference",
         },
         "parallel": {"micro_batch_size": 2, "global_batch_size": 4},

@@ -17,7 +17,9 @@ def test_defaults_follow_the_paper():
         0.1,
     )
     assert cfg.kl_direction == "student_teacher" and cfg.compression_loss == "global"
-    assert cfg.schedule.cr(0) == 1.0 and cfg.schedule.cr(700) == 8.0
+    # the ramp starts once the neuron variant's channel fade is over; CRs are memory CRs at 8K tokens
+    assert cfg.schedule.cr(0) == cfg.schedule.cr(50) == 1.0 and cfg.schedule.cr(750) == 8.0
+    assert cfg.cr_context == 8192 and cfg.schedule.decision_cr(750) > 8.0
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,14 @@ def test_block_keys_and_defaults_match_the_training_config() -> None:
         assert f.name in config_fields, f.name
         if f.default is not MISSING and f.default is not None:
             assert f.default == config_fields[f.name].default, f.name
-    assert [f.name for f in fields(DMSBlock)] == [*REQUIRED, "adapter_eps", "tau", "target_cr", "trained_cr"]
+    assert [f.name for f in fields(DMSBlock)] == [
+        *REQUIRED,
+        "adapter_eps",
+        "tau",
+        "target_cr",
+        "trained_cr",
+        "cr_context",
+    ]
 
 
 def test_the_exported_block_round_trips_through_json() -> None:

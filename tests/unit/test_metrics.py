@@ -1,4 +1,4 @@
-"""FLOP accounting, window-adjusted CR, JSONL + W&B (offline) logging and the CR plot."""
+"""FLOP accounting, memory-CR metrics, JSONL + W&B (offline) logging and the CR plot."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import os
 
 import pytest
 
+from dms_megatron.config import DMSConfig
+from dms_megatron.core.losses import CRSchedule, decision_cr_for_memory, max_memory_cr, memory_cr
 from dms_megatron.families import load_model_preset
 from dms_megatron.training.metrics import (
     MetricsLogger,
+    cr_metrics,
     forward_flops_per_token,
     plot_cr_curve,
     read_metrics,
     retrofit_flops_per_token,
     throughput,
-    window_adjusted_cr,
 )
 
 
@@ -41,14 +43,41 @@ def test_throughput_and_mfu():
     )
 
 
-def test_window_adjusted_cr():
+def test_memory_cr():
     # 32K tokens, window 512 (513 always kept), decision-rate CR 16 -> about 13x (dms_algorithm.md)
-    assert window_adjusted_cr(16.0, 32768, 512) == pytest.approx(
-        32768 / (513 + (32768 - 513) / 16), rel=1e-12
-    )
-    assert 12.5 < window_adjusted_cr(16.0, 32768, 512) < 13.5
-    assert window_adjusted_cr(8.0, 100, 200) == 1.0  # all within the window
-    assert window_adjusted_cr(1.0, 4096, 64) == pytest.approx(1.0)
+    assert memory_cr(16.0, 32768, 512) == pytest.approx(32768 / (513 + (32768 - 513) / 16), rel=1e-12)
+    assert 12.5 < memory_cr(16.0, 32768, 512) < 13.5
+    assert memory_cr(8.0, 100, 200) == 1.0  # all within the window
+    assert memory_cr(1.0, 4096, 64) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("target,context,window", [(4.0, 8192, 256), (8.0, 8192, 64), (2.0, 2048, 256)])
+def test_decision_cr_for_memory_inverts_memory_cr(target, context, window):
+    decision = decision_cr_for_memory(target, context, window)
+    assert decision > target  # the always-kept window makes the decisions work harder
+    assert memory_cr(decision, context, window) == pytest.approx(target, rel=1e-12)
+    assert decision_cr_for_memory(1.0, context, window) == 1.0
+
+
+def test_unreachable_memory_cr_is_a_clear_error():
+    assert max_memory_cr(8192, 511) == 16.0
+    with pytest.raises(ValueError, match="out of reach with window 512"):
+        decision_cr_for_memory(16.0, 8192, 512)
+    with pytest.raises(ValueError, match=r"dms.target_cr=16.0 is invalid: memory CR 16 at 8192 tokens"):
+        DMSConfig(window=512, target_cr=16.0, cr_context=8192)
+    DMSConfig(window=512, target_cr=16.0, cr_context=0)  # a decision rate: fine
+
+
+def test_schedule_targets_memory_after_the_fade():
+    s = CRSchedule(end_cr=4.0, ramp_steps=100, delay_steps=50, context=8192, window=256)
+    assert s.cr(0) == s.cr(50) == 1.0 and s.target_fraction(49) == 0.0
+    assert s.cr(100) == pytest.approx(2.5) and s.cr(150) == s.cr(1000) == 4.0
+    assert memory_cr(s.decision_cr(150), 8192, 256) == pytest.approx(4.0)
+    cfg = DMSConfig(variant="neuron", neuron_fade_steps=30, target_cr=4.0, cr_ramp_steps=10)
+    assert cfg.schedule.delay_steps == 30 and DMSConfig(variant="adapter").schedule.delay_steps == 0
+    m = cr_metrics(s.decision_cr(150), s.decision_cr(150), 4.0, DMSConfig(target_cr=4.0), 2048)
+    assert m["cr/memory"] == pytest.approx(4.0) and m["cr/memory_train_len"] < m["cr/memory"]
+    assert m["cr/decision_rate"] == m["cr/decision_target"] > 4.0
 
 
 def test_logger_writes_jsonl_wandb_offline_and_plot(tmp_path, monkeypatch):
@@ -63,8 +92,9 @@ def test_logger_writes_jsonl_wandb_offline_and_plot(tmp_path, monkeypatch):
                 "loss/kd": 1.0 / (step + 1),
                 "loss/compression": 0.1,
                 "cr/target": target,
-                "cr/achieved": target * 0.9,
-                "cr/window_adjusted": target * 0.8,
+                "cr/memory": target * 0.9,
+                "cr/memory_train_len": target * 0.8,
+                "cr/decision_rate": target * 1.2,
             },
             rates=[[0.1 * step, 0.2], [0.3, 0.4]],
         )

@@ -1,5 +1,6 @@
 """The tensor baselines (all rows in lockstep, each with its own policy and CR) == the per-token
-reference policies of ``baselines.py``: same logits at every step, same tokens held per stream."""
+reference policies of ``baselines.py``: same logits at every step, same tokens held per stream, with
+one attention bucket or several; a row following a budget schedule == the row with that CR."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from tests.unit.test_inference_model import tiny  # noqa: F401  (module fixture)
 ROWS = [("streaming_llm", 3.0), ("tova", 2.0), ("h2o", 3.0), ("tova", 4.0), ("h2o", 1.5)]
 
 
-def test_lockstep_rows_equal_the_reference_policies(tiny) -> None:  # noqa: F811
+@pytest.mark.parametrize("bucket", [1024, 16])
+def test_lockstep_rows_equal_the_reference_policies(tiny, bucket: int) -> None:  # noqa: F811
     model = DMSCausalLM.from_pretrained(tiny[1])
     ids = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(8))
-    fast = BaselineKV(model, ROWS, max_len=80, min_keep=4)
+    fast = BaselineKV(model, ROWS, max_len=80, min_keep=4, bucket=bucket)
     refs = [
         DecodeSession(model, BlockPool(400, 4, head_dim=16), policy=POLICIES[n](cr=c, min_keep=4))
         for n, c in ROWS
@@ -36,6 +38,29 @@ def test_lockstep_rows_equal_the_reference_policies(tiny) -> None:  # noqa: F811
     crs = fast.effective_cr()
     for (_, cr), got in zip(ROWS, crs.tolist(), strict=True):
         assert got == pytest.approx(cr, rel=0.06)
+    held = fast.held().sum((0, 2)).float()
+    torch.testing.assert_close(fast.memory_cr(), 70 * model.arch.num_layers * model.hkv / held)
+
+
+def test_budget_schedule_rows(tiny) -> None:  # noqa: F811
+    model = DMSCausalLM.from_pretrained(tiny[1])
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(9))
+    seen = torch.arange(1, 41, dtype=torch.float64)
+    as_cr = torch.ceil(seen / 3.0).long()  # clamped to min_keep inside
+    ramp = torch.clamp(seen.long() // 2, min=1)  # any non-decreasing schedule
+    budgets = torch.stack([ramp, torch.zeros(40, dtype=torch.long), as_cr, ramp])
+    rows = [("h2o", None), ("tova", 3.0), ("h2o", None), ("streaming_llm", None)]
+    fast = BaselineKV(model, rows, max_len=40, min_keep=4, budgets=budgets)
+    ref = BaselineKV(model, [*rows[:2], ("h2o", 3.0), rows[3]], max_len=40, min_keep=4, budgets=budgets)
+    for tok in ids.tolist():
+        logits = fast.decode(torch.full((4,), tok))
+        assert torch.equal(logits, ref.decode(torch.full((4,), tok)))  # the schedule is the CR rule
+        held = fast.held()
+        t = fast.steps - 1
+        for r in (0, 3):  # a schedule row holds exactly its budget once the budget is below the tokens seen
+            assert (held[:, r] == min(t + 1, max(4, int(ramp[t])))).all()
+    assert torch.equal(fast.held_mask, ref.held_mask)
+    assert fast.memory_cr()[1] == pytest.approx(3.0, rel=0.1)
 
 
 def test_bad_arguments(tiny) -> None:  # noqa: F811
@@ -44,6 +69,8 @@ def test_bad_arguments(tiny) -> None:  # noqa: F811
         BaselineKV(model, [("lru", 2.0)], max_len=10)
     with pytest.raises(ValueError, match="cr must be >= 1"):
         BaselineKV(model, [("tova", 0.5)], max_len=10)
+    with pytest.raises(ValueError, match="follow budgets"):
+        BaselineKV(model, [("tova", None)], max_len=10)
     with pytest.raises(ValueError, match="exceeds the model context"):
         BaselineKV(model, [("tova", 2.0)], max_len=10_000)
     fast = BaselineKV(model, [("tova", 2.0)], max_len=2)

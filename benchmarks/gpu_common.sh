@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by the GPU scripts (sourced): wheels into /tmp/site, then the SmolLM2 teacher (HF folder and
-# Megatron checkpoint) and the stdlib training text, built on the machine from the carried GGUF halves.
+# Megatron checkpoint) and the stdlib training text, built on the machine from the carried GGUF pieces.
 # STASH: where the first GGUF half waits between the two calls.
 STASH=${STASH:-/tmp/dms_stash}
 mkdir -p "$STASH"
@@ -17,7 +17,9 @@ model_and_data() {
         echo "model and data already prepared"
         return
     fi
-    cat "$STASH/part00" .carry_model/part01 > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # the GGUF's pieces (.carry_model/partNN, split by size) arrive over several calls: stash, then join
+    cp .carry_model/part* "$STASH"/ 2>/dev/null || true
+    cat "$STASH"/part* > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 scripts/fetch_smollm2.py --gguf "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 launch/convert.py import --hf assets/smollm2-135m-instruct --out checkpoints/smollm2_135m --quiet
     # training text: this machine's Python standard library (about 3M tokens)

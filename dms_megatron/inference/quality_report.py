@@ -97,10 +97,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _panels(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """``(task, metric, title)`` per subplot: KL and perplexity at the longest perplexity length all
-    runs share (else the longest any has), then accuracy per pass-key task."""
-    common = set.intersection(*(set(_ppl_lengths(r)) for r in runs))
-    lengths = common or {n for r in runs for n in _ppl_lengths(r)}
+    """``(task, metric, title)`` per subplot: KL and perplexity at the longest perplexity length any run
+    has (runs without it are not drawn there), then accuracy per pass-key task."""
+    lengths = {n for r in runs for n in _ppl_lengths(r)}
     out = []
     if lengths:
         n = max(lengths)

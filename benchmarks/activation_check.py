@@ -1,7 +1,7 @@
 """Check the planner's per-layer memory against a real retrofit step at two depths (one process):
 
     python benchmarks/activation_check.py --out check.json experiment=r1_qwen_32b_cr8 --emulate-tp 8
-    python benchmarks/activation_check.py --out check.json experiment=smollm2_cr8 --layers 15 30
+    python benchmarks/activation_check.py --out check.json experiment=smollm2_paper --layers 15 30
 
 For each depth the preset's model is built with that many layers (random weights, a random token
 dataset, one micro-batch per step), one warm-up step runs, then a measured step under

@@ -27,7 +27,7 @@ smollm2)
     setup
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
-    COMMON=(experiment=smollm2_cr8)
+    COMMON=(experiment=smollm2_paper)
     python3 benchmarks/step_throughput.py --out "$OUT/step_throughput.json" --warmup 4 --measure 10 \
         "${COMMON[@]}" run_dir=runs/bench > "$OUT/step_throughput.log" 2>&1 || { tail -60 "$OUT/step_throughput.log"; exit 1; }
     tail -4 "$OUT/step_throughput.log"
@@ -49,7 +49,7 @@ pp)
     for layout in "1 1" "2 2"; do
         read -r WORLD PP <<< "$layout"
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((WORLD - 1))) torchrun --nproc-per-node "$WORLD" launch/retrofit.py \
-            experiment=smollm2_cr8 parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
+            experiment=smollm2_paper parallel.pp="$PP" train.steps="$STEPS" dms.cr_ramp_steps="$STEPS" \
             train.save_interval="$STEPS" train.resume=none logging.console=false run_dir="runs/pp$PP" "${EXTRA[@]}" \
             > "$OUT/pp$PP.log" 2>&1 || { tail -60 "$OUT/pp$PP.log"; exit 1; }
         tail -2 "$OUT/pp$PP.log"

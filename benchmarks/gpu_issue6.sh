@@ -19,8 +19,8 @@ START=$(date +%s)
 source benchmarks/gpu_common.sh  # setup, model_and_data, STASH, archive_at_exit
 archive_at_exit "$PHASE"
 
-CR8=(experiment=smollm2_cr8 run_dir=runs/cr8 train.save_interval=100 logging.console=false)
-CR4=(experiment=smollm2_cr8 run_dir=runs/cr4 dms.target_cr=4 dms.cr_ramp_steps=110 train.steps=130
+CR8=(experiment=smollm2_paper run_dir=runs/cr8 train.save_interval=100 logging.console=false)
+CR4=(experiment=smollm2_paper run_dir=runs/cr4 dms.target_cr=4 dms.cr_ramp_steps=110 train.steps=130
     train.save_interval=100 logging.console=false)
 
 left() { echo $(( $1 - ($(date +%s) - START) )); }

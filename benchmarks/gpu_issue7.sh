@@ -25,4 +25,4 @@ for rc in none full selective; do
         | tee "$OUT/r1_qwen_32b_tp8_rank_$rc.log" | tail -40
 done
 python3 benchmarks/activation_check.py --out "$OUT/smollm2.json" --work /tmp/acsm \
-    --layers 15 30 --vocab 0 experiment=smollm2_cr8 2>&1 | tee "$OUT/smollm2.log" | tail -40
+    --layers 15 30 --vocab 0 experiment=smollm2_paper 2>&1 | tee "$OUT/smollm2.log" | tail -40

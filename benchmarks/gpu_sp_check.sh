@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_sp_check.sh repeat   # 1 GPU: TP=1 twice, the run-to-run spread of the device
 #
 # A SmolLM2-shaped Llama with heads divisible by 2 (8 heads, 4 KV heads, hidden 512, 12 layers, SmolLM2's
-# vocabulary), random weights; the smollm2_cr8 recipe (micro-batch 4 x 2048, global batch 8).
+# vocabulary), random weights; the smollm2_paper recipe (micro-batch 4 x 2048, global batch 8).
 # 1. fp32 at lr 2e-5 (where PP=2 followed PP=1, docs/benchmarks.md): TP=1 vs TP=2+SP vs TP=2+SP with
 #    full recompute, 12 steps.
 # 2. bf16 at the recipe's lr: TP=1 vs TP=2+SP vs TP=2+SP with selective recompute, 12 steps.
@@ -18,7 +18,7 @@ source benchmarks/gpu_common.sh  # setup, archive_at_exit, record_gpu
 archive_at_exit sp_check
 setup
 record_gpu
-ARCH=(experiment=smollm2_cr8 model.hf_config.hidden_size=512 model.hf_config.num_attention_heads=8
+ARCH=(experiment=smollm2_paper model.hf_config.hidden_size=512 model.hf_config.num_attention_heads=8
     model.hf_config.num_key_value_heads=4 model.hf_config.num_hidden_layers=12 dms.cr_ramp_steps=12
     train.warmup_steps=2)
 run() {  # name, layouts, overrides...

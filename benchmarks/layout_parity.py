@@ -1,7 +1,7 @@
 """The real trainer at several parallel layouts from one random model and one random dataset: loss curves.
 
     python benchmarks/layout_parity.py --out runs/layout_parity --steps 8 \
-        --layouts tp1 tp2sp tp2sp_full -- experiment=smollm2_cr8 model.dtype=fp32 ...
+        --layouts tp1 tp2sp tp2sp_full -- experiment=smollm2_paper model.dtype=fp32 ...
 
 A random Hugging Face model is built from the composed ``model.hf_config`` (seeded; transformers) and
 imported with ``launch/convert.py import``, so every layout starts from the same weights, teacher

@@ -1,7 +1,7 @@
 """Plan a retrofit run's GPU memory and step time before launching it (no GPU, no training).
 
     python launch/plan.py experiment=r1_qwen_32b_cr8 --nodes 32 --gpus-per-node 8
-    python launch/plan.py experiment=smollm2_cr8 --json
+    python launch/plan.py experiment=smollm2_paper --json
     python launch/plan.py model=qwen3_8b parallel.tp=4 parallel.pp=2 data.seq_length=16384 --dp 4 \\
         parallel.recompute=full
     python launch/plan.py --hf-config /path/to/config.json parallel.tp=8 --dp 2

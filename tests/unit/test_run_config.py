@@ -61,7 +61,10 @@ def test_unknown_override_key_is_rejected_by_hydra():
         _compose("train.stepz=3")
 
 
-@pytest.mark.parametrize("name", ["smollm2_cr8", "r1_qwen_32b_cr8", "qwen3_8b_cr8", "smollm2_cpu_demo"])
+@pytest.mark.parametrize(
+    "name",
+    ["smollm2_cr4", "smollm2_cr8", "smollm2_paper", "r1_qwen_32b_cr8", "qwen3_8b_cr8", "smollm2_cpu_demo"],
+)
 def test_experiment_presets_compose(name):
     cfg = _compose(f"experiment={name}", "dms.target_cr=4")
     assert cfg.dms.target_cr == 4  # command-line overrides win over the preset
@@ -73,3 +76,23 @@ def test_experiment_presets_compose(name):
         assert (cfg.data.seq_length, cfg.train.steps) == (8192, 1000)
     else:
         assert cfg.model.name == "smollm2_135m" and cfg.model.checkpoint
+
+
+@pytest.mark.parametrize(
+    ("name", "recipe"),
+    [
+        ("smollm2_cr4", ("adapter", "adapter", 256, 4.0)),
+        ("smollm2_cr8", ("adapter", "adapter", 64, 8.0)),
+        ("smollm2_paper", ("neuron", "full", 256, 8.0)),
+    ],
+)
+def test_smollm2_recipes_target_memory_at_8k(name, recipe):
+    """The one-GPU presets aim at a memory CR at 8K tokens (reachable with their window); the paper
+    recipe starts with the channel fade and ramps only after it."""
+    cfg = _compose(f"experiment={name}")
+    assert (cfg.dms.variant, cfg.train.mode, cfg.dms.window, cfg.dms.target_cr) == recipe
+    assert cfg.dms.cr_context == 8192 and cfg.data.seq_length == 2048
+    schedule = cfg.dms.schedule
+    end = schedule.delay_steps + cfg.dms.cr_ramp_steps
+    assert end <= cfg.train.steps and schedule.cr(end) == recipe[3]
+    assert schedule.delay_steps == (30 if recipe[0] == "neuron" else 0)

@@ -38,7 +38,7 @@ stash)
     cp .carry_model/part* "$STASH"/
     cp assets/shakespeare.txt "$STASH"/
     record_gpu
-    ls -la "$STASH" | tee "$OUT/stash.txt"
+    find "$STASH" -type f -printf "%s %p\n" | tee "$OUT/stash.txt"
     ;;
 study)
     setup

@@ -58,6 +58,7 @@ TINY = (
     "model.dtype=fp32",
     "dms.window=4",
     "dms.cr_ramp_steps=4",
+    "dms.neuron_fade_steps=2",  # the fade ends (q rows zeroed) inside the run, before the preemption
     "dms.attention_backend=reference",
     "parallel.tp=2",
     "parallel.pp=2",

@@ -47,7 +47,7 @@ lock: setup       ## regenerate constraints.txt and constraints-transformers-old
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck --external-sources slurm/*.sh benchmarks/*.sh scripts/*.sh
+	$(VENV)/bin/shellcheck --external-sources slurm/*.sh runbooks/*.sh scripts/*.sh
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -38,7 +38,7 @@ def _fail(key: str, value: object, want: str) -> None:
 
 @dataclass
 class DMSConfig:
-    """DMS settings of one model (dms_algorithm.md; defaults follow the paper unless noted).
+    """DMS settings of one model (docs/dms.md; defaults follow the paper unless noted).
 
     variant: ``neuron`` repurposes q channel D-1 of each KV group's first head (paper, no new
         parameters); ``adapter`` adds RMSNorm + zero-initialised Linear(d -> Hkv) per layer on the

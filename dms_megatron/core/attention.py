@@ -1,4 +1,4 @@
-"""Delayed-eviction attention, the reference implementation (dms_algorithm.md section 4).
+"""Delayed-eviction attention, the reference implementation (docs/dms.md section 4).
 
 Shape legend:
     q              [B, Hq, T, D]    queries (after RoPE)

@@ -1,4 +1,4 @@
-"""Eviction logits and decisions (dms_algorithm.md sections 1-2).
+"""Eviction logits and decisions (docs/dms.md sections 1-2).
 
 Shape legend (any leading dims ``...`` are carried through):
     q            [..., Hq, D]   query heads on axis ``head_axis`` (default -2), channels last

@@ -1,4 +1,4 @@
-"""Compression loss, CR schedule and single-device logit distillation (dms_algorithm.md section 5).
+"""Compression loss, CR schedule and single-device logit distillation (docs/dms.md sections 5 and 8).
 
 Shape legend:
     decisions  [B, H, T]  straight-through hard decisions of one layer (or [B, L, H, T] stacked)

@@ -1,4 +1,4 @@
-"""Reproducible logistic noise for the decision relaxation (dms_algorithm.md section 2).
+"""Reproducible logistic noise for the decision relaxation (docs/dms.md section 2).
 
 The noise is a pure function of its coordinates: (seed, step, micro_batch, dp_rank, layer) name the
 stream, and (sample, kv_head, position) name the element. It is produced by a stateless integer hash

@@ -1,4 +1,4 @@
-"""The one-token shift and document boundaries (dms_algorithm.md section 3).
+"""The one-token shift and document boundaries (docs/dms.md section 3).
 
 The decision produced at position t+1 decides the fate of key t. Shifting never crosses a document
 boundary of a packed sequence: the last token of each document (and of the sequence) gets the fill

@@ -11,7 +11,7 @@ Each (sequence row, layer, KV head) stream holds
   head]`` lists a stream's blocks); rows that finish give their blocks back.
 
 Held tokens per stream = pages + ``min(seen, W)``: exactly the last ``window + 1`` tokens plus every
-older token not evicted (dms_algorithm.md section 7). Without a ``dms`` block (the original model) the
+older token not evicted (docs/dms.md section 7). Without a ``dms`` block (the original model) the
 window is 0 and nothing is flagged, so every token is paged: the dense baseline in the same engine.
 
 Allocation never happens inside a step: ``reserve()`` keeps a block ready for each stream's next page

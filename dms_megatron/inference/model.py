@@ -1,5 +1,5 @@
 """A plain-torch DMS causal LM for exported checkpoints (Llama, Qwen2, Qwen3): the CPU reference of
-the inference engine (issue 6, in progress).
+the inference engines.
 
 ``forward_dense(ids)`` runs a whole sequence with the *hard* delayed-eviction mask (key k visible to
 query i iff k <= i and (i - k <= window or the decision of token k + 1 is "keep")): the oracle.

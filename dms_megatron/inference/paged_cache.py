@@ -1,5 +1,5 @@
 """A paged KV cache in which every (sequence, layer, KV head) stream holds its own number of tokens
-(dms_algorithm.md section 7), the bookkeeping reference of the inference engine (issue 6, in progress).
+(docs/dms.md section 7), the bookkeeping reference of the inference engines.
 
 * ``BlockPool``: one K and one V tensor ``[num_blocks, block_size, D]`` shared by all streams, and a free
   list of blocks. A stream owns whole blocks; its block table is the list of those block ids.

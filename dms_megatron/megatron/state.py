@@ -4,7 +4,7 @@ loss across pipeline stages.
 ``DMSRunState`` is created by ``apply_dms`` and handed to every DMS module through the spec; the
 training loop sets ``step`` / ``micro_batch`` / ``target_fraction`` before each micro-batch.
 
-Exact global compression loss under pipeline parallelism (dms_algorithm.md section 5)
+Exact global compression loss under pipeline parallelism (docs/dms.md section 5)
 -----------------------------------------------------------------------------------
 The hinge ``relu(target - frac_b)`` couples all layers of a sample, which live on different stages.
 We carry a per-position *decision count* ``acc [s(/tp), b]`` (sum of hard decisions over the layers

@@ -4,7 +4,7 @@
 The real ``slurm/retrofit_32b.sh`` runs the tiny debug model at world size 4 (TP=2 x PP=2, 1 node x 4 tasks,
 gloo), is preempted by SIGUSR1 to the job's process group (what Slurm's ``--signal`` and preemption send),
 saves a checkpoint, requeues itself and resumes to the end. ``DRY_RUN=1`` prints the exact srun command and
-the resolved config. shellcheck passes on ``slurm/*.sh`` and ``benchmarks/*.sh``. Nothing here runs on a
+the resolved config. shellcheck passes on ``slurm/*.sh`` and ``runbooks/*.sh``. Nothing here runs on a
 real Slurm cluster.
 """
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).with_name("slurm_standin.py")
 FAKE_TRAINER = Path(__file__).with_name("slurm_fake_trainer.py")
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
-GPU_SCRIPTS = sorted((ROOT / "benchmarks").glob("*.sh"))  # the device-machine drivers
+GPU_SCRIPTS = sorted((ROOT / "runbooks").glob("*.sh"))  # the GPU runbooks
 LAUNCHERS = {"retrofit_32b.sh": ("r1_qwen_32b_cr8", 8, 2), "retrofit_8b.sh": ("qwen3_8b_cr8", 8, 1)}
 SNIPPET = 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"'
 # the knobs of slurm/common.sh: none may leak in from the environment the tests run in

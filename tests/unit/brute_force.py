@@ -1,4 +1,4 @@
-"""Independent, loop-based float64 oracles for the core math (written from dms_algorithm.md, not
+"""Independent, loop-based float64 oracles for the core math (written from docs/dms.md, not
 from the implementation: scalar loops, no vectorised masking)."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_throughput_and_mfu():
 
 
 def test_memory_cr():
-    # 32K tokens, window 512 (513 always kept), decision-rate CR 16 -> about 13x (dms_algorithm.md)
+    # 32K tokens, window 512 (513 always kept), decision-rate CR 16 -> about 13x (docs/dms.md section 8)
     assert memory_cr(16.0, 32768, 512) == pytest.approx(32768 / (513 + (32768 - 513) / 16), rel=1e-12)
     assert 12.5 < memory_cr(16.0, 32768, 512) < 13.5
     assert memory_cr(8.0, 100, 200) == 1.0  # all within the window

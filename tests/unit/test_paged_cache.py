@@ -10,7 +10,7 @@ from dms_megatron.inference.paged_cache import BlockPool, CacheFullError, HeadSt
 
 
 def _run(decisions: list[int], window: int, block_size: int = 4, num_blocks: int = 64):
-    """Decode token by token: token t's decision flags t-1, then t is appended (dms_algorithm.md s.7)."""
+    """Decode token by token: token t's decision flags t-1, then t is appended (docs/dms.md section 7)."""
     pool = BlockPool(num_blocks, block_size, head_dim=3)
     stream = HeadStream(pool, window)
     for t, d in enumerate(decisions):

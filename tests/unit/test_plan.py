@@ -165,8 +165,8 @@ def test_adapter_mode_trains_only_adapters_with_self_teacher():
 
 
 def test_smollm2_matches_the_measured_h100_peak():
-    """The one GPU measurement (docs/results/2026-11-22_h100_issue5/step_throughput.json): SmolLM2-135M,
-    micro-batch 4 x 2048, full model, neuron: torch.cuda.max_memory_allocated 20.46 GiB."""
+    """The one GPU measurement (docs/results/2026-11-22_h100_trainer_smollm2/step_throughput.json):
+    SmolLM2-135M, micro-batch 4 x 2048, full model, neuron: torch.cuda.max_memory_allocated 20.46 GiB."""
     inp = PlanInput(arch=_arch("smollm2_135m"), micro_batch_size=4, global_batch_size=8, seq_length=2048)
     allocated = make_plan(inp).worst.allocated / GIB
     assert allocated == pytest.approx(20.458, rel=0.05)

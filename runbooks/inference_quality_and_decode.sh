@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# GPU runs for inference (issue 6), on one lent H100, in back-to-back calls (the machine keeps its disk
+# GPU runs of inference (retrofit, quality vs baselines, decode speed), on one lent H100, in back-to-back calls (the machine keeps its disk
 # while warm). Each phase writes what it measured to $OUT.
 #
-#   bash benchmarks/gpu_issue6.sh part1    # carry .carry .carry_model/part00: stash it; GPU tests
-#   bash benchmarks/gpu_issue6.sh train    # carry .carry .carry_model/part01 assets/shakespeare.txt:
+#   bash runbooks/inference_quality_and_decode.sh part1    # carry .carry .carry_model/part00: stash it; GPU tests
+#   bash runbooks/inference_quality_and_decode.sh train    # carry .carry .carry_model/part01 assets/shakespeare.txt:
 #                                          #   teacher + data; retrofit CR 8 and CR 4 side by side until the
 #                                          #   deadline (SIGTERM -> checkpoint, resumable) while the baselines
 #                                          #   (teacher, StreamingLLM/TOVA/H2O at CR 4 and 8) are evaluated
-#   bash benchmarks/gpu_issue6.sh eval     # carry .carry assets/shakespeare.txt: finish + export both; DMS
+#   bash runbooks/inference_quality_and_decode.sh eval     # carry .carry assets/shakespeare.txt: finish + export both; DMS
 #                                          #   quality; HF remote-code parity; decode tok/s + KV bytes at 8K
 #                                          #   (batch 1, 32); the baselines if the train call did not finish
-#   bash benchmarks/gpu_issue6.sh bench    # GPU tests + the decode benchmark again
+#   bash runbooks/inference_quality_and_decode.sh bench    # GPU tests + the decode benchmark again
 set -euo pipefail
 PHASE=${1:?phase: part1 | train | eval | bench}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 START=$(date +%s)
-source benchmarks/gpu_common.sh  # setup, model_and_data, STASH, archive_at_exit
+source runbooks/common.sh  # setup, model_and_data, STASH, archive_at_exit
 archive_at_exit "$PHASE"
 
 CR8=(experiment=smollm2_paper run_dir=runs/cr8 train.save_interval=100 logging.console=false)

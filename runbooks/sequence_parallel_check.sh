@@ -2,8 +2,8 @@
 # GPU check of sequence parallelism (LocalNorm) and recompute through the real trainer, one call on
 # 2 GPUs (nvidia-h200-x2; carry .carry only: random model, random tokens):
 #
-#   bash benchmarks/gpu_sp_check.sh          # 2 GPUs: the layouts below
-#   bash benchmarks/gpu_sp_check.sh repeat   # 1 GPU: TP=1 twice, the run-to-run spread of the device
+#   bash runbooks/sequence_parallel_check.sh          # 2 GPUs: the layouts below
+#   bash runbooks/sequence_parallel_check.sh repeat   # 1 GPU: TP=1 twice, the run-to-run spread of the device
 #
 # A SmolLM2-shaped Llama with heads divisible by 2 (8 heads, 4 KV heads, hidden 512, 12 layers, SmolLM2's
 # vocabulary), random weights; the smollm2_paper recipe (micro-batch 4 x 2048, global batch 8).
@@ -14,7 +14,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-source benchmarks/gpu_common.sh  # setup, archive_at_exit, record_gpu
+source runbooks/common.sh  # setup, archive_at_exit, record_gpu
 archive_at_exit sp_check
 setup
 record_gpu
@@ -40,7 +40,7 @@ repeat)  # 1 GPU: the same TP=1 run twice, the device's own run-to-run spread
     run bf16_repeat "tp1 tp1_again"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_sp_check.sh [sp | repeat]" >&2
+    echo "usage: bash runbooks/sequence_parallel_check.sh [sp | repeat]" >&2
     exit 2
     ;;
 esac

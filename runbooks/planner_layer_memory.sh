@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of the planner's per-layer memory (issue 7), one call on one H100 (carry .carry only; no
+# GPU check of the planner's per-layer memory, one call on one H100 (carry .carry only; no
 # model or data needed: random weights, random tokens):
 #
-#   bash benchmarks/gpu_issue7.sh
+#   bash runbooks/planner_layer_memory.sh
 #
 # 1. R1-Distill-Qwen-32B, one rank's shapes of TP=8 (5 of 40 heads, 1 of 8 KV heads, FFN 3456), 8K
 #    tokens, no SP, flex attention, bf16: 4 vs 8 layers -> saved bytes per layer (all regions) and the
@@ -15,7 +15,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-source benchmarks/gpu_common.sh  # setup, archive_at_exit, record_gpu
+source runbooks/common.sh  # setup, archive_at_exit, record_gpu
 archive_at_exit issue7
 setup
 record_gpu

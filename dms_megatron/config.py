@@ -6,7 +6,7 @@ Hydra override fails before any model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from dms_megatron.core.dms_rules import (
@@ -332,3 +332,45 @@ class RetrofitConfig:
                 raise ValueError(f"unknown config keys: {[f'{name}.{k}' for k in extra]}")
             built[name] = kind(**values)
         return cls(**built, run_dir=str(cfg.get("run_dir", "runs/retrofit")))
+
+
+# ----------------------------------------------------------------------------- Hydra group defaults
+
+
+def _yaml_scalar(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:  # YAML 1.1 reads 3e-05 as a string; 3.0e-05 is a float
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    return str(value)
+
+
+def defaults_yaml(cls: type) -> str:
+    """The Hydra group file of a config section: every field with its dataclass default. Generated
+    (``scripts/config_defaults.py``), so the dataclass stays the single source of defaults."""
+    lines = [
+        f"# Generated from dms_megatron.config.{cls.__name__} (its docstring explains each key): edit the",
+        "# dataclass, then run `python scripts/config_defaults.py`. Presets override in configs/experiment/.",
+    ]
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{f.name}: {_yaml_scalar(default)}")
+    return "\n".join(lines) + "\n"
+
+
+# group file (relative to configs/) -> the section whose defaults it holds
+GROUP_DEFAULT_FILES: dict[str, type] = {
+    "dms/default.yaml": DMSConfig,
+    "train/default.yaml": TrainConfig,
+    "parallel/single.yaml": ParallelConfig,
+    "data/none.yaml": DataConfig,
+    "logging/default.yaml": LoggingConfig,
+}

@@ -96,3 +96,24 @@ def test_smollm2_recipes_target_memory_at_8k(name, recipe):
     end = schedule.delay_steps + cfg.dms.cr_ramp_steps
     assert end <= cfg.train.steps and schedule.cr(end) == recipe[3]
     assert schedule.delay_steps == (30 if recipe[0] == "neuron" else 0)
+
+
+def test_group_default_files_are_generated_from_the_dataclasses(tmp_path):
+    """The dataclasses are the single source of defaults: each group default file is exactly what
+    ``scripts/config_defaults.py`` writes from them, and composes back to the dataclass defaults."""
+    import dataclasses
+    import importlib.util
+
+    from dms_megatron.config import GROUP_DEFAULT_FILES, defaults_yaml
+
+    spec = importlib.util.spec_from_file_location(
+        "config_defaults", Path(CONFIGS).parent / "scripts/config_defaults.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0
+    cfg = _compose()
+    for name, cls in GROUP_DEFAULT_FILES.items():
+        assert (Path(CONFIGS) / name).read_text() == defaults_yaml(cls)
+        section = getattr(cfg, name.split("/")[0])
+        assert dataclasses.asdict(section) == dataclasses.asdict(cls()), name

@@ -24,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dms_megatron.runtime import quiet_missing_accelerators  # noqa: E402
+from dms_megatron.runtime import quiet_upstream_noise  # noqa: E402
 
-quiet_missing_accelerators()
+quiet_upstream_noise()
 
 import torch  # noqa: E402
 

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from dms_megatron.runtime import TORCH_DTYPES, free_port, quiet_missing_accelerators
+from dms_megatron.runtime import TORCH_DTYPES, free_port, quiet_upstream_noise
 
-quiet_missing_accelerators()
+quiet_upstream_noise()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

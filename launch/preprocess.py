@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dms_megatron.runtime import quiet_missing_accelerators
+from dms_megatron.runtime import quiet_upstream_noise
 
-quiet_missing_accelerators()
+quiet_upstream_noise()
 
 
 def main(argv: list[str] | None = None) -> None:

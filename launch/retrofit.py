@@ -1,7 +1,8 @@
 """Retrofit a model with DMS: ``python launch/retrofit.py [overrides]`` (one process), or under
 ``torchrun`` / ``srun`` with one process per GPU. The only Hydra code of the project.
 
-    python launch/retrofit.py experiment=smollm2_cr8 dms.target_cr=4 train.steps=300
+    python launch/retrofit.py experiment=smollm2_cr4 dms.target_cr=6 train.steps=300
+    python launch/retrofit.py -v experiment=smollm2_cr4  # also show the known upstream warnings
     torchrun --nproc-per-node 8 launch/retrofit.py experiment=r1_qwen_32b_cr8 parallel.pp=1
     python launch/retrofit.py -m dms.target_cr=4,8        # a sweep, one run directory per job
     python launch/retrofit.py --print-config experiment=r1_qwen_32b_cr8 dms.target_cr=4
@@ -9,7 +10,9 @@
 
 Composes ``configs/`` (groups: model, dms, parallel, data, train, logging, experiment), validates it
 into ``RetrofitConfig`` (unknown keys and bad values fail before any process group or GPU work), and
-calls ``dms_megatron.training.run.run_retrofit``.
+calls ``dms_megatron.training.run.run_retrofit``, which first prints what it is about to run (model,
+layout, recipe, memory-CR target, run dir). Known, harmless torch/megatron warnings are hidden
+(``dms_megatron.runtime.quiet_upstream_noise``, each with its reason); ``-v`` shows them.
 
 ``--print-config`` composes and validates the same config with Hydra's compose API, prints it resolved
 as YAML (``--print-config=KEY``: one value, e.g. ``run_dir``) and exits without starting anything; the
@@ -31,9 +34,13 @@ if ROOT not in sys.path:
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from dms_megatron.runtime import quiet_missing_accelerators  # noqa: E402
+from dms_megatron.runtime import SHOW_UPSTREAM_ENV, quiet_upstream_noise  # noqa: E402
 
-quiet_missing_accelerators()
+VERBOSE_FLAGS = ("-v", "--verbose")  # ours, taken out before Hydra parses the command line
+if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):
+    os.environ[SHOW_UPSTREAM_ENV] = "1"  # also for the ranks torchrun starts from this command line
+    sys.argv = [a for a in sys.argv if a not in VERBOSE_FLAGS]
+quiet_upstream_noise()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="retrofit")

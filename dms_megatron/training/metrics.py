@@ -131,7 +131,8 @@ class MetricsLogger:
         if self._console is not None:
             keys = ("loss/kd", "loss/compression", "cr/target", "cr/memory", "throughput/tokens_per_s")
             shown = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in keys if k in metrics)
-            self._console.print(f"[bold]step {step}[/bold]  {shown}")
+            # soft_wrap: one line per step also when stdout is a file (a Slurm log), not 80-column wraps
+            self._console.print(f"[bold]step {step}[/bold]  {shown}", soft_wrap=True)
 
     def _wandb_rates(self, rates: Any) -> dict[str, Any]:
         import numpy as np

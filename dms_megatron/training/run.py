@@ -161,6 +161,29 @@ def _checkpoint_meta(cfg: RetrofitConfig, pre: Preflight, trained_cr: float | No
     }
 
 
+def describe_run(cfg: RetrofitConfig, world_size: int) -> str:
+    """What a run is about to do, in a few lines: model, layout, recipe, memory-CR target, run dir."""
+    d, t, p = cfg.dms, cfg.train, cfg.parallel
+    dp = max(world_size // (p.tp * p.pp), 1)
+    target = (
+        f"memory CR {d.cr_start:g} -> {d.target_cr:g} at {d.cr_context} tokens"
+        if d.cr_context
+        else f"decision-rate CR {d.cr_start:g} -> {d.target_cr:g}"
+    )
+    fade = f", after a {d.fade_steps}-step channel fade" if d.fade_steps else ""
+    teacher = "separate frozen teacher" if t.mode == "full" else "self-teacher, base frozen"
+    return "\n".join(
+        [
+            f"retrofit {cfg.model.name} from {cfg.model.checkpoint or 'random weights'} ({cfg.model.dtype})",
+            f"  layout: TP={p.tp} PP={p.pp} DP={dp}{' SP' if p.sequence_parallel else ''} on {world_size} "
+            f"process(es); {t.steps} steps of {p.global_batch_size} x {cfg.data.seq_length} tokens",
+            f"  recipe: {d.variant} variant, train.mode={t.mode} ({teacher}), window {d.window}, lr {t.lr:g}",
+            f"  target: {target} over {d.cr_ramp_steps} steps{fade}",
+            f"  run dir: {cfg.run_dir}",
+        ]
+    )
+
+
 def run_retrofit(
     cfg: RetrofitConfig,
     config_dict: dict[str, Any] | None = None,
@@ -199,6 +222,8 @@ def _run_guarded(
     run_dir = Path(cfg.run_dir)
     if dist.get_rank() == 0:
         write_run_info(run_dir, config_dict or {}, argv or sys.argv, dist.get_world_size())
+        if cfg.logging.console:
+            print(describe_run(cfg, dist.get_world_size()), flush=True)
     dist.barrier()
     num_samples = cfg.train.steps * cfg.parallel.global_batch_size
     dataset = build_gpt_dataset(

@@ -31,7 +31,7 @@ pass ``model`` as ``{name: model}`` and give ``dms`` and equal-memory policies `
 ``dms:name``, ``h2o@=dms:name``). All share the model code (``DMSCausalLM``). ``teacher=None`` uses the
 (first) checkpoint with eviction off, which is the original model only when retrofitting left the base
 weights frozen (``train.mode=adapter``); pass the original model for full-mode retrofits. The teacher
-generates on the dense oracle (``forward_dense``); DMS on ``BatchEngine``.
+generates with batched causal passes (``model.dense_last_logits``); DMS on ``BatchEngine``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from dms_megatron.inference.baseline_cache import KINDS, BaselineKV
 from dms_megatron.inference.batch_engine import BatchEngine
 from dms_megatron.inference.compressed_cache import CompressedKV
 from dms_megatron.inference.engine import Request
-from dms_megatron.inference.model import DMSCausalLM
+from dms_megatron.inference.model import DMSCausalLM, dense_last_logits
 
 # the pass-key haystack of Mohtashami & Jaggi (2023): retrieval without the noise of real text (on
 # Shakespeare as the haystack, SmolLM2-135M finds 1 key in 5 at 2K tokens; on this, 4 in 5)
@@ -283,16 +283,19 @@ class _Runs:
 
 
 def _dense_greedy(model: DMSCausalLM, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy continuations on the dense oracle (the teacher: no cache to manage, one pass per token)."""
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor(prompt, device=model.device)
-        gen: list[int] = []
+    """Greedy continuations of the teacher (no eviction, no cache): prompts of one length advance
+    together, one batched causal pass (torch's fused attention) per generated token."""
+    out: list[list[int]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for rows in by_length.values():
+        ids = torch.tensor([prompts[i] for i in rows], device=model.device)
         for _ in range(n):
-            logits, _ = model.forward_dense(ids)
-            gen.append(int(logits[-1].argmax()))
-            ids = torch.cat([ids, ids.new_tensor(gen[-1:])])
-        out.append(gen)
+            nxt = dense_last_logits(model, ids).argmax(-1)
+            for r, i in enumerate(rows):
+                out[i].append(int(nxt[r]))
+            ids = torch.cat([ids, nxt[:, None]], 1)
     return out
 
 

@@ -167,6 +167,24 @@ class DMSCausalLM:
         return self.head(h), decisions
 
 
+@torch.no_grad()
+def dense_last_logits(model: DMSCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[B, V]`` after each row of ``ids [B, T]`` on the model **without eviction**
+    (``model.dms`` must be None: the teacher): a batched causal pass through torch's fused attention
+    (``scaled_dot_product_attention``), the fast path for the teacher's greedy pass-key answers."""
+    if model.dms is not None:
+        raise ValueError("dense_last_logits runs the original model: set model.dms = None")
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).repeat(B)
+    h = model.w["model.embed_tokens.weight"][ids.reshape(-1)]
+    for layer in range(model.arch.num_layers):
+        q, k, v, _ = model.attention_inputs(layer, h, pos)
+        q, k, v = (x.view(B, T, -1, model.d).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = model.finish_layer(layer, h, out.transpose(1, 2).reshape(B * T, -1).to(h.dtype))
+    return model.head(h.view(B, T, -1)[:, -1])
+
+
 class DecodeSession:
     """One sequence against per-(layer, KV head) compressed streams: chunked prefill, decode, and more
     prefill after decoding (multi-turn), all continuing from the compressed cache."""

@@ -44,6 +44,21 @@ def test_no_dms_matches_transformers(tiny) -> None:
     assert decisions == []
 
 
+def test_batched_teacher_pass_equals_the_oracle(tiny) -> None:
+    """``dense_last_logits`` (batched rows, torch's fused causal attention) == the oracle's last logits
+    per row; it refuses a model with eviction."""
+    from dms_megatron.inference.model import dense_last_logits
+
+    _, path = tiny
+    model = DMSCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 96, (3, 37), generator=torch.Generator().manual_seed(2))
+    got = dense_last_logits(model, ids)
+    want = torch.stack([model.forward_dense(row)[0][-1] for row in ids])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="original model"):
+        dense_last_logits(_with_dms(path, "adapter", "head", 4), ids)
+
+
 def _with_dms(path, variant: str, per: str, window: int) -> DMSCausalLM:
     model = DMSCausalLM.from_pretrained(path)
     gen = torch.Generator().manual_seed(7)

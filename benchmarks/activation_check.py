@@ -71,6 +71,9 @@ def layout(base: dict, layers: int, emulate_tp: int, vocab: int | None, data: st
     if vocab:
         hf["vocab_size"] = vocab
     cfg["model"]["checkpoint"] = None
+    # the steady state the planner models: the neuron variant's channel fade (steps 0..N) saves other
+    # tensors (constant logits, the faded channel), so measure as after it
+    cfg["dms"]["neuron_fade_steps"] = 0
     mbs = cfg["parallel"]["micro_batch_size"]
     cfg["parallel"] = {
         **cfg["parallel"],

@@ -11,7 +11,7 @@ a batch size, which runs eagerly, and the CUDA-graph capture of the second), the
 step (median over the steps after those two, each step as the engine runs it: reserve, decode, tokens
 to the host), prefill tokens/s, peak KV bytes held (tokens held x K+V x head dim x bytes, over all
 layers and KV heads) and the bytes the engine had allocated (pool blocks in use + window rings),
-effective CR, and the paged decode kernel alone (one layer's streams at the final lengths, CUDA events,
+memory CR, and the paged decode kernel alone (one layer's streams at the final lengths, CUDA events,
 median of 50, launched eagerly).
 """
 
@@ -130,7 +130,8 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
         "prefill_tokens_per_s": sum(map(len, prompts)) / prefill_s,
         "peak_kv_tokens_held": held,
         "peak_kv_bytes_held": held * 2 * D * elem,
-        "effective_cr": statistics.mean(r.metrics["effective_cr"] for r in results),
+        "memory_cr": statistics.mean(r.metrics["memory_cr"] for r in results),
+        "stream_cr_mean": statistics.mean(r.metrics["stream_cr_mean"] for r in results),
         "wall_s": wall,
     }
     # steady state: the same rows prefilled again, then decode steps timed after two warm-up steps (eager

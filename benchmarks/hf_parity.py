@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             "first_difference": next(
                 (i for i, (a, b) in enumerate(zip(hf_tokens, res.tokens, strict=False)) if a != b), None
             ),
-            "hf_effective_cr": cache.effective_cr(),
-            "engine_effective_cr": res.metrics["effective_cr"],
+            "hf_memory_cr": cache.memory_cr(),
+            "engine_memory_cr": res.metrics["memory_cr"],
             "held_equal": held_hf == ours_held,
             "held_max_abs_difference": max(
                 abs(a - b)

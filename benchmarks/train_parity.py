@@ -38,9 +38,9 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        from cpu_shim import install_cpu_shim
+        from dms_megatron.megatron.patches import enable_cpu_training
 
-        install_cpu_shim()
+        enable_cpu_training()
     import dms_jobs
     import tiny_gpt
     from megatron.core import parallel_state

@@ -7,8 +7,8 @@ available, else CPU), streaming tokens and the live compression ratio of the KV 
 
 ``--prompts-file``: JSONL with a "prompt" field per line (batch mode: continuous batching of up to
 ``--max-batch`` requests, a live table of each one's text and CR; metrics per request in --out).
-Live CR = tokens seen x (layers x KV heads) / KV tokens held; the final line gives the effective CR
-(tokens seen / held, averaged over layers and KV heads).
+Live CR = memory CR = tokens seen x (layers x KV heads) / KV tokens held (the factor the KV bytes shrank),
+also on the final line.
 ``--no-dms`` runs the same weights with eviction off (the teacher, for comparison).
 """
 
@@ -111,7 +111,7 @@ def _batch(args, model, tok, console, requests) -> None:
     lines = []
     for p, r in zip(prompts, results, strict=True):
         lines.append({"prompt": p, "text": tok.decode(r.tokens), **r.__dict__})
-        shown = r.error or f"{tok.decode(r.tokens)!r} (effective CR {r.metrics['effective_cr']:.2f})"
+        shown = r.error or f"{tok.decode(r.tokens)!r} (memory CR {r.metrics['memory_cr']:.2f})"
         console.print(f"[bold]{p[:60]!r}[/bold] -> {shown}")
     console.print(f"[dim]decode {engine.last_batch['decode_tokens_per_s']:.1f} tokens/s over the batch[/dim]")
     if args.out:
@@ -178,7 +178,7 @@ def _conversation(args, model, tok, console, request, stop) -> None:
         held = cache.held()[:, row].float()
         console.print(
             f"[dim]tokens seen {int(cache.seen[row])}, KV held {int(held.sum())} across layers x heads, "
-            f"effective CR {float((cache.seen[row] / held.clamp(min=1)).mean()):.2f}, "
+            f"memory CR {float(cache.seen[row]) * held.numel() / max(float(held.sum()), 1.0):.2f}, "
             f"blocks in use {cache.allocated_blocks()}/{cache.num_blocks}[/dim]"
         )
 

@@ -21,7 +21,7 @@ classes are transformers' own:
   token t (logit > 0) evicts token t-1; an evicted token stays visible while its age is <= ``window``.
   Rows and heads hold different counts: a layer's tensors are padded to its fullest (row, head) (slots
   with position -1 are empty) and compacted after every forward. ``tokens_seen()``, ``tokens_held()``,
-  ``storage_tokens()``, ``effective_cr()``, ``kv_cr()``.
+  ``storage_tokens()``, ``memory_cr()``, ``stream_cr_mean()``.
 * ``DMS<Family>ForCausalLM.forward`` prepares the cache for the chunk (which tokens are real, their
   positions) and calls the family forward. Given no cache, or the empty default cache ``generate``
   creates, it starts a ``DMSCache`` and returns it; ``generate`` continues with the returned cache, as
@@ -305,12 +305,13 @@ class DMSCache(Cache):
         self._check()
         return [la.keys.shape[2] for la in self.layers]
 
-    def effective_cr(self) -> float:
-        """Tokens seen / tokens held, averaged over layers, batch rows and KV heads."""
+    def stream_cr_mean(self) -> float:
+        """Tokens seen / tokens held averaged over layers, batch rows and KV heads (a diagnostic: per-head
+        spread inflates it; ``memory_cr`` is what the memory shrank by)."""
         seen, held_now = self.tokens_seen().float(), self.tokens_held().float()
         return float((seen / held_now.clamp(min=1)).mean())
 
-    def kv_cr(self) -> float:
+    def memory_cr(self) -> float:
         """All tokens seen / all tokens held: the factor the KV memory shrank (a dense cache holds all)."""
         return float(self.tokens_seen().sum() / self.tokens_held().sum().clamp(min=1))
 

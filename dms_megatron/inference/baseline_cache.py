@@ -125,7 +125,7 @@ class BaselineKV:
         n = self._held.sum(-1)
         return n if self._identity else n[:, self._inverse]
 
-    def effective_cr(self) -> torch.Tensor:
+    def stream_cr_mean(self) -> torch.Tensor:
         """Per row: tokens seen / tokens held, averaged over layers and heads (a diagnostic)."""
         return (self.steps / self.held().float().clamp(min=1)).mean((0, 2))
 

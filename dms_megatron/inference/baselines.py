@@ -2,7 +2,7 @@
 (``DecodeSession(model, pool, policy=...)`` on the original model, eviction logits off).
 
 Budget: after token ``t`` each (layer, KV head) stream keeps at most ``ceil((t + 1) / cr)`` tokens (at
-least ``min_keep``), so the effective CR equals ``cr`` throughout a sequence, as DMS is compared at.
+least ``min_keep``), so the memory CR equals ``cr`` throughout a sequence, as DMS is compared at.
 
 * ``StreamingLLM``: the first ``sink`` tokens plus the most recent ones (Xiao et al., 2023).
 * ``TOVA``: drop the held token with the lowest attention weight from the current query, averaged over

@@ -3,7 +3,8 @@ compressed streams; a failing request (bad input, pool exhausted) returns its bl
 without touching the others. Greedy or sampled (temperature, top-p, per-request seed), stop tokens.
 
 Metrics per request (``request_metrics``, shared with the batched engine): tokens seen and held per
-[layer, KV head], effective CR (seen / held, averaged), kv_cr (all seen / all held), peak KV tokens and
+[layer, KV head], ``memory_cr`` (all seen / all held: the factor the KV bytes shrank), ``stream_cr_mean``
+(seen / held averaged over streams, a diagnostic inflated by per-head spread), peak KV tokens and
 bytes, KV-cache token reads per generated token, prefill and decode tokens/s.
 """
 
@@ -58,8 +59,8 @@ def validate(request: Request, model: DMSCausalLM) -> None:
 
 
 def compression(seen: float, held: torch.Tensor) -> tuple[float, float]:
-    """``(effective CR, kv_cr)`` of one sequence from ``held`` tokens per stream: the mean over streams of
-    seen / held, and all seen / all held (the factor the KV memory shrank)."""
+    """``(stream_cr_mean, memory_cr)`` of one sequence from ``held`` tokens per stream: the mean over
+    streams of seen / held (a diagnostic), and all seen / all held (the factor the KV memory shrank)."""
     held = held.float()
     return float((seen / held.clamp(min=1)).mean()), seen * held.numel() / max(float(held.sum()), 1.0)
 
@@ -83,8 +84,8 @@ def request_metrics(
         "generated_tokens": len(out),
         "tokens_seen": seen,
         "tokens_held": held.float().tolist(),
-        "effective_cr": effective,
-        "kv_cr": kv,
+        "memory_cr": kv,
+        "stream_cr_mean": effective,
         "peak_kv_tokens": peak,
         "peak_kv_bytes": peak * bytes_per_kv_token,
         "kv_reads_per_generated_token": reads / max(len(out) - 1, 1),

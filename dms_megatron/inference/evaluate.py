@@ -343,7 +343,7 @@ def _greedy(
         out[name] = _Runs(
             [r.tokens for r in results],
             sum(map(len, prompts)) / held,
-            sum(r.metrics["effective_cr"] for r in results) / len(results),
+            sum(r.metrics["stream_cr_mean"] for r in results) / len(results),
         )
     rows = [(p, i) for p in policies if p.baseline for i in range(len(prompts))]
     if not rows:
@@ -370,7 +370,7 @@ def _greedy(
                 if step + 1 < n:
                     logits = cache.decode(tok)
             tokens += torch.stack(gen, 1).tolist()
-            stream_crs += cache.effective_cr().tolist()
+            stream_crs += cache.stream_cr_mean().tolist()
             del cache
             timer.note(f"{task}: baseline rows {s + len(group)}/{len(rows)}")
     held = torch.cat(held_rows).tolist()

@@ -268,9 +268,14 @@ class DecodeSession:
         """Tokens held per ``[layer, KV head]``."""
         return torch.tensor([[s.held for s in row] for row in self.streams])
 
-    def effective_cr(self) -> float:
-        """Tokens seen / tokens held, averaged over layers and KV heads."""
+    def stream_cr_mean(self) -> float:
+        """Tokens seen / tokens held averaged over layers and KV heads (a diagnostic)."""
         return float((self.position / self.held().float().clamp(min=1)).mean()) if self.position else 1.0
+
+    def memory_cr(self) -> float:
+        """All tokens seen / all tokens held over layers and KV heads: the factor the KV memory shrank."""
+        held = self.held()
+        return self.position * held.numel() / max(float(held.sum()), 1.0) if self.position else 1.0
 
     def release(self) -> None:
         for row in self.streams:

@@ -1,5 +1,5 @@
 """``launch/generate.py`` on SmolLM2-135M with DMS settings (neuron variant: no extra weights), prompt,
-batch and teacher modes; and the engine's effective CR on real text."""
+batch and teacher modes; and the engine's memory CR on real text."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_prompt_streams_text_and_cr_teacher_mode(dms_folder) -> None:
     prompt = "The capital of France is Paris. It is"
     res = _cli("--model", str(dms_folder), "--prompt", prompt, "--max-new-tokens", "6", "--no-dms")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "effective CR 1.00" in res.stdout and "tokens seen" in res.stdout  # eviction off
+    assert "memory CR 1.00" in res.stdout and "tokens seen" in res.stdout  # eviction off
 
 
 def test_batch_mode_writes_metrics(dms_folder, tmp_path) -> None:
@@ -57,7 +57,7 @@ def test_batch_mode_writes_metrics(dms_folder, tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["error"] for r in rows] == [None, None]
-    assert rows[1]["metrics"]["effective_cr"] > 1.2  # a long prompt really got compressed
+    assert rows[1]["metrics"]["memory_cr"] > 1.2  # a long prompt really got compressed
     assert rows[1]["metrics"]["peak_kv_tokens"] < rows[1]["metrics"]["tokens_seen"] * 30 * 3
 
 

@@ -36,16 +36,14 @@ def flush_and_exit(code: int) -> NoReturn:
 
 
 def prepare_rank_process() -> None:
-    """Once per rank process, before any job: one intra-op thread, the CPU shim (imports megatron)."""
+    """Once per rank process, before any job: one thread, the CPU training mode (imports megatron)."""
     warnings.filterwarnings("ignore", message=".*is not installed.*", category=UserWarning)  # TE/Apex/absl
     import torch
 
     torch.set_num_threads(1)
-    if __package__:
-        from .cpu_shim import install_cpu_shim
-    else:
-        from cpu_shim import install_cpu_shim
-    install_cpu_shim()
+    from dms_megatron.megatron.patches import enable_cpu_training
+
+    enable_cpu_training()
 
 
 def _error_payload(exc: BaseException | None, text: str, type_name: str = "") -> bytes:

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from cpu_shim import check_shim_targets
 from runner import run_distributed
+
+from dms_megatron.megatron.patches import check_cpu_patch_targets
 
 Layout = tuple[int, int, bool]  # (tp, pp, sequence_parallel)
 
@@ -39,11 +40,12 @@ def _layout_id(layout: Layout) -> str:
 
 def _shim_probe() -> dict[str, Any]:
     """What the shim does to CUDA-placement calls, observed inside a rank."""
-    import cpu_shim
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.transformer.utils as transformer_utils
 
-    cpu_shim.install_cpu_shim()  # second call: must be a no-op
+    from dms_megatron.megatron.patches import cpu_training_enabled, enable_cpu_training
+
+    enable_cpu_training()  # second call: must be a no-op
     modes = torch.overrides._get_current_function_mode_stack()
     x = torch.ones(3)
     state = torch.cuda.get_rng_state()
@@ -52,7 +54,7 @@ def _shim_probe() -> dict[str, Any]:
     b = torch.rand(2)
     mask = fused_softmax.get_default_causal_mask(4)
     return {
-        "installed": cpu_shim.is_installed(),
+        "installed": cpu_training_enabled(),
         "mode_count": sum(type(m).__name__ == "CudaToCpuMode" for m in modes),
         "zeros_cuda": str(torch.zeros(2, device="cuda").device),
         "zeros_cuda1": str(torch.zeros(2, device="cuda:1").device),
@@ -166,8 +168,8 @@ def _merged(runs: list[dict[str, Any]], layout: Layout) -> tuple[list[float], di
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_check_shim_targets() -> None:
-    check_shim_targets()  # every upstream name the shim patches still exists with the expected parameters
+def test_check_cpu_patch_targets() -> None:
+    check_cpu_patch_targets()  # every upstream name the CPU mode patches exists with the expected parameters
 
 
 def test_runner_reraises_rank_exception_with_traceback() -> None:
@@ -182,7 +184,7 @@ def test_runner_reraises_rank_exception_with_traceback() -> None:
 def test_shim_behaviour_inside_rank(layout_runs: list[dict[str, Any]]) -> None:
     probe = layout_runs[0]["probe"]
     assert probe["installed"]
-    assert probe["mode_count"] == 1  # install_cpu_shim() is idempotent
+    assert probe["mode_count"] == 1  # enable_cpu_training() is idempotent
     for key in ("zeros_cuda", "zeros_cuda1", "zeros_torch_device", "zeros_int", "to_cuda", "to_cuda_kw"):
         assert probe[key] == "cpu", key
     assert probe["tensor_cuda_is_self"]

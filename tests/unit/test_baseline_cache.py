@@ -35,7 +35,7 @@ def test_lockstep_rows_equal_the_reference_policies(tiny, bucket: int) -> None: 
                 want = session.streams[layer][head].held_positions()
                 got = fast.held_mask[layer, r, head].nonzero()[:, 0].tolist()
                 assert got == want, (ROWS[r], layer, head)
-    crs = fast.effective_cr()
+    crs = fast.stream_cr_mean()
     for (_, cr), got in zip(ROWS, crs.tolist(), strict=True):
         assert got == pytest.approx(cr, rel=0.06)
     held = fast.held().sum((0, 2)).float()

@@ -1,4 +1,4 @@
-"""StreamingLLM, TOVA and H2O in the same engine: budgets hold at every step, the effective CR equals the
+"""StreamingLLM, TOVA and H2O in the same engine: budgets hold at every step, the memory CR equals the
 target, and each policy drops what it should."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.unit.test_inference_model import _with_dms, tiny  # noqa: F401  (modu
 
 
 @pytest.mark.parametrize("policy_cls", [StreamingLLM, TOVA, H2O])
-def test_budget_and_effective_cr(tiny, policy_cls) -> None:  # noqa: F811
+def test_budget_and_memory_cr(tiny, policy_cls) -> None:  # noqa: F811
     model = DMSCausalLM.from_pretrained(tiny[1])
     policy = policy_cls(cr=3.0, min_keep=4)
     pool = BlockPool(200, 4, head_dim=16)
@@ -25,7 +25,7 @@ def test_budget_and_effective_cr(tiny, policy_cls) -> None:  # noqa: F811
     for t, tok in enumerate(ids[20:], start=20):
         session.step(tok)
         assert int(session.held().max()) <= max(4, math.ceil((t + 1) / 3.0))
-    assert session.effective_cr() == pytest.approx(3.0, rel=0.05)
+    assert session.memory_cr() == pytest.approx(3.0, rel=0.05)
     if policy_cls is StreamingLLM:
         held = session.streams[0][0].held_positions()
         assert held[:4] == [0, 1, 2, 3] and held[4:] == list(range(60 - (len(held) - 4), 60))

@@ -52,7 +52,7 @@ def test_perplexity_kl_and_prefixes(tiny) -> None:  # noqa: F811
         ppl, kl = _nll_kl(tova, teacher, ids[:n])
         assert table["tova@2"]["perplexity"] == pytest.approx(ppl, rel=1e-4)
         assert table["tova@2"]["kl_to_teacher"] == pytest.approx(kl, rel=1e-3)
-        assert table["tova@2"]["stream_cr_mean"] == pytest.approx(session.effective_cr(), rel=1e-5)
+        assert table["tova@2"]["stream_cr_mean"] == pytest.approx(session.stream_cr_mean(), rel=1e-5)
         held = session.held()
         assert table["tova@2"]["memory_cr"] == pytest.approx(n * held.numel() / float(held.sum()))
     dms = res["perplexity_48"]["dms"]

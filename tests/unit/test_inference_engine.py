@@ -31,7 +31,7 @@ def test_batch_of_mixed_lengths_matches_the_oracle(model) -> None:
     for p, r in zip(prompts, results, strict=True):
         assert r.finish_reason == "length" and r.error is None
         assert r.tokens == _greedy_oracle(model, p, 8)
-        assert r.metrics["effective_cr"] > 1.0 and r.metrics["peak_kv_tokens"] > 0
+        assert r.metrics["memory_cr"] > 1.0 and r.metrics["peak_kv_tokens"] > 0
     assert engine.pool.free_blocks == engine.pool.num_blocks
 
 

@@ -45,3 +45,11 @@ record_gpu() {  # the GPU model, memory, driver and the UTC date into $OUT/gpu.t
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
     date -u +%FT%TZ >> "$OUT/gpu.txt"
 }
+
+start_runbook() {  # archive name: $OUT (default /tmp/gpu_out), one archive at exit, wheels, GPU record
+    OUT=${OUT:-/tmp/gpu_out}
+    mkdir -p "$OUT"
+    archive_at_exit "$1"
+    setup
+    record_gpu
+}

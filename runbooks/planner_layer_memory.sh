@@ -13,12 +13,8 @@
 # 2. SmolLM2-135M at its own shapes (full vocabulary), 15 vs 30 layers.
 # Reports land in $OUT/*.json (one archive).
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-source runbooks/common.sh  # setup, archive_at_exit, record_gpu
-archive_at_exit issue7
-setup
-record_gpu
+source runbooks/common.sh  # start_runbook
+start_runbook planner_layer_memory
 for rc in none full selective; do
     python3 benchmarks/activation_check.py --out "$OUT/r1_qwen_32b_tp8_rank_$rc.json" --work /tmp/ac32_$rc \
         --layers 4 8 --emulate-tp 8 experiment=r1_qwen_32b_cr8 parallel.recompute=$rc 2>&1 \

@@ -12,12 +12,8 @@
 # 2. bf16 at the recipe's lr: TP=1 vs TP=2+SP vs TP=2+SP with selective recompute, 12 steps.
 # Reports land in $OUT (one archive).
 set -euo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-source runbooks/common.sh  # setup, archive_at_exit, record_gpu
-archive_at_exit sp_check
-setup
-record_gpu
+source runbooks/common.sh  # start_runbook
+start_runbook sp_check
 ARCH=(experiment=smollm2_paper model.hf_config.hidden_size=512 model.hf_config.num_attention_heads=8
     model.hf_config.num_key_value_heads=4 model.hf_config.num_hidden_layers=12 dms.cr_ramp_steps=12
     train.warmup_steps=2)

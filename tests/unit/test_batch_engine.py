@@ -1,6 +1,7 @@
 """The batched (GPU) engine on CPU: its tensor cache equals the per-token reference path and the dense
 oracle (logits, held tokens per stream), for both variants, chunked prefill, multi-turn, mixed-length
-continuous batching, and bad requests failing alone; the paged decode reference equals plain attention."""
+continuous batching (sampling, stop tokens and bad requests: tests/unit/test_inference_engine.py); the
+paged decode reference equals plain attention."""
 
 from __future__ import annotations
 
@@ -123,38 +124,6 @@ def test_continuous_batching_matches_the_oracle_and_frees_everything(tiny) -> No
     assert sorted(streamed) == sorted((i, t) for i, r in enumerate(results) for t in r.tokens)
     assert engine.cache.allocated_blocks() == 0 and engine.cache.rows == 0
     assert engine.last_batch["decode_tokens"] == sum(lengths) - len(lengths)
-
-
-def test_sampling_stop_tokens_and_bad_requests_fail_alone(tiny) -> None:  # noqa: F811
-    model = _with_dms(tiny[1], "adapter", "head", 4)
-    engine = BatchEngine(model, num_blocks=60, block_size=4, max_batch=4)
-    req = Request([1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11)
-    a, b = engine.generate([req, req])
-    assert a.tokens == b.tokens and len(a.tokens) == 12
-    stop = Request(
-        [1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11, stop_ids=(a.tokens[3],)
-    )
-    (c,) = engine.generate([stop])
-    assert c.finish_reason == "stop" and c.tokens == a.tokens[: a.tokens.index(a.tokens[3]) + 1]
-    good = Request([5, 6, 7], max_new_tokens=4)
-    results = engine.generate(
-        [
-            Request([], max_new_tokens=4),
-            Request([5] * 300, max_new_tokens=4),
-            Request([5, 999], max_new_tokens=4),
-            Request([5], max_new_tokens=4, top_p=0.0),
-            Request([5] * 120, max_new_tokens=4),  # needs more blocks than the pool has
-            good,
-        ]
-    )
-    errors = [r.error for r in results[:-1]]
-    assert "prompt is empty" in errors[0] and "exceeds the model context" in errors[1]
-    assert "token ids must be in" in errors[2] and "top_p" in errors[3]
-    assert errors[4].startswith("CacheFullError")
-    assert results[-1].error is None and results[-1].tokens == _greedy_oracle(model, good.prompt, 4)
-    assert engine.cache.allocated_blocks() == 0
-    with pytest.raises(ValueError, match="batch of zero"):
-        engine.generate([])
 
 
 def test_paged_decode_reference_and_merge_equal_plain_attention() -> None:

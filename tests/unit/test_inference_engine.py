@@ -1,11 +1,13 @@
-"""The reference generation engine: greedy == the dense oracle's argmax chain, sampling is seeded,
-stop tokens end a request, bad requests fail alone with clear errors, blocks return to the pool."""
+"""The generation engines: the reference one's greedy == the dense oracle's argmax chain; for both the
+reference and the batched engine, sampling is seeded, stop tokens end a request, bad requests fail alone
+with clear errors, blocks return to the pool."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dms_megatron.inference.batch_engine import BatchEngine
 from dms_megatron.inference.engine import Engine, Request
 from tests.unit.test_inference_model import _with_dms, tiny  # noqa: F401  (module fixture)
 
@@ -35,8 +37,20 @@ def test_batch_of_mixed_lengths_matches_the_oracle(model) -> None:
     assert engine.pool.free_blocks == engine.pool.num_blocks
 
 
-def test_sampling_is_seeded_and_stop_tokens_stop(model) -> None:
-    engine = Engine(model, num_blocks=100, block_size=4)
+def _engine(kind: str, model):
+    """The reference engine or the batched one, and a check that every block went back."""
+    if kind == "reference":
+        engine = Engine(model, num_blocks=60, block_size=4)
+        return engine, lambda: engine.pool.free_blocks == engine.pool.num_blocks
+    batched = BatchEngine(model, num_blocks=60, block_size=4, max_batch=4)
+    return batched, lambda: batched.cache.allocated_blocks() == 0
+
+
+@pytest.mark.parametrize("kind", ["reference", "batched"])
+def test_sampling_stop_tokens_and_bad_requests_fail_alone(model, kind) -> None:
+    """Both engines: sampling is seeded, stop tokens stop, bad requests fail alone with clear errors and
+    every block returns to the pool."""
+    engine, all_free = _engine(kind, model)
     req = Request([1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11)
     a, b = engine.generate([req, req])
     assert a.tokens == b.tokens and len(a.tokens) == 12
@@ -44,12 +58,7 @@ def test_sampling_is_seeded_and_stop_tokens_stop(model) -> None:
         [1, 2, 3, 4], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=11, stop_ids=(a.tokens[3],)
     )
     (c,) = engine.generate([stop])
-    first = a.tokens.index(a.tokens[3])
-    assert c.finish_reason == "stop" and c.tokens == a.tokens[: first + 1]
-
-
-def test_bad_requests_fail_alone(model) -> None:
-    engine = Engine(model, num_blocks=30, block_size=4)
+    assert c.finish_reason == "stop" and c.tokens == a.tokens[: a.tokens.index(a.tokens[3]) + 1]
     good = Request([5, 6, 7], max_new_tokens=4)
     results = engine.generate(
         [
@@ -58,7 +67,7 @@ def test_bad_requests_fail_alone(model) -> None:
             Request([5, 999], max_new_tokens=4),
             Request([5], max_new_tokens=4, temperature=-1.0),
             Request([5], max_new_tokens=4, top_p=0.0),
-            Request([5] * 100, max_new_tokens=4),  # needs more blocks than the pool has
+            Request([5] * 120, max_new_tokens=4),  # needs more blocks than the pool has
             good,
         ]
     )
@@ -67,6 +76,7 @@ def test_bad_requests_fail_alone(model) -> None:
     assert "token ids must be in" in errors[2] and "temperature" in errors[3] and "top_p" in errors[4]
     assert errors[5].startswith("CacheFullError")
     assert results[-1].error is None and results[-1].tokens == _greedy_oracle(model, good.prompt, 4)
-    assert engine.pool.free_blocks == engine.pool.num_blocks
-    with pytest.raises(ValueError, match="batch of zero"):
-        engine.generate([])
+    assert all_free()
+    if kind == "batched":
+        with pytest.raises(ValueError, match="batch of zero"):
+            engine.generate([])

@@ -126,6 +126,7 @@ def _conversation(args, model, tok, console, request, stop) -> None:
 
     from dms_megatron.inference.compressed_cache import CompressedKV
     from dms_megatron.inference.engine import Request, sample, validate
+    from dms_megatron.inference.model import kv_crs
 
     cache = CompressedKV(model, args.num_blocks, args.block_size, backend=args.backend)
     row = cache.add_row()
@@ -178,7 +179,7 @@ def _conversation(args, model, tok, console, request, stop) -> None:
         held = cache.held()[:, row].float()
         console.print(
             f"[dim]tokens seen {int(cache.seen[row])}, KV held {int(held.sum())} across layers x heads, "
-            f"memory CR {float(cache.seen[row]) * held.numel() / max(float(held.sum()), 1.0):.2f}, "
+            f"memory CR {kv_crs(float(cache.seen[row]), held)['memory_cr']:.2f}, "
             f"blocks in use {cache.allocated_blocks()}/{cache.num_blocks}[/dim]"
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dms_megatron.inference.model import DecodeSession, DMSCausalLM
+from dms_megatron.inference.model import DecodeSession, DMSCausalLM, kv_crs
 from dms_megatron.inference.paged_cache import BlockPool
 
 
@@ -58,13 +58,6 @@ def validate(request: Request, model: DMSCausalLM) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
 
 
-def compression(seen: float, held: torch.Tensor) -> tuple[float, float]:
-    """``(stream_cr_mean, memory_cr)`` of one sequence from ``held`` tokens per stream: the mean over
-    streams of seen / held (a diagnostic), and all seen / all held (the factor the KV memory shrank)."""
-    held = held.float()
-    return float((seen / held.clamp(min=1)).mean()), seen * held.numel() / max(float(held.sum()), 1.0)
-
-
 def request_metrics(
     request: Request,
     out: list[int],
@@ -78,14 +71,13 @@ def request_metrics(
     t_decode: float,
 ) -> dict[str, Any]:
     """The per-request metrics both engines report (module docstring); ``held [layer, KV head]``."""
-    effective, kv = compression(seen, held)
+    crs = kv_crs(seen, held)
     return {
         "prompt_tokens": len(request.prompt),
         "generated_tokens": len(out),
         "tokens_seen": seen,
         "tokens_held": held.float().tolist(),
-        "memory_cr": kv,
-        "stream_cr_mean": effective,
+        **crs,
         "peak_kv_tokens": peak,
         "peak_kv_bytes": peak * bytes_per_kv_token,
         "kv_reads_per_generated_token": reads / max(len(out) - 1, 1),

@@ -51,7 +51,7 @@ from dms_megatron.inference.baseline_cache import KINDS, BaselineKV
 from dms_megatron.inference.batch_engine import BatchEngine
 from dms_megatron.inference.compressed_cache import CompressedKV
 from dms_megatron.inference.engine import Request
-from dms_megatron.inference.model import DMSCausalLM, dense_last_logits
+from dms_megatron.inference.model import DMSCausalLM, dense_last_logits, kv_crs
 
 # the pass-key haystack of Mohtashami & Jaggi (2023): retrieval without the noise of real text (on
 # Shakespeare as the haystack, SmolLM2-135M finds 1 key in 5 at 2K tokens; on this, 4 in 5)
@@ -147,15 +147,6 @@ def _variant(model: Models, dms: bool, teacher: DMSCausalLM | None = None) -> DM
     return base
 
 
-def _crs(seen: float, held: torch.Tensor) -> dict[str, float]:
-    """``memory_cr`` and ``stream_cr_mean`` of one sequence from ``held`` tokens per stream."""
-    held = held.float()
-    return {
-        "memory_cr": seen * held.numel() / max(float(held.sum()), 1.0),
-        "stream_cr_mean": float((seen / held.clamp(min=1)).mean()),
-    }
-
-
 def _prefill_logits(
     model: DMSCausalLM, ids: list[int], stops: list[int], chunk: int
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -227,7 +218,7 @@ def perplexity_and_kl(
             nll = -logp.gather(-1, target[:, None])[:, 0]
             kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
             del logp
-        per_pos[_dms_label(ref)] = (nll, kl, {n: _crs(n, dms_held[ref][n]) for n in prefixes})
+        per_pos[_dms_label(ref)] = (nll, kl, {n: kv_crs(n, dms_held[ref][n]) for n in prefixes})
     if any(p.name == "teacher" for p in policies):
         nll = -t_logp.gather(-1, target[:, None])[:, 0]
         dense = {"memory_cr": 1.0, "stream_cr_mean": 1.0}
@@ -260,7 +251,7 @@ def perplexity_and_kl(
                 if (t + 1) % 2048 == 0 and t + 1 < n_tok:
                     timer.note(f"baselines: {t + 1}/{n_tok} tokens")
         for r, p in enumerate(rows):
-            crs = {n: _crs(n, h[:, r]) for n, h in held_at.items()}
+            crs = {n: kv_crs(n, h[:, r]) for n, h in held_at.items()}
             per_pos[p.label] = (nll[r], kl[r], crs)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for n in sorted(prefixes):

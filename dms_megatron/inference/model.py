@@ -167,6 +167,19 @@ class DMSCausalLM:
         return self.head(h), decisions
 
 
+def kv_crs(seen: float, held: torch.Tensor) -> dict[str, float]:
+    """``memory_cr`` (all tokens seen / all held over the streams of ``held``: the factor the KV memory
+    shrank) and ``stream_cr_mean`` (seen / held averaged over streams: a diagnostic, inflated by per-head
+    spread) of one sequence; 1.0 before any token."""
+    held = held.float()
+    if not seen:
+        return {"memory_cr": 1.0, "stream_cr_mean": 1.0}
+    return {
+        "memory_cr": seen * held.numel() / max(float(held.sum()), 1.0),
+        "stream_cr_mean": float((seen / held.clamp(min=1)).mean()),
+    }
+
+
 @torch.no_grad()
 def dense_last_logits(model: DMSCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Next-token logits ``[B, V]`` after each row of ``ids [B, T]`` on the model **without eviction**
@@ -269,13 +282,12 @@ class DecodeSession:
         return torch.tensor([[s.held for s in row] for row in self.streams])
 
     def stream_cr_mean(self) -> float:
-        """Tokens seen / tokens held averaged over layers and KV heads (a diagnostic)."""
-        return float((self.position / self.held().float().clamp(min=1)).mean()) if self.position else 1.0
+        """Tokens seen / tokens held averaged over layers and KV heads (a diagnostic; ``kv_crs``)."""
+        return kv_crs(self.position, self.held())["stream_cr_mean"]
 
     def memory_cr(self) -> float:
-        """All tokens seen / all tokens held over layers and KV heads: the factor the KV memory shrank."""
-        held = self.held()
-        return self.position * held.numel() / max(float(held.sum()), 1.0) if self.position else 1.0
+        """All tokens seen / all tokens held over layers and KV heads (``kv_crs``)."""
+        return kv_crs(self.position, self.held())["memory_cr"]
 
     def release(self) -> None:
         for row in self.streams:

@@ -1,16 +1,21 @@
 """SmolLM2-135M retrofit recipes on one GPU, trained side by side and compared with the training-free
-baselines at equal KV memory, within one time-limited call:
+baselines at equal KV memory, in one time-limited call or two (``--phase train``, then ``--phase
+evaluate`` on the same machine):
 
     python benchmarks/quality_study.py --out OUT --deadline 560 [--train-seconds 300] [--runs NAME ...]
+        [--phase all|train|evaluate] [--matched NAME ...]
 
-1. the baselines' pass-key retrieval at fixed CRs starts at once (it needs only the original model);
-2. the recipes in ``RUNS`` train side by side until they finish or ``--train-seconds`` pass (SIGTERM:
-   each saves a checkpoint; an unfinished run is evaluated at its last step and reported as such);
-3. each run is exported; ``launch/evaluate.py`` measures teacher, DMS and the baselines at the DMS
-   models' KV memory (perplexity/KL at 2K/4K/8K, with fixed-CR sweep rows for the Pareto plot) and the
-   DMS models' pass-key retrieval (10 trials per length, classic and text haystacks);
-4. ``study.md`` / ``study.json`` (one row per run: command, steps, KD, memory CR, KL, ppl, pass-key),
-   ``quality_cr4.json`` / ``quality_cr8.json`` and ``pareto.png`` are written under OUT.
+1. train: the recipes in ``RUNS`` train side by side until they finish or ``--train-seconds`` pass
+   (SIGTERM: each saves a checkpoint; an unfinished run is evaluated at its last step, reported so);
+2. evaluate: each run is exported; ``launch/evaluate.py`` measures, in parallel processes,
+   (a) teacher, the ``--matched`` DMS models and every baseline at each one's KV memory (perplexity /
+   KL at 2K/4K/8K, with fixed-CR sweep rows for the Pareto plot), (b) pass-key retrieval of the same
+   policies (10 trials per length and filler, classic and text haystacks, 2K/4K/7K; each baseline row
+   holds the memory the DMS model held on that prompt), (c) the other runs (teacher and DMS only);
+3. ``study.md`` / ``study.json`` (one row per run: command, steps, KD, memory CR, KL, ppl, pass-key),
+   ``quality_cr<N>.json`` per matched run (the evaluate.py results restricted to that model; the run's
+   name instead of ``cr<N>`` when two matched runs share a target) and
+   ``pareto.png`` are written under OUT.
 
 Needs ``checkpoints/smollm2_135m``, ``assets/smollm2-135m-instruct``, the data prefixes of ``COMMON``
 and ``assets/shakespeare.txt`` (held out). ``--smoke`` runs the same pipeline in minutes on a CPU.
@@ -38,6 +43,7 @@ COMMON = [
     "train.save_interval=25",
     "logging.console=false",
     "dms.cr_context=8192",
+    "parallel.micro_batch_size=8",  # one micro-batch per step: SmolLM2's step is launch-bound
 ]
 ADAPTER = ["dms.variant=adapter", "train.mode=adapter", "train.lr=2e-4", "train.min_lr=1e-4"]
 NEURON = ["dms.variant=neuron", "train.mode=full", "dms.neuron_fade_steps=20"]
@@ -47,19 +53,22 @@ def _cr(target: float, ramp: int, steps: int) -> list[str]:
     return [f"dms.target_cr={target}", f"dms.cr_ramp_steps={ramp}", f"train.steps={steps}"]
 
 
-# name -> (memory CR target at 8K tokens, Hydra overrides after COMMON)
+# name -> (memory CR asked for at 8K tokens, Hydra overrides after COMMON). The training target sits
+# ~10% above the CR asked for: the decision rate learnt on the training text evicts less on held-out
+# text (measured: training projection 4.16 -> 3.94 on Shakespeare, 7.19 -> 6.61).
 RUNS: dict[str, tuple[float, list[str]]] = {
-    "cr4_adapter_w256": (4.0, [*ADAPTER, "dms.window=256", *_cr(4, 80, 100)]),
+    "cr4_adapter_w256": (4.0, [*ADAPTER, "dms.window=256", *_cr(4.4, 90, 150)]),
+    "cr8_adapter_w256": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.8, 130, 180)]),
     "cr8_adapter_w64": (8.0, [*ADAPTER, "dms.window=64", *_cr(8, 100, 120)]),
-    "cr8_adapter_w256": (8.0, [*ADAPTER, "dms.window=256", *_cr(8, 100, 120)]),
     "cr4_neuron_full": (
         4.0,
-        [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4, 90, 130)],
+        [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
-DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w64"]
+DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256", "cr4_neuron_full"]
+DEFAULT_MATCHED = ["cr4_adapter_w256", "cr8_adapter_w256"]
 PPL = ["--ppl-lengths", "2048", "4096", "8192"]
-PASSKEY = ["--passkey-lengths", "2048", "4096", "7168", "--passkey-trials", "10"]
+PASSKEY = ["--passkey-lengths", "2048", "4096", "7168", "--passkey-trials", "10", "--filler", "both"]
 LONGEST = 8192
 SMOKE: list[str] = []
 SMOKE_TRAIN = [  # --smoke: tiny steps and texts, to check the pipeline on a CPU
@@ -162,7 +171,8 @@ def evaluate(tag: str, args: list[str], out: Path) -> subprocess.Popen:
 
 
 def wait(procs: dict[str, subprocess.Popen], clock: Clock) -> dict[str, dict | None]:
-    """Wait for evaluations until the deadline; results.json per tag (None: failed or cut)."""
+    """Wait for evaluations until the deadline; results.json per tag (None: failed or nothing measured;
+    one cut by the deadline keeps the tasks it finished)."""
     done: dict[str, dict | None] = {}
     for tag, proc in procs.items():
         try:
@@ -172,8 +182,29 @@ def wait(procs: dict[str, subprocess.Popen], clock: Clock) -> dict[str, dict | N
             clock.stamp(f"eval {tag}: cut at the deadline")
         path = Path(proc.args[proc.args.index("--out") + 1]) / "results.json"
         done[tag] = json.loads(path.read_text()) if path.is_file() else None
-        clock.stamp(f"eval {tag}: {'done' if done[tag] else 'no results (see its log)'}")
+        state = "no results (see its log)" if done[tag] is None else f"{len(done[tag]['tasks'])} tasks"
+        clock.stamp(f"eval {tag}: {state}")
     return done
+
+
+def _only(results: dict, name: str) -> dict:
+    """``results`` restricted to one checkpoint's rows: teacher, its DMS row, the baselines matched to
+    it and the fixed-CR sweep rows (labels lose the ``:name`` suffix)."""
+    keep = {}
+    for label in results["policies"]:
+        base, _, ref = label.partition(":")
+        if label == "teacher" or ref == name or (ref == "" and "@=" not in base and base != "dms"):
+            keep[label] = base if ref == name else label
+    tasks = {
+        task: {keep[k]: v for k, v in table.items() if k in keep} for task, table in results["tasks"].items()
+    }
+    return results | {
+        "name": name,
+        "model": results["checkpoints"][name],
+        "checkpoints": {name: results["checkpoints"][name]},
+        "policies": list(keep.values()),
+        "tasks": tasks,
+    }
 
 
 def _row(name: str, quality: dict | None, passkey: dict | None) -> dict:
@@ -214,6 +245,59 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
+    with ThreadPoolExecutor() as pool:
+        exported = dict(zip(args.runs, pool.map(lambda n: export(n, args.out), args.runs), strict=True))
+    names = [n for n, path in exported.items() if path]
+    clock.stamp(f"exported {names}")
+    matched = [n for n in args.matched if n in names]
+    others = [n for n in names if n not in matched]
+
+    def models(group: list[str]) -> list[str]:
+        return ["--model", *(exported[n] for n in group), "--name", *group]
+
+    baselines = ["streaming_llm", "tova", "h2o"]
+    sweep = ["--sweep-crs", "2", "4", "8", "16"]
+    short, big = ["--ppl-lengths", PPL[1]], ["--max-rows", "128"]  # 2 fillers x 10 trials x 6 rows
+    evals = {}
+    if matched:
+        evals["equal_memory"] = evaluate(
+            "equal_memory",
+            [*models(matched), "--policies", "teacher", "dms", *baselines, *PPL, "--passkey-lengths", *sweep],
+            args.out,
+        )
+        evals["passkey"] = evaluate(
+            "passkey",
+            [*models(matched), "--policies", "teacher", "dms", *baselines, *short, *PASSKEY, *big],
+            args.out,
+        )
+    if others:
+        evals["others"] = evaluate(
+            "others", [*models(others), "--policies", "teacher", "dms", *PPL, *PASSKEY], args.out
+        )
+    done = wait(evals, clock)
+    quality = {n: done.get("equal_memory") if n in matched else done.get("others") for n in names}
+    keys = {n: done.get("passkey") if n in matched else done.get("others") for n in names}
+    rows = [_row(n, quality[n], keys[n]) for n in names]
+    (args.out / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "study.md").write_text(_markdown(rows))
+    print((args.out / "study.md").read_text())
+    for n in matched:  # one evaluate.py JSON per matched checkpoint: perplexity/KL and pass-key merged
+        parts = [done.get("equal_memory"), done.get("passkey")]
+        parts = [_only(r, n) for r in parts if r is not None]
+        if parts:
+            merged = parts[0] | {"tasks": {k: v for r in parts for k, v in r["tasks"].items()}}
+            merged["timing"] = {k: v for r in parts for k, v in r["timing"].items()}
+            targets = [RUNS[m][0] for m in matched]
+            tag = f"cr{RUNS[n][0]:g}" if targets.count(RUNS[n][0]) == 1 else n
+            (args.out / f"quality_{tag}.json").write_text(json.dumps(merged, indent=2) + "\n")
+    results = [args.out / t / "results.json" for t in ("equal_memory", "passkey", "others")]
+    results = [str(p) for p in results if p.is_file()]
+    if results:
+        cmd = [sys.executable, "launch/evaluate.py", "plot", *results, "--out", str(args.out / "pareto.png")]
+        subprocess.run(cmd, cwd=ROOT, check=False)
+
+
 def main() -> None:
     global SMOKE, LONGEST, PPL, PASSKEY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,80 +305,26 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=560, help="seconds this call may use")
     ap.add_argument("--train-seconds", type=float, default=250, help="training stops after this long")
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
+    ap.add_argument(
+        "--matched",
+        nargs="*",
+        default=DEFAULT_MATCHED,
+        choices=list(RUNS),
+        help="runs evaluated against every baseline at their own KV memory (the others: teacher and DMS)",
+    )
+    ap.add_argument("--phase", default="all", choices=["all", "train", "evaluate"])
     ap.add_argument("--smoke", action="store_true", help="tiny steps and texts: check the pipeline on a CPU")
     args = ap.parse_args()
     if args.smoke:
         SMOKE, LONGEST = SMOKE_TRAIN, 512
         PPL = ["--ppl-lengths", "256", "512"]
-        PASSKEY = ["--passkey-lengths", "256", "--passkey-trials", "2"]
+        PASSKEY = ["--passkey-lengths", "256", "--passkey-trials", "2", "--filler", "both"]
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.deadline)
-    # 1. the baselines' pass-key at fixed CRs (original model only), meanwhile
-    fixed = [f"{b}@{cr}" for cr in (4, 8) for b in ("streaming_llm", "tova", "h2o")]
-    base = {
-        "baselines_passkey": evaluate(
-            "baselines_passkey",
-            [
-                "--model",
-                TEACHER,
-                "--policies",
-                "teacher",
-                *fixed,
-                "--ppl-lengths",
-                PPL[1],
-                *PASSKEY,
-                "--filler",
-                "classic",
-            ],
-            args.out,
-        )
-    }
-    clock.stamp("eval baselines_passkey: started")
-    # 2. training
-    train(args.runs, clock, args.train_seconds, args.out)
-    # 3. export and evaluate
-    with ThreadPoolExecutor() as pool:
-        exported = dict(zip(args.runs, pool.map(lambda n: export(n, args.out), args.runs), strict=True))
-    names = [n for n, path in exported.items() if path]
-    clock.stamp(f"exported {names}")
-    models = ["--model", *(exported[n] for n in names), "--name", *names]
-    evals = {
-        "equal_memory": evaluate(
-            "equal_memory",
-            [
-                *models,
-                "--policies",
-                "teacher",
-                "dms",
-                "streaming_llm",
-                "tova",
-                "h2o",
-                *PPL,
-                "--passkey-lengths",
-                "--sweep-crs",
-                "2",
-                "4",
-                "8",
-                "16",
-            ],
-            args.out,
-        ),
-        "dms_passkey": evaluate(
-            "dms_passkey",
-            [*models, "--policies", "teacher", "dms", "--ppl-lengths", PPL[1], *PASSKEY, "--filler", "both"],
-            args.out,
-        ),
-    }
-    done = wait({**evals, **base}, clock)
-    rows = [_row(n, done["equal_memory"], done["dms_passkey"]) for n in names]
-    (args.out / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "study.md").write_text(_markdown(rows))
-    print((args.out / "study.md").read_text())
-    results = [args.out / t / "results.json" for t in ("equal_memory", "dms_passkey", "baselines_passkey")]
-    results = [str(p) for p in results if p.is_file()]
-    if results:
-        cmd = [sys.executable, "launch/evaluate.py", "plot", *results, "--out", str(args.out / "pareto.png")]
-        subprocess.run(cmd, cwd=ROOT, check=False)
+    if args.phase in ("all", "train"):
+        train(args.runs, clock, args.train_seconds, args.out)
+    if args.phase in ("all", "evaluate"):
+        _evaluate_all(args, clock)
     clock.stamp("done")
 
 

@@ -173,41 +173,64 @@ def main(argv: list[str] | None = None) -> None:
         f"loaded {' '.join(args.model)}; {len(policies)} policies: {' '.join(p.label for p in policies)}"
     )
     common = {"chunk": args.chunk, "teacher": teacher, "max_rows": args.max_rows, "timer": timer}
-    tasks = perplexity_and_kl(
-        model, policies, ids, args.ppl_lengths, args.chunk, teacher, stride=args.stride, timer=timer
+    tasks: dict = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(final: bool = False) -> dict:
+        """results.json after every task (a run cut by a time limit keeps what it measured)."""
+        results = {
+            "name": " + ".join(names),
+            "model": " ".join(args.model),
+            "checkpoints": dict(zip(names, args.model, strict=True)),
+            "teacher": args.teacher or f"{args.model[0]} (eviction off)",
+            "text": str(args.text),
+            "policies": [p.label for p in policies],
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "dtype": args.dtype,
+            "filler": args.filler,
+            "passkey_trials": args.passkey_trials,
+            "sweep_crs": args.sweep_crs,
+            "complete": final,
+            "tasks": tasks,
+            "timing": timer.timing,
+            "wall_s": round(time.perf_counter() - timer.t0, 3),
+        }
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+    tasks.update(
+        perplexity_and_kl(
+            model, policies, ids, args.ppl_lengths, args.chunk, teacher, stride=args.stride, timer=timer
+        )
     )
+    save()
     longest = max([*args.passkey_lengths, args.vt_length]) if args.passkey_lengths else args.vt_length
     fillers = {
         "classic": CLASSIC_FILLER * (longest // 16 + 1),
         "text": text[: 8 * longest],  # a few characters per token: enough not to repeat
     }
-    chosen = ["classic", "text"] if args.filler == "both" else [args.filler]
-    for filler in chosen:
-        name = f"passkey_{filler}"
-        pk = {"trials": args.passkey_trials, "name": name, **common}
-        tasks.update(passkey(model, tok, policies, fillers[filler], args.passkey_lengths, args.depths, **pk))
-    if args.vt_trials > 0:
-        tasks["variable_tracking"] = variable_tracking(
-            model, tok, policies, fillers[chosen[0]], args.vt_length, trials=args.vt_trials, **common
+    chosen = {f: fillers[f] for f in (["classic", "text"] if args.filler == "both" else [args.filler])}
+    for length in args.passkey_lengths:  # one length at a time, saved after each
+        tasks.update(
+            passkey(
+                model,
+                tok,
+                policies,
+                chosen,
+                [length],
+                args.depths,
+                seed=length,
+                trials=args.passkey_trials,
+                **common,
+            )
         )
-    results = {
-        "name": " + ".join(names),
-        "model": " ".join(args.model),
-        "checkpoints": dict(zip(names, args.model, strict=True)),
-        "teacher": args.teacher or f"{args.model[0]} (eviction off)",
-        "text": str(args.text),
-        "policies": [p.label for p in policies],
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "dtype": args.dtype,
-        "filler": args.filler,
-        "passkey_trials": args.passkey_trials,
-        "sweep_crs": args.sweep_crs,
-        "tasks": tasks,
-        "timing": timer.timing,
-        "wall_s": round(time.perf_counter() - timer.t0, 3),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        save()
+    if args.vt_trials > 0:
+        first = next(iter(chosen.values()))
+        tasks["variable_tracking"] = variable_tracking(
+            model, tok, policies, first, args.vt_length, trials=args.vt_trials, **common
+        )
+    results = save(final=True)
     (args.out / "results.md").write_text(markdown(results))
     pareto_plot([results], args.out / "results.png")
     print(markdown(results))

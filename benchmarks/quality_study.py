@@ -59,14 +59,16 @@ def _cr(target: float, ramp: int, steps: int) -> list[str]:
 RUNS: dict[str, tuple[float, list[str]]] = {
     "cr4_adapter_w256": (4.0, [*ADAPTER, "dms.window=256", *_cr(4.4, 90, 150)]),
     "cr8_adapter_w256": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.8, 130, 180)]),
+    "cr8_adapter_w256_t86": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 150, 220)]),
     "cr8_adapter_w64": (8.0, [*ADAPTER, "dms.window=64", *_cr(8, 100, 120)]),
     "cr4_neuron_full": (
         4.0,
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
-DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256", "cr4_neuron_full"]
-DEFAULT_MATCHED = ["cr4_adapter_w256", "cr8_adapter_w256"]
+# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_t86
+DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256_t86", "cr4_neuron_full"]
+DEFAULT_MATCHED = ["cr4_adapter_w256", "cr8_adapter_w256_t86"]
 PPL = ["--ppl-lengths", "2048", "4096", "8192"]
 PASSKEY = ["--passkey-lengths", "2048", "4096", "7168", "--passkey-trials", "10", "--filler", "both"]
 LONGEST = 8192

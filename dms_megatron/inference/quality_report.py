@@ -115,7 +115,8 @@ def _panels(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 def pareto_plot(runs: list[dict[str, Any]], path: str | Path) -> None:
     """Quality vs memory CR (log2 x axis), one subplot per metric (see ``_panels``): one line per
-    baseline through its sweep and equal-memory points (hollow), each DMS checkpoint a large labelled
+    baseline through its fixed-CR sweep with its equal-memory points beside it (hollow; the line
+    joins them when there is no sweep), each DMS checkpoint a large labelled
     star, the teacher a dashed line (perplexity, pass-key)."""
     import matplotlib
 
@@ -146,7 +147,11 @@ def pareto_plot(runs: list[dict[str, Any]], path: str | Path) -> None:
             if not pts:
                 continue
             xs, ys, matched = zip(*sorted(pts.values()), strict=True)
-            ax.plot(xs, ys, "-", color=colors[base], label=base, lw=1.2)
+            # the curve runs through the fixed-CR sweep; equal-memory points sit beside it, unless the
+            # run has no sweep (then they are the curve)
+            line = [(x, y) for x, y, m in zip(xs, ys, matched, strict=True) if not m]
+            line = line or list(zip(xs, ys, strict=True))
+            ax.plot(*zip(*line, strict=True), "-", color=colors[base], label=base, lw=1.2)
             for x, y, m in zip(xs, ys, matched, strict=True):
                 ax.plot(x, y, "o", color=colors[base], ms=7 if m else 4, mfc="none" if m else colors[base])
         teacher_drawn = False

@@ -81,8 +81,8 @@ def test_experiment_presets_compose(name):
 @pytest.mark.parametrize(
     ("name", "recipe"),
     [
-        ("smollm2_cr4", ("adapter", "adapter", 256, 4.0)),
-        ("smollm2_cr8", ("adapter", "adapter", 64, 8.0)),
+        ("smollm2_cr4", ("adapter", "adapter", 256, 4.4)),
+        ("smollm2_cr8", ("adapter", "adapter", 256, 8.6)),
         ("smollm2_paper", ("neuron", "full", 256, 8.0)),
     ],
 )

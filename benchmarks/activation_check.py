@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from dms_megatron.runtime import quiet_upstream_noise  # noqa: E402
 
 quiet_upstream_noise()

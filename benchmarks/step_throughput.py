@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from dms_megatron.runtime import quiet_upstream_noise  # noqa: E402
 
 quiet_upstream_noise()

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from dms_megatron.config import GROUP_DEFAULT_FILES, defaults_yaml  # noqa: E402
 

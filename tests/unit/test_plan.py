@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -204,10 +203,9 @@ def test_plan_that_does_not_fit_names_settings_that_do():
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dms_megatron.cli import plan
+
+    return plan
 
 
 def test_cli_32b_preset_fits_as_json(cli, capsys):

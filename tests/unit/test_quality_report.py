@@ -3,7 +3,6 @@ synthetic results, one run or several merged (``launch/evaluate.py plot a.json b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -59,9 +58,8 @@ def test_pareto_plot_one_run_and_merged_cli(tmp_path: Path) -> None:
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in (a, b):
         (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from dms_megatron.cli import evaluate as cli
+
     out = tmp_path / "merged" / "pareto.png"
     cli.main(["plot", str(tmp_path / "cr8.json"), str(tmp_path / "cr4.json"), "--out", str(out)])
     assert out.stat().st_size > 10_000

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "megatron")]
 
 
 def main() -> None:
@@ -41,14 +39,14 @@ def main() -> None:
         from dms_megatron.megatron.patches import enable_cpu_training
 
         enable_cpu_training()
-    import dms_jobs
-    import tiny_gpt
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from dms_megatron.megatron import apply_dms, attach_dms_pipeline
+    from dms_megatron.testing import tiny_gpt
+    from dms_megatron.testing.tiny_dms import dms_test_config, run_dms_schedule
 
-    cfg = dms_jobs.dms_test_config(variant=args.variant, attention_backend=args.backend)
+    cfg = dms_test_config(variant=args.variant, attention_backend=args.backend)
     spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
     model = tiny_gpt.build_tiny_gpt(args.tp, args.pp, seed=7, sequence_parallel=args.sp, layer_spec=spec)
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -61,7 +59,7 @@ def main() -> None:
         batches = [
             {k: v.to(device) for k, v in b.items()} for b in tiny_gpt.make_batches(2, seed=1000 + step)
         ]
-        losses = dms_jobs.run_dms_schedule(model, batches, state, 2)
+        losses = run_dms_schedule(model, batches, state, 2)
         opt.step()
         history.append(losses)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:

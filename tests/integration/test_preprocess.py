@@ -74,21 +74,26 @@ def test_dataset_model_mismatches_are_refused(corpus, tmp_path):
 
 
 def test_cli_errors_and_success(corpus, tmp_path):
-    cli = [sys.executable, str(ROOT / "launch" / "preprocess.py"), "--tokenizer", str(SMOL), "--quiet"]
+    from dms_megatron.cli.preprocess import main
+
+    common = ["--tokenizer", str(SMOL), "--quiet"]
+    # the errors in this process (exit status and message as the tool gives them) ...
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.txt").write_text("")
+    with pytest.raises(SystemExit, match="no non-empty documents"):
+        main([*common, "--input", str(empty), "--output-prefix", str(tmp_path / "e")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(SystemExit, match="no string field 'text'"):
+        main([*common, "--input", str(bad), "--output-prefix", str(tmp_path / "b")])
+    # ... the success through the command line
+    cli = [sys.executable, str(ROOT / "launch" / "preprocess.py"), *common]
 
     def run(source, prefix: str) -> subprocess.CompletedProcess:
         args = [*cli, "--input", str(source), "--output-prefix", str(tmp_path / prefix)]
         return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "x.txt").write_text("")
-    res = run(empty, "e")
-    assert res.returncode != 0 and "no non-empty documents" in res.stderr
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"body": "x"}\n')
-    res = run(bad, "b")
-    assert res.returncode != 0 and "no string field 'text'" in res.stderr
     res = run(corpus, "ok")
     assert res.returncode == 0, res.stderr
     assert "4 documents" in res.stdout and "1 empty skipped" in res.stdout

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import dms_jobs
-import tiny_gpt
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -14,6 +12,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from dms_megatron.megatron import apply_dms, attach_dms_pipeline, dms_compression_loss
 from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss
+from dms_megatron.testing import tiny_gpt
+from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
 
 
 def _gpt(config, spec) -> GPTModel:
@@ -37,7 +37,7 @@ def distill_job(
     tiny_gpt.init_parallel(tp, pp, seed=7)
     config = tiny_gpt.tiny_gpt_config(tp, pp, sequence_parallel=sp)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    student = _gpt(config, apply_dms(spec, dms_jobs.dms_test_config(**dms_kwargs)))
+    student = _gpt(config, apply_dms(spec, dms_test_config(**dms_kwargs)))
     state = attach_dms_pipeline(student)
     stage = DistillationStage(student, _gpt(config, spec) if teacher == "separate" else None)
     batches = tiny_gpt.make_batches(2)
@@ -46,7 +46,7 @@ def distill_job(
     def loss_func(batch, output):
         kd = vocab_parallel_kd_loss(output, stage.teacher_logits, mask=batch["loss_mask"].bool())
         valid = torch.ones_like(batch["loss_mask"], dtype=torch.bool)
-        cmp = dms_compression_loss(stage.student, valid, dms_jobs.TARGET_FRACTION, tiny_gpt.NUM_LAYERS, 2)
+        cmp = dms_compression_loss(stage.student, valid, TARGET_FRACTION, tiny_gpt.NUM_LAYERS, 2)
         return kd + cmp, {"kd": kd.detach().clone(), "cmp": cmp.detach().clone()}
 
     def forward_step(data_iterator, model):

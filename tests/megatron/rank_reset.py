@@ -46,7 +46,7 @@ import torch
 
 _TRACKED_PACKAGES = ("megatron", "dms_megatron")
 _TRACKED_MODULES = ("torch.cuda", "torch.cuda.random")  # what the CPU shim and cpu_megatron() patch
-_HELPER_DIR = Path(__file__).resolve().parent  # tiny_gpt, *_jobs: job code is tracked too
+_HELPER_DIR = Path(__file__).resolve().parent  # *_jobs: job code is tracked too
 _MISSING = object()
 _LRU_WRAPPER = functools._lru_cache_wrapper  # type of functools.lru_cache / functools.cache wrappers
 

@@ -77,7 +77,7 @@ def _layout_job(
     rank: int, world_size: int, layouts: list[Layout], num_microbatches: int, seed: int
 ) -> dict[str, Any]:
     """Build the tiny GPT in every layout, run the schedule, and return losses and full grads per layout."""
-    import tiny_gpt
+    from dms_megatron.testing import tiny_gpt
 
     batches = tiny_gpt.make_batches(num_microbatches, seed=seed)
     out: dict[str, Any] = {"probe": _shim_probe() if rank == 0 else None, "layouts": {}, "megatron_init": {}}
@@ -106,8 +106,9 @@ def _failing_job(rank: int, world_size: int, bad_rank: int) -> int:
 
 def _dirty_job(rank: int, world_size: int) -> int:
     """Leave behind the process state a careless job could (a pooled rank must undo all of it)."""
-    import tiny_gpt
     from megatron.core import parallel_state
+
+    from dms_megatron.testing import tiny_gpt
 
     tiny_gpt.init_parallel(world_size, 1, seed=1)  # parallel state and RNG tracker left initialised
     torch.manual_seed(0)
@@ -153,7 +154,7 @@ def layout_runs() -> list[dict[str, Any]]:
 
 def _merged(runs: list[dict[str, Any]], layout: Layout) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses (last-stage ranks must agree exactly) and full grads (replicas must agree exactly)."""
-    from tiny_gpt import merge_rank_grads
+    from dms_megatron.testing.tiny_gpt import merge_rank_grads
 
     per_rank = [run["layouts"][layout] for run in runs]
     loss_lists = [r["losses"] for r in per_rank if r["losses"]]

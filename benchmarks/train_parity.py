@@ -36,7 +36,7 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        from dms_megatron.megatron.patches import enable_cpu_training
+        from dms_megatron.megatron.patches.cpu_training import enable_cpu_training
 
         enable_cpu_training()
     from megatron.core import parallel_state

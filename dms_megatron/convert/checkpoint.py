@@ -70,7 +70,7 @@ def build_stage(
 ) -> torch.nn.Module:
     """Initialise parallel state and build this rank's stage (CPU init: shards of one master)."""
     from dms_megatron.megatron.families import build_gpt_stage, layer_spec, transformer_config
-    from dms_megatron.megatron.patches import cpu_megatron
+    from dms_megatron.megatron.patches.cpu_convert import cpu_megatron
 
     _init_parallel(tp, pp)
     config = transformer_config(arch, tp, pp, params_dtype=dtype, pipeline_dtype=dtype)
@@ -217,7 +217,7 @@ def import_hf(
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     dist.barrier()
-    from dms_megatron.megatron.patches import cpu_megatron
+    from dms_megatron.megatron.patches.cpu_convert import cpu_megatron
 
     with cpu_megatron():
         dist_checkpointing.save(model.sharded_state_dict(), str(staging))
@@ -264,7 +264,7 @@ def load_stage(
     dms = None if meta["dms"] is None else DMSConfig(**meta["dms"])
     dtype = dtype or getattr(torch, meta["source"]["dtype"].replace("torch.", ""))
     model = build_stage(arch, tp, pp, dms, dtype)
-    from dms_megatron.megatron.patches import cpu_megatron
+    from dms_megatron.megatron.patches.cpu_convert import cpu_megatron
 
     with cpu_megatron():
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))

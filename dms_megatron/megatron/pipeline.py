@@ -2,7 +2,7 @@
 last stage, and once-per-step metric reduction. See ``state.py`` for the gradient mechanics.
 
 Upstream objects are touched per instance only: ``patches.split_decision_channels_on_input`` (the
-one patch, kept with the others in ``patches.py``) and a forward pre-hook and forward hook on each
+one patch, ``patches/pipeline_input.py``) and a forward pre-hook and forward hook on each
 ``TransformerBlock`` (public torch API).
 
 Decision counts ride as two channels (hi = multiple of 256, lo < 256) so that they stay exact in a
@@ -19,7 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from dms_megatron.megatron.attention import DMSCoreAttention
-from dms_megatron.megatron.patches import split_decision_channels_on_input
+from dms_megatron.megatron.patches.pipeline_input import split_decision_channels_on_input
 from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState, close_stage
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ def init_distributed(tp: int, pp: int) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     if not cuda:
-        from dms_megatron.megatron.patches import enable_cpu_training
+        from dms_megatron.megatron.patches.cpu_training import enable_cpu_training
 
         enable_cpu_training()
     world = dist.get_world_size()

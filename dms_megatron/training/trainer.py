@@ -213,7 +213,7 @@ class RetrofitTrainer:
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore model, optimizer and LR schedule from a training checkpoint (any TP/PP)."""
-        from dms_megatron.megatron.patches import keep_torch_adam_step_on_load
+        from dms_megatron.megatron.patches.adam_step import keep_torch_adam_step_on_load
         from dms_megatron.training.checkpoint import load_checkpoint
 
         # a fresh torch Adam has no state to load into (megatron-core 0.19.2 asserts on the missing "step"

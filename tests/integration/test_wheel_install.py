@@ -5,6 +5,7 @@ copy (not this checkout)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +21,12 @@ def _scripts() -> list[str]:
 
 
 def test_wheel_installs_and_every_entry_point_answers_help(tmp_path: Path) -> None:
+    # built from a copy: setuptools builds inside the source tree, and a build/ left in the checkout
+    # would feed stale modules into later wheels
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "dms_megatron", src / "dms_megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     wheels = tmp_path / "wheels"
     build = [
         sys.executable,
@@ -32,7 +39,7 @@ def test_wheel_installs_and_every_entry_point_answers_help(tmp_path: Path) -> No
         "-w",
         str(wheels),
     ]
-    subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*build, str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("dms_megatron-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

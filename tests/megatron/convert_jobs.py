@@ -178,7 +178,7 @@ def norm_layout_job(rank: int, world: int) -> dict[str, Any]:
     from dms_megatron.convert.checkpoint import _init_parallel
     from dms_megatron.families import load_model_preset
     from dms_megatron.megatron.families import build_gpt_stage, layer_spec, transformer_config
-    from dms_megatron.megatron.patches import cpu_megatron
+    from dms_megatron.megatron.patches.cpu_convert import cpu_megatron
 
     arch, _ = load_model_preset("debug_qwen3")
     _init_parallel(world, 1)

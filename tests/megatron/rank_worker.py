@@ -41,7 +41,7 @@ def prepare_rank_process() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from dms_megatron.megatron.patches import enable_cpu_training
+    from dms_megatron.megatron.patches.cpu_training import enable_cpu_training
 
     enable_cpu_training()
 

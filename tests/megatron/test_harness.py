@@ -15,7 +15,7 @@ import pytest
 import torch
 from runner import run_distributed
 
-from dms_megatron.megatron.patches import check_cpu_patch_targets
+from dms_megatron.megatron.patches.cpu_training import check_cpu_patch_targets
 
 Layout = tuple[int, int, bool]  # (tp, pp, sequence_parallel)
 
@@ -43,7 +43,7 @@ def _shim_probe() -> dict[str, Any]:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.transformer.utils as transformer_utils
 
-    from dms_megatron.megatron.patches import cpu_training_enabled, enable_cpu_training
+    from dms_megatron.megatron.patches.cpu_training import cpu_training_enabled, enable_cpu_training
 
     enable_cpu_training()  # second call: must be a no-op
     modes = torch.overrides._get_current_function_mode_stack()

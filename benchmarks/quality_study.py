@@ -61,14 +61,27 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     "cr8_adapter_w256": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.8, 130, 180)]),
     "cr8_adapter_w256_t86": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 150, 220)]),
     "cr8_adapter_w64": (8.0, [*ADAPTER, "dms.window=64", *_cr(8, 100, 120)]),
+    # twice the steps at a gentler ramp; the same on 4K-token sequences (as many tokens per step)
+    "cr8_adapter_w256_long": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 300, 380)]),
+    "cr8_adapter_w256_seq4k": (
+        8.0,
+        [
+            *ADAPTER,
+            "dms.window=256",
+            "data.seq_length=4096",
+            "parallel.micro_batch_size=4",
+            "parallel.global_batch_size=4",
+            *_cr(8.6, 300, 380),
+        ],
+    ),
     "cr4_neuron_full": (
         4.0,
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
 # the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_t86
-DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256_t86", "cr4_neuron_full"]
-DEFAULT_MATCHED = ["cr4_adapter_w256", "cr8_adapter_w256_t86"]
+DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256_long", "cr8_adapter_w256_seq4k"]
+DEFAULT_MATCHED = DEFAULT_RUNS
 PPL = ["--ppl-lengths", "2048", "4096", "8192"]
 PASSKEY = ["--passkey-lengths", "2048", "4096", "7168", "--passkey-trials", "10", "--filler", "both"]
 LONGEST = 8192
@@ -260,7 +273,7 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
 
     baselines = ["streaming_llm", "tova", "h2o"]
     sweep = ["--sweep-crs", "2", "4", "8", "16"]
-    short, big = ["--ppl-lengths", PPL[1]], ["--max-rows", "128"]  # 2 fillers x 10 trials x 6 rows
+    short, big = ["--ppl-lengths", PPL[1]], ["--max-rows", "192"]  # 2 fillers x 10 trials x 9 rows
     evals = {}
     if matched:
         evals["equal_memory"] = evaluate(

@@ -48,6 +48,8 @@ study)
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
     record_gpu
+    # the GPU tests (CUDA-graph decode == eager, kernels == reference) beside the training: a few seconds
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.log" 2>&1 &
     timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --phase train \
         --deadline "$(left 570)" --train-seconds "$(left 545)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
     ;;

@@ -17,14 +17,17 @@ or a schedule ``budgets[row, t]`` given by the caller (e.g. the KV memory anothe
 step, for comparisons at equal memory); both become one ``[R, max_len]`` table read at the device-side
 step counter, so a CUDA graph serves every step.
 
-Cost: rows are stored grouped by policy (each rule is computed only on its own rows) and a step attends
-over the first ``bucket``-multiple of slots that can hold tokens (one CUDA graph per bucket, replaced when
-the sequence enters the next bucket). Storage is dense (``[layer, row, head, max_len]`` with a held
-mask): the baselines are compared on quality; the memory savings of eviction are measured on the DMS
-engine.
+Storage is compact: a stream holds at most ``max(budget) + 1`` tokens (the newest one is added before
+the eviction), so each has ``S = min(max_len, max(budget) + 1)`` slots, and a step's cost follows the
+tokens held, not the tokens seen. The next token of a stream goes into the slot its last eviction freed
+(or the first unused one), so the slots in use are always the first ``held`` ones; each slot records its
+token's position, which orders StreamingLLM's eviction, H2O's recent window and every tie (the oldest
+token first, as in the reference). Rows are stored grouped by policy (each rule is computed only on its
+own rows) and a step attends over the first ``bucket``-multiple of slots that can be in use (one CUDA
+graph per bucket, replaced when the sequence enters the next bucket).
 
-Shapes: R rows, L layers, H KV heads, g query heads per KV head, D head dim, T slots (``max_len``),
-W the current bucket width (``<= T``).
+Shapes: R rows, L layers, H KV heads, g query heads per KV head, D head dim, T positions (``max_len``),
+S slots per stream, W the current bucket width (``<= S``).
 """
 
 from __future__ import annotations
@@ -90,13 +93,6 @@ class BaselineKV:
         self._slices = {
             k: (kinds.index(k), len(kinds) - kinds[::-1].index(k)) for k in KINDS.values() if k in kinds
         }
-        shape = (self.L, self.R, self.H, max_len)
-        self.k = torch.zeros(*shape, self.D, device=dev, dtype=dt)
-        self.v = torch.zeros_like(self.k)
-        self._held = torch.zeros(shape, device=dev, dtype=torch.bool)
-        a, b = self._slices.get(KINDS["h2o"], (0, 0))
-        # H2O's accumulated attention, float64 like the reference (its rows only)
-        self.acc = torch.zeros(self.L, b - a, self.H, max_len, device=dev, dtype=torch.float64)
         seen = torch.arange(1, max_len + 1, device=dev, dtype=torch.float64)
         rows = []
         for r in order:
@@ -107,18 +103,32 @@ class BaselineKV:
                 cr_t = torch.tensor(float(cr), device=dev, dtype=torch.float64)
                 rows.append(torch.clamp(torch.ceil(seen / cr_t), min=min_keep).long())
         self.budget = torch.stack(rows)  # [R, T] (storage order)
+        # slots that can be in use while token t is added: min(t + 1, max budget before t + 1)
+        most = self.budget.max(0).values.cummax(0).values.tolist()
+        self._in_use = [min(t + 1, (most[t - 1] if t else 0) + 1) for t in range(max_len)]
+        self.S = min(max_len, max(most) + 1)
+        shape = (self.L, self.R, self.H, self.S)
+        self.k = torch.zeros(*shape, self.D, device=dev, dtype=dt)
+        self.v = torch.zeros_like(self.k)
+        self._held = torch.zeros(shape, device=dev, dtype=torch.bool)
+        self._pos = torch.full(shape, max_len, device=dev, dtype=torch.long)  # token position per slot
+        self._free = torch.zeros(shape[:3], device=dev, dtype=torch.long)  # the slot the next token takes
+        a, b = self._slices.get(KINDS["h2o"], (0, 0))
+        # H2O's accumulated attention, float64 like the reference (its rows only)
+        self.acc = torch.zeros(self.L, b - a, self.H, self.S, device=dev, dtype=torch.float64)
         self.t = torch.zeros((), device=dev, dtype=torch.long)  # tokens seen by every row
         self.steps = 0
-        self._idx = torch.arange(max_len, device=dev)
-        # StreamingLLM's order of eviction: past the sinks oldest first, then the sinks (exact in float32)
-        self._stream_rank = torch.where(self._idx < sink, self._idx + 2 * max_len, self._idx).float()
+        self._slot = torch.arange(self.S, device=dev)
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
         self._graph: tuple[int, torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def held_mask(self) -> torch.Tensor:
-        """``[layer, row, head, slot]``: the slots each stream holds (caller's row order)."""
-        return self._held if self._identity else self._held[:, self._inverse]
+        """``[layer, row, head, position]``: the token positions each stream holds (caller's row order)."""
+        dense = torch.zeros(*self._held.shape[:3], self.max_len + 1, dtype=torch.bool, device=self.k.device)
+        dense.scatter_(-1, torch.where(self._held, self._pos, self.max_len), True)
+        dense = dense[..., : self.max_len]
+        return dense if self._identity else dense[:, self._inverse]
 
     def held(self) -> torch.Tensor:
         """Tokens held per ``[layer, row, head]``."""
@@ -138,7 +148,7 @@ class BaselineKV:
         if self.steps >= self.max_len:
             raise ValueError(f"all {self.max_len} positions are used")
         self.steps += 1
-        width = min(self.max_len, math.ceil(self.steps / self.bucket) * self.bucket)
+        width = min(self.S, math.ceil(self._in_use[self.steps - 1] / self.bucket) * self.bucket)
         if not self.cuda_graphs or self.steps == 1:  # the first step warms up (compiles, lazy state)
             return self._run(tokens, width)
         if self._graph is None or self._graph[0] != width:
@@ -164,13 +174,16 @@ class BaselineKV:
         pos = t.expand(R)
         h = m.w["model.embed_tokens.weight"][tokens]
         budget = self.budget.index_select(1, t.view(1))[:, 0]  # [R]
-        newest = self._idx[:width] == t  # the newest token's slot
         for layer in range(self.L):
             q, k, v, _ = m.attention_inputs(layer, h, pos)
-            self.k[layer].index_copy_(2, t.view(1), k[:, :, None].to(self.k.dtype))
-            self.v[layer].index_copy_(2, t.view(1), v[:, :, None].to(self.v.dtype))
+            free = self._free[layer][..., None]  # [R, H, 1]: the newest token's slot
+            slot = free[..., None].expand(R, H, 1, D)
+            self.k[layer].scatter_(2, slot, k[:, :, None].to(self.k.dtype))
+            self.v[layer].scatter_(2, slot, v[:, :, None].to(self.v.dtype))
+            self._pos[layer].scatter_(2, free, t.expand(R, H, 1))
             keys, values = self.k[layer, :, :, :width], self.v[layer, :, :, :width]
             held = self._held[layer, :, :, :width]
+            newest = self._slot[:width] == free  # [R, H, W]
             held |= newest
             scores = torch.einsum("rhgd,rhtd->rhgt", q.view(R, H, g, D).float(), keys.float())
             scores = (scores / math.sqrt(D)).masked_fill(~held[:, :, None], -math.inf)
@@ -187,19 +200,26 @@ class BaselineKV:
         width = held.shape[-1]
         n_held = held.sum(-1)  # [R, H]
         drop = n_held > budget[:, None]
+        pos = self._pos[layer, :, :, :width]
+        victims = []
         for kind, (a, b) in self._slices.items():
-            h = held[a:b]
+            h, p = held[a:b], pos[a:b]
             if kind == KINDS["streaming_llm"]:  # oldest past the sinks (sinks only if nothing else)
-                score = self._stream_rank[:width].masked_fill(~h, math.inf)
+                score = torch.where(p < self.sink, p + 2 * self.max_len, p).double().masked_fill(~h, math.inf)
             elif kind == KINDS["tova"]:  # least attended by this query, never the newest
-                score = weight[a:b].masked_fill(~h | newest, math.inf)
+                score = weight[a:b].masked_fill(~h | newest[a:b], math.inf)
             else:  # least accumulated attention outside the most recent max(1, budget // 2) held
                 acc = self.acc[layer, :, :, :width]
+                acc.masked_fill_(newest[a:b], 0.0)  # the newest token's slot starts afresh
                 acc += weight[a:b].double()
-                after = n_held[a:b, :, None] - h.cumsum(-1)  # held tokens after each slot
                 recent = torch.clamp(budget[a:b] // 2, min=1)[:, None, None]
-                cand = h & (after >= recent)
-                cand = torch.where(cand.any(-1, keepdim=True), cand, h & (after >= 1))
+                by_age = torch.where(h, p, -1).sort(-1, descending=True).values  # newest held first
+                limit = by_age.gather(-1, (recent - 1).clamp(max=width - 1).expand(*h.shape[:2], 1))
+                cand = h & (p < limit)  # at least `recent` held tokens are newer
+                cand = torch.where(cand.any(-1, keepdim=True), cand, h & ~newest[a:b])
                 score = acc.masked_fill(~cand, math.inf)
-            victim = score.argmin(-1, keepdim=True)  # first minimum: the oldest among ties
-            h.scatter_(-1, victim, h.gather(-1, victim) & ~drop[a:b, :, None])
+            low = score.min(-1, keepdim=True).values
+            victims.append(torch.where(score == low, p, self.max_len).argmin(-1, keepdim=True))  # oldest tie
+        victim = torch.cat(victims) if len(victims) > 1 else victims[0]  # [R, H, 1]
+        held.scatter_(-1, victim, held.gather(-1, victim) & ~drop[:, :, None])
+        self._free[layer] = torch.where(drop, victim[..., 0], n_held)

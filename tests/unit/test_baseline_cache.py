@@ -1,6 +1,7 @@
 """The tensor baselines (all rows in lockstep, each with its own policy and CR) == the per-token
 reference policies of ``baselines.py``: same logits at every step, same tokens held per stream, with
-one attention bucket or several; a row following a budget schedule == the row with that CR."""
+one attention bucket or several, in storage sized by the largest budget (slots reused after evictions);
+a row following a budget schedule == the row with that CR."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_lockstep_rows_equal_the_reference_policies(tiny, bucket: int) -> None: 
                 want = session.streams[layer][head].held_positions()
                 got = fast.held_mask[layer, r, head].nonzero()[:, 0].tolist()
                 assert got == want, (ROWS[r], layer, head)
+    assert fast.S == 55 and fast.k.shape[3] == 55  # slots for the largest budget (CR 1.5) + 1, not 80
     crs = fast.stream_cr_mean()
     for (_, cr), got in zip(ROWS, crs.tolist(), strict=True):
         assert got == pytest.approx(cr, rel=0.06)

@@ -62,7 +62,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     "cr8_adapter_w256_t86": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 150, 220)]),
     "cr8_adapter_w64": (8.0, [*ADAPTER, "dms.window=64", *_cr(8, 100, 120)]),
     # twice the steps at a gentler ramp; the same on 4K-token sequences (as many tokens per step)
-    "cr8_adapter_w256_long": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 300, 380)]),
+    "cr8_adapter_w256_long": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 290, 370)]),
     "cr8_adapter_w256_seq4k": (
         8.0,
         [
@@ -71,7 +71,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
             "data.seq_length=4096",
             "parallel.micro_batch_size=4",
             "parallel.global_batch_size=4",
-            *_cr(8.6, 300, 380),
+            *_cr(8.6, 290, 370),
         ],
     ),
     "cr4_neuron_full": (
@@ -272,7 +272,7 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
         return ["--model", *(exported[n] for n in group), "--name", *group]
 
     baselines = ["streaming_llm", "tova", "h2o"]
-    sweep = ["--sweep-crs", "2", "4", "8", "16"]
+    sweep = ["--sweep-crs", "2", "4", "8", "16"] if args.sweep else []
     short, big = ["--ppl-lengths", PPL[1]], ["--max-rows", "192"]  # 2 fillers x 10 trials x 9 rows
     evals = {}
     if matched:
@@ -281,6 +281,7 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
             [*models(matched), "--policies", "teacher", "dms", *baselines, *PPL, "--passkey-lengths", *sweep],
             args.out,
         )
+    if matched and args.passkey:
         evals["passkey"] = evaluate(
             "passkey",
             [*models(matched), "--policies", "teacher", "dms", *baselines, *short, *PASSKEY, *big],
@@ -328,6 +329,10 @@ def main() -> None:
         help="runs evaluated against every baseline at their own KV memory (the others: teacher and DMS)",
     )
     ap.add_argument("--phase", default="all", choices=["all", "train", "evaluate"])
+    ap.add_argument("--passkey", action=argparse.BooleanOptionalAction, default=True, help="pass-key task")
+    ap.add_argument(
+        "--sweep", action=argparse.BooleanOptionalAction, default=True, help="fixed-CR baseline rows (Pareto)"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny steps and texts: check the pipeline on a CPU")
     args = ap.parse_args()
     if args.smoke:

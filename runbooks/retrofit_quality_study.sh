@@ -7,6 +7,8 @@
 #   bash runbooks/retrofit_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
 #                                                  #       data/prose.idx data/prose.json
 #   bash runbooks/retrofit_quality_study.sh evaluate  # carry .carry (right after study: same machine)
+#   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
+#        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
@@ -16,7 +18,7 @@
 # GGUF split in 45 MB pieces; data/prose.*: English prose (Debian's python3.11-doc and part of
 # linux-doc-6.1), tokenised here with launch/preprocess.py. Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: stash | study | evaluate}
+PHASE=${1:?phase: stash | study | evaluate | one}
 shift
 STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr8_adapter_w64
 OUT=${OUT:-/tmp/gpu_out}
@@ -52,6 +54,16 @@ study)
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.log" 2>&1 &
     timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --phase train \
         --deadline "$(left 570)" --train-seconds "$(left 545)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    ;;
+one)  # one recipe trained alone, then its equal-memory perplexity / KL table, in one call (after stash)
+    setup
+    restore
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    record_gpu
+    python3 benchmarks/quality_study.py --out "$WORK" --phase train --deadline "$(left 570)" \
+        --train-seconds "$(left 240)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    timeout -k 5 "$(left 590)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
+        --deadline "$(left 580)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
     ;;
 evaluate)
     setup

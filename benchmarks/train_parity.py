@@ -40,14 +40,14 @@ def main() -> None:
 
         enable_cpu_training()
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from dms_megatron.megatron import apply_dms, attach_dms_pipeline
+    from dms_megatron.megatron.families import local_layer_spec
     from dms_megatron.testing import tiny_gpt
     from dms_megatron.testing.tiny_dms import dms_test_config, run_dms_schedule
 
     cfg = dms_test_config(variant=args.variant, attention_backend=args.backend)
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     model = tiny_gpt.build_tiny_gpt(args.tp, args.pp, seed=7, sequence_parallel=args.sp, layer_spec=spec)
     device = torch.device("cuda") if cuda else torch.device("cpu")
     model.to(device)

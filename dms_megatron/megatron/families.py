@@ -69,27 +69,39 @@ def transformer_config(arch: ModelArch, tp: int, pp: int, **overrides: Any) -> T
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(
-    arch: ModelArch, dms_config: DMSConfig | None = None, state: DMSRunState | None = None
-) -> ModuleSpec:
-    """Local (non-TE) GPT layer spec for the family with ``LocalNorm`` in every norm slot (so sequence
-    parallelism works without Transformer Engine), DMS applied when a config is given."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+def local_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron's local (non-TE) GPT layer spec (RMSNorm) with ``LocalNorm`` in every norm slot, so that
+    sequence parallelism works without Transformer Engine."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     spec.submodules.input_layernorm = LocalNorm
     spec.submodules.pre_mlp_layernorm = LocalNorm
     attn = spec.submodules.self_attention.submodules
     for slot in ("q_layernorm", "k_layernorm"):
         if getattr(attn, slot) is not IdentityOp:
             setattr(attn, slot, LocalNorm)
+    return spec
+
+
+def layer_spec(
+    arch: ModelArch, dms_config: DMSConfig | None = None, state: DMSRunState | None = None
+) -> ModuleSpec:
+    """``local_layer_spec`` for the family, DMS applied when a config is given."""
+    spec = local_layer_spec(qk_layernorm=arch.qk_norm)
     return spec if dms_config is None else apply_dms(spec, dms_config, state)
+
+
+def decoder_block_spec(config: TransformerConfig, spec: ModuleSpec) -> TransformerBlockSubmodules:
+    """This rank's stage of the decoder: ``spec`` for each of its layers and a ``LocalNorm`` final norm
+    (megatron's default final norm for a layer spec refuses sequence parallelism without TE)."""
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=LocalNorm
+    )
 
 
 def build_gpt_stage(arch: ModelArch, config: TransformerConfig, spec: ModuleSpec) -> GPTModel:
     """This rank's pipeline stage of the model (parallel state must be initialised); the final norm is a
     ``LocalNorm`` too."""
-    block = TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=LocalNorm
-    )
+    block = decoder_block_spec(config, spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=block,

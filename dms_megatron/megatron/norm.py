@@ -7,8 +7,8 @@ parallelism). ``LocalNorm`` is what ``WrappedTorchNorm`` builds -- ``torch.nn.RM
 ``torch.nn.LayerNorm`` with fp32 weights, so numerics and checkpoints are unchanged -- and, with
 ``sequence_parallel``, tags its parameters ``sequence_parallel`` so that megatron's
 ``finalize_model_grads`` all-reduces their gradients over the TP group (each rank normalises only its
-slice of the sequence). ``families.layer_spec`` / ``build_gpt_stage`` put it in every norm slot,
-including the final norm.
+slice of the sequence). ``families.local_layer_spec`` / ``decoder_block_spec`` put it in every norm
+slot, including the final norm (the trainer, the converter and the tiny test GPT build through them).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Run inside a spawned rank (see ``runner.run_distributed``) with the CPU shim installed. The model: hidden 64,
 4 layers, 4 heads, 2 query groups (GQA), RMSNorm, SwiGLU, RoPE, vocab 128, no biases, untied embeddings,
-fp32, local (non-TE) spec, every fusion off. ``build_tiny_gpt`` loads name-seeded master weights by default,
-so every TP/PP layout holds exactly the same full weights (Megatron's own CPU init only matches across TP, not
-across PP stages, whose layers are drawn from a fresh generator).
+fp32, every fusion off, our local (non-TE) spec with ``LocalNorm`` in every norm slot and as the final norm
+(``families.local_layer_spec`` / ``decoder_block_spec``: sequence parallelism needs no patch).
+``build_tiny_gpt`` loads name-seeded master weights by default, so every TP/PP layout holds exactly the same
+full weights (Megatron's own CPU init only matches across TP, not across PP stages, whose layers are drawn
+from a fresh generator).
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from dms_megatron.megatron.families import EXACT_DEFAULTS
+from dms_megatron.megatron.families import EXACT_DEFAULTS, decoder_block_spec, local_layer_spec
 
 __all__ = [
     "HIDDEN",
@@ -121,7 +122,8 @@ def build_tiny_gpt(
     With ``master_weights`` (default) every parameter is then overwritten by this rank's shard of a full
     tensor drawn from a generator seeded by ``seed`` and the parameter's global name, so all layouts share
     weights.
-    ``layer_spec`` defaults to ``get_gpt_layer_local_spec(normalization="RMSNorm")``.
+    ``layer_spec`` defaults to ``families.local_layer_spec()`` (with sequence parallelism its norm slots
+    must hold ``LocalNorm``); the final norm is a ``LocalNorm``.
     """
     if config_overrides.get("num_query_groups", NUM_QUERY_GROUPS) % tp:
         raise ValueError("num_query_groups must divide by tp (megatron replicates KV heads otherwise)")
@@ -129,10 +131,10 @@ def build_tiny_gpt(
     config = tiny_gpt_config(
         tp, pp, sequence_parallel=sequence_parallel, num_layers=num_layers, **config_overrides
     )
-    spec = layer_spec if layer_spec is not None else get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec if layer_spec is not None else local_layer_spec()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=decoder_block_spec(config, spec),
         vocab_size=VOCAB,
         max_sequence_length=MAX_SEQ_LEN,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -4,8 +4,9 @@ This directory deliberately has no ``__init__.py``: megatron-core's ``megatron``
 and a regular package ``tests/megatron`` could shadow it. pytest (prepend import mode) puts this directory on
 ``sys.path``, so the helpers import as top-level modules (``runner``, ``dms_jobs``); spawned
 ranks inherit that ``sys.path``. All distributed work runs in spawned ranks; this process never initialises
-``torch.distributed`` and does not install the CPU shim. The ranks are pooled for the session (see
-``runner``), stopped after the last test here or at the end of the session (``_stop_pooled_ranks``).
+``torch.distributed`` and does not keep the CPU shim on (``test_patches.py`` enters and leaves it). The
+ranks are pooled for the session (see ``runner``), stopped after the last test here or at the end of the
+session (``_stop_pooled_ranks``).
 """
 
 from __future__ import annotations

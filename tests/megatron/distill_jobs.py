@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from dms_megatron.megatron import apply_dms, attach_dms_pipeline, dms_compression_loss
 from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes
+from dms_megatron.megatron.families import decoder_block_spec, local_layer_spec
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss
 from dms_megatron.testing import tiny_gpt
 from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
@@ -19,7 +19,7 @@ from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
 def _gpt(config, spec) -> GPTModel:
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=decoder_block_spec(config, spec),
         vocab_size=tiny_gpt.VOCAB,
         max_sequence_length=64,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -36,7 +36,7 @@ def distill_job(
 ) -> dict:
     tiny_gpt.init_parallel(tp, pp, seed=7)
     config = tiny_gpt.tiny_gpt_config(tp, pp, sequence_parallel=sp)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = local_layer_spec()
     student = _gpt(config, apply_dms(spec, dms_test_config(**dms_kwargs)))
     state = attach_dms_pipeline(student)
     stage = DistillationStage(student, _gpt(config, spec) if teacher == "separate" else None)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from dms_megatron.megatron import (
     adjust_p2p_shapes,
@@ -22,6 +21,7 @@ from dms_megatron.megatron import (
     dms_compression_loss,
     reduce_decision_stats,
 )
+from dms_megatron.megatron.families import local_layer_spec
 from dms_megatron.testing import tiny_gpt
 from dms_megatron.testing.tiny_dms import dms_test_config, run_dms_schedule
 
@@ -51,7 +51,7 @@ def parity_job(
     **config_overrides: Any,
 ) -> dict:
     cfg = dms_test_config(**dms_kwargs)
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     model = tiny_gpt.build_tiny_gpt(tp, pp, seed=7, sequence_parallel=sp, layer_spec=spec, **config_overrides)
     state = attach_dms_pipeline(model)
     state.step = 3
@@ -112,9 +112,9 @@ def teacher_parity_job(rank: int, world_size: int, variant: str) -> dict:
     for kind in ("dms", "stock"):
         if kind == "dms":
             cfg = dms_test_config(variant=variant, teacher_mode=True)
-            spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+            spec = apply_dms(local_layer_spec(), cfg)
         else:
-            spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+            spec = local_layer_spec()
         model = tiny_gpt.build_tiny_gpt(1, 1, seed=11, layer_spec=spec)
         if kind == "stock" and variant == "neuron":
             _zero_neuron_rows(model, group_size=2, head_dim=tiny_gpt.HIDDEN // 4)
@@ -203,7 +203,7 @@ def compression_only_job(rank: int, world_size: int, pp: int, target: float) -> 
     """Loss = compression loss only: its gradient can reach the adapter only through the decision
     channel (layer injectors, and the P2P channel for stage 0 under PP)."""
     cfg = dms_test_config(variant="adapter")
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     model = tiny_gpt.build_tiny_gpt(1, pp, seed=7, layer_spec=spec)
     state = attach_dms_pipeline(model)
 
@@ -232,7 +232,7 @@ def thd_job(rank: int, world_size: int, variant: str) -> dict:
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cfg = dms_test_config(variant=variant, window=2)
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     model = tiny_gpt.build_tiny_gpt(1, 1, seed=5, layer_spec=spec)
     attach_dms_pipeline(model)
     model.eval()
@@ -264,7 +264,7 @@ def dp_stats_job(rank: int, world_size: int) -> dict:
     """DP=2: replicas draw different noise (dp_rank is a noise coordinate); the reduced per-[layer, head]
     rate is the pooled rate of both replicas."""
     cfg = dms_test_config(variant="adapter")
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     model = tiny_gpt.build_tiny_gpt(1, 1, seed=7, layer_spec=spec)
     state = attach_dms_pipeline(model)
     run_dms_schedule(model, tiny_gpt.make_batches(NUM_MICROBATCHES), state, 2)
@@ -304,8 +304,8 @@ def fused_norm_job(rank: int, world_size: int, tp: int) -> dict:
     from megatron.core.transformer.identity_op import IdentityOp
 
     cfg = dms_test_config(variant="adapter")
-    local = get_gpt_layer_local_spec(normalization="RMSNorm")
-    fused = get_gpt_layer_local_spec(normalization="RMSNorm")
+    local = local_layer_spec()
+    fused = local_layer_spec()
     fused.submodules.input_layernorm = IdentityOp
     fused.submodules.self_attention.submodules.linear_qkv = NormFusedQKV
     out = {}
@@ -341,11 +341,9 @@ def neuron_fade_job(rank: int, world_size: int, tp: int) -> dict:
 
     batches = tiny_gpt.make_batches(1)
     cfg = dms_test_config(variant="neuron", logit_scale=100.0, logit_offset=5.0, tau=0.1, train_noise=False)
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    spec = apply_dms(local_layer_spec(), cfg)
     dms = tiny_gpt.build_tiny_gpt(tp, 1, seed=11, layer_spec=spec)
-    stock = tiny_gpt.build_tiny_gpt(
-        tp, 1, seed=11, layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm")
-    )
+    stock = tiny_gpt.build_tiny_gpt(tp, 1, seed=11, layer_spec=local_layer_spec())
     state = dms_run_state(dms)
     seen: list[torch.Tensor] = []
     for layer in dms.decoder.layers:

@@ -8,9 +8,9 @@ import signal
 from pathlib import Path
 
 import torch
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from dms_megatron.megatron import apply_dms
+from dms_megatron.megatron.families import local_layer_spec
 from dms_megatron.testing import tiny_gpt
 from dms_megatron.testing.tiny_dms import dms_test_config
 from dms_megatron.training.checkpoint import (
@@ -23,7 +23,7 @@ from dms_megatron.training.checkpoint import (
 
 
 def _model(tp: int):
-    spec = apply_dms(get_gpt_layer_local_spec(normalization="RMSNorm"), dms_test_config())
+    spec = apply_dms(local_layer_spec(), dms_test_config())
     return tiny_gpt.build_tiny_gpt(tp, 1, seed=7, layer_spec=spec)
 
 

@@ -1,66 +1,37 @@
-"""megatron-core training on a CPU-only machine (gloo): ``enable_cpu_training()``, opt-in and
-process-wide, and ``check_cpu_patch_targets()``, its upgrade guard (see the package docstring)."""
+"""megatron-core training on a CPU-only machine (gloo): ``cpu_training()``, a context manager that puts
+everything back on exit, and ``enable_cpu_training()``, the same mode entered for the rest of the process
+(see the package docstring). ``PATCHES`` is the mode's patch table; ``check_cpu_patch_targets()`` checks
+it without installing anything."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import importlib
-import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from dms_megatron.megatron.compat import SUPPORTED_MEGATRON_CORE, installed_megatron_core_version
+from dms_megatron.megatron.compat import installed_megatron_core_version
+from dms_megatron.megatron.patches import AppliedPatches, Patch, apply_patches, check_patch_targets
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------------------
-# enable_cpu_training(): megatron training on a CPU-only machine (see the module docstring)
-# ---------------------------------------------------------------------------------------------------------
-
-# Process-wide marker (on torch.cuda): enable_cpu_training() runs once per process.
+# Process-wide marker (on torch.cuda, so it holds under any import name of this module): the active mode.
 _SENTINEL = "_megatron_cpu_shim_mode"
-
-# (module, attribute) pairs the CPU training mode replaces or relies on; checked by check_cpu_patch_targets().
-_TORCH_TARGETS: tuple[tuple[str, str], ...] = (
-    ("torch.cuda", "current_device"),
-    ("torch.cuda", "synchronize"),
-    ("torch.cuda", "current_stream"),
-    ("torch.cuda", "Stream"),
-    ("torch.cuda", "Event"),
-    ("torch.cuda", "stream"),
-    ("torch.cuda", "get_rng_state"),
-    ("torch.cuda", "set_rng_state"),
-    ("torch.cuda", "manual_seed"),
-    ("torch.cuda", "manual_seed_all"),
-    ("torch.cuda.random", "get_rng_state"),
-    ("torch.cuda.random", "set_rng_state"),
-    ("torch.cuda.random", "manual_seed"),
-    ("torch.cuda.random", "manual_seed_all"),
-)
-_MEGATRON_TARGETS: tuple[tuple[str, str], ...] = (
-    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
-    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
-    ("megatron.core.transformer.utils", "get_default_causal_mask"),
-    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
-    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),
-)
-# Keyword parameters the replacements must accept (a renamed parameter would silently change behaviour).
-_EXPECTED_PARAMS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"): ("device", "clone", "graph_safe"),
-    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"): ("new_state", "device", "graph_safe"),
-    ("megatron.core.transformer.utils", "get_default_causal_mask"): ("sq",),
-    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"): ("sq",),
-}
-_WRAPPED_NORM_PARAMS = ("config", "hidden_size", "eps")
+_RNG_LOGGER = "megatron.core.tensor_parallel.random"  # warns "CPU RNG state changed", expected here
+_REMOVE_WHEN = "megatron-core trains on CPU without CUDA calls"
 
 
-class CPUPatchTargetError(RuntimeError):
-    """An upstream name that the CPU training patch patches is missing or has changed shape."""
+def _device_cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_sync(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,6 +145,8 @@ def _is_cuda_device(device: Any) -> bool:
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites hard-coded CUDA placement into CPU placement for every torch call in this thread."""
 
+    process_wide = False  # True once enable_cpu_training() entered it for the rest of the process
+
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
@@ -191,138 +164,125 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# (f) WrappedTorchNorm with sequence_parallel=True
+# the table: (a) device queries and syncs, (b) streams/events, (c) RNG, (d) causal mask
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _make_sp_norm_new(original_new: Callable[..., Any]) -> Callable[..., Any]:
-    """Build a ``WrappedTorchNorm.__new__`` that accepts sequence_parallel=True (the local spec has none)."""
-
-    def sp_norm_new(
-        cls: type, config: Any, hidden_size: int, eps: float = 1e-5, *args: Any, **kwargs: Any
-    ) -> Any:
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, eps, *args, **kwargs)
-        if config.normalization == "LayerNorm":
-            norm: torch.nn.Module = torch.nn.LayerNorm(hidden_size, eps=eps)
-        elif config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
-        else:
-            raise ValueError(f"CPU training mode: no sequence-parallel norm for {config.normalization!r}")
-        for param in norm.parameters():
-            param.sequence_parallel = True  # type: ignore[attr-defined]  # grads all-reduced over TP
-        return norm
-
-    sp_norm_new._cpu_shim = True  # type: ignore[attr-defined]
-    return sp_norm_new
+def _cpu_patch(module: str, attr: str, replacement: Any, expected_params: tuple[str, ...] = ()) -> Patch:
+    return Patch(module, attr, replacement, expected_params=expected_params, remove_when=_REMOVE_WHEN)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# installation and upgrade guard
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _resolve(module_name: str, attr: str) -> Any:
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CPUPatchTargetError(f"CPU patch target {module_name!r} cannot be imported: {exc}") from exc
-    if not hasattr(module, attr):
-        raise CPUPatchTargetError(
-            f"CPU patch target {module_name}.{attr} no longer exists (megatron-core or torch upgraded?); "
-            "update dms_megatron/megatron/patches/cpu_training.py"
+PATCHES: tuple[Patch, ...] = (
+    # (a) callers get the CPU device (works even in threads the mode misses): RoPE, memory buffer, p2p, DDP
+    _cpu_patch("torch.cuda", "current_device", _device_cpu),
+    _cpu_patch("torch.cuda", "synchronize", _no_sync),  # p2p communication, checkpoint preload
+    # (b) CPU work is synchronous, so stream ordering is already satisfied
+    _cpu_patch("torch.cuda", "current_stream", lambda *a, **k: _NULL_STREAM),  # DDP grad sync waits on it
+    _cpu_patch("torch.cuda", "Stream", _NullStream),  # side streams created by DDP / offloading code
+    _cpu_patch("torch.cuda", "Event", _NullEvent),  # events recorded on those streams
+    _cpu_patch("torch.cuda", "stream", lambda *a, **k: contextlib.nullcontext()),  # `with ...stream(s):`
+    # (c) the "CUDA" generator is the CPU default generator (tracker add/fork, manual seeding)
+    *(
+        _cpu_patch(module, attr, replacement)
+        for module in ("torch.cuda", "torch.cuda.random")
+        for attr, replacement in (
+            ("get_rng_state", _cpu_get_rng_state),  # CudaRNGStatesTracker.add
+            ("set_rng_state", _cpu_set_rng_state),  # symmetric setter
+            ("manual_seed", _cpu_manual_seed),  # model_parallel_cuda_manual_seed / tracker.add
+            ("manual_seed_all", _cpu_manual_seed),  # same, for the "all devices" variant
         )
-    return getattr(module, attr)
+    ),
+    _cpu_patch(  # fork() read the cuda default_generators
+        "megatron.core.tensor_parallel.random",
+        "_get_cuda_rng_state",
+        _megatron_get_cuda_rng_state,
+        ("device", "clone", "graph_safe"),
+    ),
+    _cpu_patch(  # fork() wrote the cuda default_generators
+        "megatron.core.tensor_parallel.random",
+        "_set_cuda_rng_state",
+        _megatron_set_cuda_rng_state,
+        ("new_state", "device", "graph_safe"),
+    ),
+    # (d) upstream builds the mask with device="cuda"; fused_softmax imported the name directly
+    _cpu_patch("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_causal_mask, ("sq",)),
+    _cpu_patch("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _cpu_causal_mask, ("sq",)),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entering and leaving the mode
+# ---------------------------------------------------------------------------------------------------------
 
 
 def check_cpu_patch_targets() -> None:
-    """Raise ``CPUPatchTargetError`` if an upstream name the CPU mode patches disappeared or changed."""
-    problems: list[str] = []
-    for module_name, attr in _TORCH_TARGETS + _MEGATRON_TARGETS:
-        try:
-            obj = _resolve(module_name, attr)
-        except CPUPatchTargetError as exc:
-            problems.append(str(exc))
-            continue
-        expected = _EXPECTED_PARAMS.get((module_name, attr))
-        if expected is not None:
-            params = inspect.signature(obj).parameters
-            missing = [p for p in expected if p not in params]
-            if missing:
-                problems.append(f"{module_name}.{attr} lost parameter(s) {missing}")
-    try:
-        norm_cls = _resolve("megatron.core.transformer.torch_norm", "WrappedTorchNorm")
-        new_params = inspect.signature(norm_cls.__new__).parameters
-        missing = [p for p in _WRAPPED_NORM_PARAMS if p not in new_params]
-        if missing:
-            problems.append(f"WrappedTorchNorm.__new__ lost parameter(s) {missing}")
-    except CPUPatchTargetError:
-        pass  # already reported above
-    try:
-        from importlib.metadata import version
-
-        found = version("megatron-core")
-        if found not in SUPPORTED_MEGATRON_CORE:
-            problems.append(f"megatron-core {found} installed; CPU patches are for {SUPPORTED_MEGATRON_CORE}")
-    except Exception as exc:
-        problems.append(f"cannot read the megatron-core version: {exc}")
-    if problems:
-        raise CPUPatchTargetError("CPU training patch targets changed:\n  " + "\n  ".join(problems))
+    """Raise ``PatchTargetError`` if an upstream name the CPU mode patches disappeared or changed."""
+    check_patch_targets(PATCHES)
 
 
 def cpu_training_enabled() -> bool:
-    """Whether ``enable_cpu_training()`` has run in this process (under any import name of this module)."""
+    """Whether the CPU training mode is on in this process (under any import name of this module)."""
     return getattr(torch.cuda, _SENTINEL, None) is not None
 
 
-def enable_cpu_training() -> None:
-    """Patch torch.cuda and megatron-core for CPU/gloo and enter the CUDA->CPU mode; idempotent."""
-    if cpu_training_enabled():
-        return
+@dataclasses.dataclass
+class _ActiveMode:
+    applied: AppliedPatches
+    mode: CudaToCpuMode
+    rng_log_level: int
+
+
+def _enter(process_wide: bool) -> _ActiveMode:
     if torch.cuda.is_available():
-        raise RuntimeError("enable_cpu_training() is for CPU-only machines; CUDA is available here")
-    check_cpu_patch_targets()
-
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.tensor_parallel.random as mcore_random
-    import megatron.core.transformer.torch_norm as torch_norm
-    import megatron.core.transformer.utils as transformer_utils
-
-    # (a) device queries and syncs: callers get the CPU device (works even in threads the mode misses).
-    torch.cuda.current_device = lambda: torch.device("cpu")  # RoPE, memory buffer, p2p, grad buffers
-    torch.cuda.synchronize = lambda *a, **k: None  # p2p communication, checkpoint preload
-
-    # (b) null streams/events: CPU work is synchronous, so stream ordering is already satisfied.
-    torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM  # DDP grad sync waits on the current stream
-    torch.cuda.Stream = _NullStream  # side streams created by DDP / offloading code
-    torch.cuda.Event = _NullEvent  # events recorded on those streams
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # `with torch.cuda.stream(s):` blocks
-
-    # (c) RNG: the "CUDA" generator is the CPU default generator (tracker add/fork, manual seeding).
-    for ns in (torch.cuda, torch.cuda.random):
-        ns.get_rng_state = _cpu_get_rng_state  # CudaRNGStatesTracker.add
-        ns.set_rng_state = _cpu_set_rng_state  # symmetric setter
-        ns.manual_seed = _cpu_manual_seed  # model_parallel_cuda_manual_seed / tracker.add
-        ns.manual_seed_all = _cpu_manual_seed  # same, for the "all devices" variant
-    mcore_random._get_cuda_rng_state = _megatron_get_cuda_rng_state  # fork() read cuda default_generators
-    mcore_random._set_cuda_rng_state = _megatron_set_cuda_rng_state  # fork() wrote cuda default_generators
-    logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)  # "CPU RNG state changed" is expected
-
-    # (d) causal mask: upstream builds it with device="cuda"; fused_softmax imported the name directly.
-    transformer_utils.get_default_causal_mask = _cpu_causal_mask
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask
-
-    # (f) sequence parallel with the local spec: plain torch norm, params tagged for the TP all-reduce.
-    wrapped = torch_norm.WrappedTorchNorm
-    if not getattr(wrapped.__new__, "_cpu_shim", False):
-        wrapped.__new__ = staticmethod(_make_sp_norm_new(wrapped.__new__))
-
-    # (e) last: one TorchFunctionMode for this thread, left entered for the life of the process.
-    mode = CudaToCpuMode()
-    mode.__enter__()
-    setattr(torch.cuda, _SENTINEL, mode)
+        raise RuntimeError("the CPU training mode is for CPU-only machines; CUDA is available here")
+    applied = apply_patches(PATCHES)  # checks every target before it touches any
+    rng_logger = logging.getLogger(_RNG_LOGGER)
+    active = _ActiveMode(applied, CudaToCpuMode(), rng_logger.level)
+    active.mode.process_wide = process_wide
+    rng_logger.setLevel(logging.ERROR)
+    active.mode.__enter__()  # (e) last: one TorchFunctionMode for this thread
+    setattr(torch.cuda, _SENTINEL, active.mode)
     log.info(
         "dms_megatron: CPU training mode on (megatron-core %s): CUDA calls, streams, RNG and placement "
         "are routed to the CPU",
         installed_megatron_core_version(),
     )
+    return active
+
+
+def _leave(active: _ActiveMode) -> None:
+    delattr(torch.cuda, _SENTINEL)
+    active.applied.restore()
+    logging.getLogger(_RNG_LOGGER).setLevel(active.rng_log_level)
+    modes = torch.overrides._get_current_function_mode_stack()
+    if not modes or modes[-1] is not active.mode:
+        raise RuntimeError(
+            "cannot leave the CPU training mode: another TorchFunctionMode entered inside it is still on"
+        )
+    active.mode.__exit__(None, None, None)
+    log.info("dms_megatron: CPU training mode off; torch.cuda and megatron-core restored")
+
+
+@contextlib.contextmanager
+def cpu_training() -> Iterator[None]:
+    """Within the block megatron-core trains on the CPU (this thread's torch calls); on exit every patched
+    attribute is the original again and the mode is left. Nested in an active mode (a block or
+    ``enable_cpu_training()``): a no-op, the outer one restores. ``RuntimeError`` where CUDA is available."""
+    if cpu_training_enabled():
+        yield
+        return
+    active = _enter(process_wide=False)
+    try:
+        yield
+    finally:
+        _leave(active)
+
+
+def enable_cpu_training() -> None:
+    """The CPU training mode for the rest of the process (the trainer and test ranks on a CPU-only
+    machine); idempotent. ``RuntimeError`` inside a ``cpu_training()`` block (which would undo it)."""
+    if cpu_training_enabled():
+        if getattr(torch.cuda, _SENTINEL).process_wide:
+            return
+        raise RuntimeError("enable_cpu_training() inside a cpu_training() block: the block would undo it")
+    _enter(process_wide=True)

@@ -4,30 +4,41 @@
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
-from dms_megatron.megatron.patches import require_supported_megatron
+from dms_megatron.megatron.patches import Patch, apply_patch
 
 log = logging.getLogger(__name__)
 
 
-def split_decision_channels_on_input(block: Any, acc: Any, channels: int) -> None:
-    """Replace ``block.set_input_tensor`` (this instance only); see the module docstring."""
+def _set_input_tensor_splitting_decisions(self: Any, input_tensor: Any) -> None:
+    """``TransformerBlock.set_input_tensor`` after moving the trailing decision channels of a received
+    activation into the block's accumulator (``self._dms_decision_input``: accumulator, channels)."""
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    require_supported_megatron("split_decision_channels_on_input")
-    hidden = block.config.hidden_size
+    acc, channels = self._dms_decision_input
+    if isinstance(input_tensor, list | tuple):
+        input_tensor = input_tensor[0]
+    if input_tensor is not None and input_tensor.shape[-1] == self.config.hidden_size + channels:
+        acc.acc_in = input_tensor[..., self.config.hidden_size :].float().sum(-1)
+        input_tensor = input_tensor[..., : self.config.hidden_size]
+    TransformerBlock.set_input_tensor(self, input_tensor)
 
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, list | tuple):
-            input_tensor = input_tensor[0]
-        if input_tensor is not None and input_tensor.shape[-1] == hidden + channels:
-            acc.acc_in = input_tensor[..., hidden:].float().sum(-1)
-            input_tensor = input_tensor[..., :hidden]
-        TransformerBlock.set_input_tensor(self, input_tensor)
 
-    block.set_input_tensor = types.MethodType(set_input_tensor, block)
+SPLIT_INPUT = Patch(
+    "megatron.core.transformer.transformer_block",
+    "TransformerBlock.set_input_tensor",
+    _set_input_tensor_splitting_decisions,
+    expected_params=("self", "input_tensor"),
+    remove_when="megatron's P2P gains a side channel for per-stage tensors",
+)
+PATCHES: tuple[Patch, ...] = (SPLIT_INPUT,)
+
+
+def split_decision_channels_on_input(block: Any, acc: Any, channels: int) -> None:
+    """Replace ``block.set_input_tensor`` (this instance only); see the module docstring."""
+    block._dms_decision_input = (acc, channels)
+    apply_patch(SPLIT_INPUT, on=block)
     log.info(
         "dms_megatron: %s.set_input_tensor splits %d decision channels off its input",
         type(block).__name__,

@@ -61,9 +61,9 @@ one)  # one recipe trained alone, then its equal-memory perplexity / KL table, i
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     record_gpu
     python3 benchmarks/quality_study.py --out "$WORK" --phase train --deadline "$(left 570)" \
-        --train-seconds "$(left 470)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
-    timeout -k 5 "$(left 590)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
-        --deadline "$(left 580)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
+        --train-seconds "$(left 430)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    timeout -k 5 "$(left 545)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
+        --deadline "$(left 535)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
     ;;
 evaluate)
     setup

@@ -74,6 +74,22 @@ RUNS: dict[str, tuple[float, list[str]]] = {
             *_cr(8.6, 290, 370),
         ],
     ),
+    # every weight trained (separate frozen teacher): base weights at lr 1e-5, the adapters at 20x that
+    "cr8_adapter_full_seq4k": (
+        8.0,
+        [
+            "dms.variant=adapter",
+            "train.mode=full",
+            "train.lr=1e-5",
+            "train.min_lr=5e-6",
+            "train.adapter_lr_mult=20",
+            "dms.window=256",
+            "data.seq_length=4096",
+            "parallel.micro_batch_size=4",
+            "parallel.global_batch_size=4",
+            *_cr(8.6, 290, 370),
+        ],
+    ),
     "cr4_neuron_full": (
         4.0,
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],

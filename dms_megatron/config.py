@@ -239,12 +239,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """mode: ``full`` trains every weight against a separate frozen teacher (the paper); ``adapter``
-    trains only the DMS adapters, the teacher being the student with eviction off (NVIDIA's recipe)."""
+    trains only the DMS adapters, the teacher being the student with eviction off (NVIDIA's recipe).
+    ``adapter_lr_mult``: the adapters' learning rate is ``lr`` (and ``min_lr``) times this, so a full run
+    can move the eviction adapters fast and the base weights slowly (1: one rate for every weight)."""
 
     steps: int = 1000
     mode: str = "full"
     lr: float = 3e-5
     min_lr: float = 3e-6
+    adapter_lr_mult: float = 1.0
     warmup_steps: int = 20
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -270,6 +273,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 = off)")
+        if not self.adapter_lr_mult > 0:
+            raise ValueError(f"train.adapter_lr_mult={self.adapter_lr_mult} must be > 0")
 
 
 @dataclass

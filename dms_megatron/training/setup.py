@@ -182,8 +182,14 @@ def connect_schedule(ddp: torch.nn.Module, optimizer: Any) -> None:
 
 
 def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any]:
-    """Megatron's distributed Adam (fp32 master weights) and a warmup + cosine LR schedule."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """Megatron's distributed Adam (fp32 master weights) and a warmup + cosine LR schedule; the DMS
+    adapters' parameters get ``train.adapter_lr_mult`` times the rates when it is not 1."""
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        ParamKey,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
@@ -201,7 +207,11 @@ def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any
         params_dtype=dtype,
         use_distributed_optimizer=True,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    overrides = get_standard_config_overrides(opt_config)  # megatron's (no weight decay on biases/norms)
+    if t.adapter_lr_mult != 1.0:  # the scheduler reads each group's max_lr / min_lr
+        mult = t.adapter_lr_mult
+        overrides[ParamKey(name=f"*{ADAPTER_KEY}*")] = {"max_lr": t.lr * mult, "min_lr": t.min_lr * mult}
+    optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if t.warmup_steps else t.lr,

@@ -105,6 +105,22 @@ def test_recompute_setting_reaches_the_student_only(assets) -> None:
     assert all(got[mode]["teacher"]["recompute_granularity"] is None for mode in got)
 
 
+def test_adapter_lr_mult_gives_the_adapters_their_own_rates(assets) -> None:
+    """train.adapter_lr_mult: in a full-model run the adapters' group follows lr x mult, the rest lr."""
+    cfg = trainer_jobs.tiny_config(
+        str(Path(assets["root"]) / "lr"), assets["ckpt"], assets["data"], assets["hf_config"]
+    )
+    cfg["train"] |= {"mode": "full", "lr": 1e-4, "min_lr": 1e-5, "adapter_lr_mult": 20.0, "warmup_steps": 0}
+    cfg["dms"]["variant"] = "adapter"
+    (groups,) = run_distributed(trainer_jobs.optimizer_groups_job, 1, cfg)
+    by_rate: dict[float, int] = {}
+    for g in groups:
+        assert g["lr"] <= g["max_lr"] and g["lr"] > 0.9 * g["max_lr"]  # one step into the cosine decay
+        by_rate[round(g["max_lr"], 12)] = by_rate.get(round(g["max_lr"], 12), 0) + g["numel"]
+    assert set(by_rate) == {1e-4, 2e-3}
+    assert 0 < by_rate[2e-3] < by_rate[1e-4]  # the adapters: a few parameters per layer
+
+
 def test_resume_equals_uninterrupted(reference, assets) -> None:
     first = _run(assets, "resumed", 1, preempt_after=2)
     assert first["summary"]["preempted"] and first["summary"]["step"] == 2

@@ -102,3 +102,20 @@ def recompute_settings_job(rank: int, world: int, cfg: dict[str, Any], modes: li
             for name, m in (("student", models.student), ("teacher", models.teacher))
         }
     return out
+
+
+def optimizer_groups_job(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, float]]:
+    """Per optimizer parameter group after one scheduler step: its max_lr, lr and parameter count."""
+    from dms_megatron.training.run import preflight
+    from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
+
+    config = RetrofitConfig.from_dict(cfg)
+    pre = preflight(config)
+    init_distributed(config.parallel.tp, config.parallel.pp)
+    models = build_models(config, pre.arch, pre.meta)
+    optimizer, scheduler = build_optimizer(config, models.ddp)
+    scheduler.step(1)
+    return [
+        {"max_lr": g["max_lr"], "lr": g["lr"], "numel": sum(p.numel() for p in g["params"])}
+        for g in optimizer.param_groups
+    ]

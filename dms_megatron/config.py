@@ -309,14 +309,11 @@ class RetrofitConfig:
                 "train.mode=adapter trains only the DMS adapters, but dms.variant="
                 f"{self.dms.variant!r} has none: set dms.variant=adapter or train.mode=full"
             )
-        ramp_end = self.dms.fade_steps + self.dms.cr_ramp_steps
-        if ramp_end > self.train.steps:
-            fade = f"dms.neuron_fade_steps={self.dms.fade_steps} + " if self.dms.fade_steps else ""
+        if self.dms.cr_ramp_steps > self.train.steps:
             raise ValueError(
                 f"dms.cr_ramp_steps={self.dms.cr_ramp_steps} is invalid with train.steps={self.train.steps}: "
-                f"the CR target is reached only after {fade}dms.cr_ramp_steps={self.dms.cr_ramp_steps} = "
-                f"{ramp_end} steps, so the run would stop before it; lower dms.cr_ramp_steps or raise "
-                "train.steps"
+                "the CR ramp would end after the run, which would never reach dms.target_cr; lower "
+                "dms.cr_ramp_steps or raise train.steps"
             )
         if self.dms.window >= self.data.seq_length:
             raise ValueError(

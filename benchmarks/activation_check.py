@@ -83,6 +83,7 @@ def layout(base: dict, layers: int, emulate_tp: int, vocab: int | None, data: st
     }
     cfg["data"] = {**cfg["data"], "prefixes": [data], "weights": None}
     cfg["train"] = {**cfg["train"], "steps": 2, "save_interval": 2, "warmup_steps": 0}
+    cfg["dms"]["cr_ramp_steps"] = 0  # the target CR from step 0 (a ramp longer than the run is refused)
     cfg["logging"] = {**cfg["logging"], "console": False, "wandb_project": None}
     cfg["run_dir"] = run_dir
     return cfg

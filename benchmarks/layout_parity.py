@@ -105,6 +105,8 @@ def main() -> None:
         f"data.prefixes=[{data}]",
         "data.weights=null",
         f"train.steps={args.steps}",
+        # a preset's ramp cut to these few steps (a ramp longer than the run is refused)
+        f"dms.cr_ramp_steps={min(base['dms']['cr_ramp_steps'], args.steps)}",
         f"train.save_interval={args.steps}",
         "train.resume=none",
         "logging.console=false",

@@ -1,7 +1,8 @@
 """Throughput of one DMS retrofit step vs one vanilla Megatron training step, same model, same batch,
 same process (one GPU or a torchrun group):
 
-    python benchmarks/step_throughput.py --out step.json experiment=smollm2_paper train.steps=40
+    python benchmarks/step_throughput.py --out step.json experiment=smollm2_paper train.steps=40 \
+        dms.cr_ramp_steps=10
 
 * retrofit: ``RetrofitTrainer.train_step`` (teacher forward + DMS student forward/backward in one 1F1B
   schedule, KD + compression loss, distributed-optimizer step); packed documents (THD);

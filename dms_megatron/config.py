@@ -309,9 +309,39 @@ class RetrofitConfig:
                 "train.mode=adapter trains only the DMS adapters, but dms.variant="
                 f"{self.dms.variant!r} has none: set dms.variant=adapter or train.mode=full"
             )
+        if self.dms.cr_ramp_steps > self.train.steps:
+            raise ValueError(
+                f"dms.cr_ramp_steps={self.dms.cr_ramp_steps} is invalid with train.steps={self.train.steps}: "
+                "the CR ramp would end after the run, which would never reach dms.target_cr; lower "
+                "dms.cr_ramp_steps or raise train.steps"
+            )
+        if self.dms.window >= self.data.seq_length:
+            raise ValueError(
+                f"dms.window={self.dms.window} is invalid with data.seq_length={self.data.seq_length}: every "
+                "key stays inside the window, so no token can ever be evicted; lower dms.window below "
+                "data.seq_length or raise data.seq_length"
+            )
         from dms_megatron.families import arch_from_hf_config
 
         arch_from_hf_config(self.model.hf_config).check_parallel(self.parallel.tp, self.parallel.pp)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a process count the layout cannot use: it must be a multiple of TP x PP, and the global
+        batch a multiple of micro batch x DP."""
+        p = self.parallel
+        if world_size < 1 or world_size % (p.tp * p.pp):
+            raise ValueError(
+                f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {p.tp} x {p.pp} = "
+                f"{p.tp * p.pp}: use a multiple of {p.tp * p.pp} GPUs (e.g. change the node count) or "
+                "another layout"
+            )
+        dp = world_size // (p.tp * p.pp)
+        if p.global_batch_size % (p.micro_batch_size * dp):
+            raise ValueError(
+                f"parallel.global_batch_size={p.global_batch_size} is not a multiple of "
+                f"parallel.micro_batch_size x DP = {p.micro_batch_size} x {dp} at world size {world_size}: "
+                "change the global batch or the number of GPUs"
+            )
 
     @classmethod
     def from_dict(cls, cfg: dict) -> RetrofitConfig:

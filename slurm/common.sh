@@ -231,6 +231,8 @@ dms_main() {
   DMS_OVERRIDES+=("$@")  # last: the command line wins over the preset
   dms_build_launch
   dms_helper_python
+  # validates the config and that the world size fits its layout (a multiple of TP x PP, ...)
+  DMS_CHECK=(--world-size="$DMS_WORLD" --print-config)
 
   if [[ ${DRY_RUN:-0} != 0 ]]; then
     echo "# DRY_RUN=$DRY_RUN: nothing is started. Launch command (from $DMS_ROOT):"
@@ -240,8 +242,10 @@ dms_main() {
     echo "# environment: CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS" \
       "TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG=$NCCL_DEBUG" \
       "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE OMP_NUM_THREADS=$OMP_NUM_THREADS WANDB_MODE=${WANDB_MODE:-}"
-    echo "# resolved config ($(dms_quote "${DMS_HELPER[@]}" launch/retrofit.py --print-config)):"
-    "${DMS_HELPER[@]}" launch/retrofit.py --print-config "${DMS_OVERRIDES[@]}"
+    echo "# resolved config ($(dms_quote "${DMS_HELPER[@]}" launch/retrofit.py "${DMS_CHECK[@]}")):"
+    "${DMS_HELPER[@]}" launch/retrofit.py "${DMS_CHECK[@]}" "${DMS_OVERRIDES[@]}" ||
+      dms_die "the config does not compose, validate or fit $DMS_NNODES node(s) x $DMS_TASKS_PER_NODE" \
+        "GPUs (see above)"
     return
   fi
 
@@ -254,8 +258,9 @@ dms_main() {
     "$DMS_NNODES node(s) x $DMS_TASKS_PER_NODE tasks, MASTER_ADDR=$MASTER_ADDR:$MASTER_PORT," \
     "repository $DMS_ROOT ($(git -C "$DMS_ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
   dms_log "resolved config:"
-  "${DMS_HELPER[@]}" launch/retrofit.py --print-config "${DMS_OVERRIDES[@]}" >&2 ||
-    dms_die "the config does not compose or validate (see above)"
+  "${DMS_HELPER[@]}" launch/retrofit.py "${DMS_CHECK[@]}" "${DMS_OVERRIDES[@]}" >&2 ||
+    dms_die "the config does not compose or validate, or does not fit $DMS_NNODES node(s) x" \
+      "$DMS_TASKS_PER_NODE GPUs (see above)"
   local run_dir
   run_dir=$("${DMS_HELPER[@]}" launch/retrofit.py --print-config=run_dir "${DMS_OVERRIDES[@]}")
   local summary="$run_dir/summary.json"

@@ -20,7 +20,7 @@
 #
 #   mkdir -p logs   # (exists in the repository) Slurm does not create the --output folder
 #   sbatch slurm/retrofit_32b.sh                                   # from the repository root
-#   sbatch --nodes=16 -A ACCOUNT -p PARTITION slurm/retrofit_32b.sh dms.target_cr=4 train.steps=600
+#   sbatch --nodes=16 -A ACCOUNT -p PARTITION slurm/retrofit_32b.sh dms.target_cr=4 train.steps=800
 #   DRY_RUN=1 bash slurm/retrofit_32b.sh dms.target_cr=4           # print the command and config only
 #
 # Environment: VENV or CONTAINER_IMAGE (+ CONTAINER_MOUNTS), WANDB_*, NCCL_*, GPUS_PER_NODE, SRUN_ARGS,

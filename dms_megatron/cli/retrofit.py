@@ -7,6 +7,7 @@
     dms-retrofit -m dms.target_cr=4,8        # a sweep, one run directory per job
     dms-retrofit --print-config experiment=r1_qwen_32b_cr8 dms.target_cr=4
     dms-retrofit --print-config=run_dir experiment=r1_qwen_32b_cr8
+    dms-retrofit --world-size=256 --print-config experiment=r1_qwen_32b_cr8  # also check the layout fits
 
 Composes ``configs/`` (groups: model, dms, parallel, data, train, logging, experiment), validates it
 into ``RetrofitConfig`` (unknown keys and bad values fail before any process group or GPU work), and
@@ -17,7 +18,8 @@ layout, recipe, memory-CR target, run dir). Known, harmless torch/megatron warni
 ``--print-config`` composes and validates the same config with Hydra's compose API, prints it resolved
 as YAML (``--print-config=KEY``: one value, e.g. ``run_dir``) and exits without starting anything; the
 Slurm scripts use it for ``DRY_RUN=1`` and to find the run directory. (Hydra's own ``--cfg job --resolve``
-prints the composed config too, but does not validate it.)
+prints the composed config too, but does not validate it.) ``--world-size=N`` also checks that N
+processes fit the layout (a multiple of TP x PP, the global batch a multiple of micro batch x DP).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def retrofit(cfg: DictConfig) -> dict:
 
 
 PRINT_CONFIG = "--print-config"
+WORLD_SIZE = "--world-size"
 
 
 def print_config(args: list[str]) -> int:
@@ -75,12 +78,19 @@ def print_config(args: list[str]) -> int:
     from dms_megatron.config import RetrofitConfig
 
     key = None
+    world_size = None
     overrides = []
     for arg in args:
         if arg == PRINT_CONFIG:
             continue
         if arg.startswith(PRINT_CONFIG + "="):
             key = arg.split("=", 1)[1]
+        elif arg.startswith(WORLD_SIZE + "="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit():
+                print(f"error: {arg}: expected a positive integer", file=sys.stderr)
+                return 2
+            world_size = int(value)
         elif arg in ("-m", "--multirun") or arg.startswith("--"):
             print(f"error: {arg} cannot be combined with {PRINT_CONFIG}", file=sys.stderr)
             return 2
@@ -91,7 +101,9 @@ def print_config(args: list[str]) -> int:
             cfg = compose(config_name="retrofit", overrides=overrides)
         container = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(container, dict)
-        RetrofitConfig.from_dict(container)
+        retrofit = RetrofitConfig.from_dict(container)
+        if world_size is not None:
+            retrofit.check_world_size(world_size)
         missing = object()
         value = (
             container if key is None else OmegaConf.select(OmegaConf.create(container), key, default=missing)

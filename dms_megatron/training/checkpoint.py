@@ -134,10 +134,11 @@ def load_checkpoint(
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)  # Ctrl-C: like a preemption, once
 
 
 @contextlib.contextmanager
-def signals_blocked(signals: Iterable[int] = PREEMPTION_SIGNALS) -> Iterator[None]:
+def signals_blocked(signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
     """Block ``signals`` in the calling thread; processes started meanwhile inherit the blocked mask (through
     fork and exec), so a signal sent to the whole process group or job does not kill them. A signal that
     arrives meanwhile stays pending and is handled when the mask is restored."""
@@ -170,14 +171,16 @@ def start_save_helpers() -> None:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag that the loop
-    checks at step boundaries; ``should_stop()`` agrees across ranks (any rank signalled -> all stop).
+    """Turns SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) and a first SIGINT (Ctrl-C)
+    into a flag that the loop checks at step boundaries; ``should_stop()`` agrees across ranks (any rank
+    signalled -> all stop). A second SIGINT ends the process at once, without a checkpoint (the last
+    complete one stays valid: saves are atomic).
 
     Entering it also starts the checkpoint saves' helper process with these signals blocked
     (``start_save_helpers``), so that the save after a group-wide signal still works. A helper started
     earlier (a save before the guard) is not protected."""
 
-    SIGNALS = PREEMPTION_SIGNALS
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -195,9 +198,14 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            # a second Ctrl-C gets the default action: the process dies at once, also inside a blocking
+            # collective or a save (whose staging folder never shadows the last complete checkpoint)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         log.warning(
-            "received %s: saving a checkpoint and stopping at the end of this step",
+            "received %s: saving a checkpoint and stopping at the end of this step%s",
             signal.Signals(signum).name,
+            " (Ctrl-C again: exit now, without a checkpoint)" if signum == signal.SIGINT else "",
         )
 
     def should_stop(self) -> bool:

@@ -5,8 +5,10 @@ CPU process). Bad input fails in ``preflight`` before any process group, model o
 
 Run directory::
 
+    RUN/.lock              held by rank 0 while a run uses the directory (run_records.RunDirLock)
     RUN/config.yaml        the resolved configuration (what Hydra composed, after overrides)
     RUN/run_info.json      git SHA, package versions, command line, world size, start time
+    RUN/config_resume_S.yaml, run_info_resume_S.json   the same for a segment resumed at step S
     RUN/metrics.jsonl      one record per logged step (the same names as on W&B)
     RUN/checkpoints/       iter_XXXXXXX/ (model + optimizer + train_state.json + dms_megatron.json)
     RUN/cr_curve.png       target vs achieved CR and the KD loss over steps (written at the end)
@@ -44,6 +46,7 @@ class Preflight:
     meta: dict[str, Any] | None  # the imported checkpoint's dms_megatron.json
     eos_token_id: int | None
     resume_from: Path | None
+    resume_step: int | None = None  # the step of ``resume_from``
 
 
 def preflight(cfg: RetrofitConfig) -> Preflight:
@@ -94,7 +97,15 @@ def preflight(cfg: RetrofitConfig) -> Preflight:
         if not (Path(resume) / "train_state.json").is_file():
             raise ValueError(f"train.resume={resume} is not a complete training checkpoint")
         resume_from = Path(resume)
-    return Preflight(arch, meta, eos, resume_from)
+    resume_step = None
+    if resume_from is not None:
+        from dms_megatron.training.run_records import check_resume_config
+
+        resume_step = int(json.loads((resume_from / "train_state.json").read_text())["step"])
+        ckpt_meta = resume_from / "dms_megatron.json"
+        ckpt_dms = json.loads(ckpt_meta.read_text()).get("dms") if ckpt_meta.is_file() else None
+        check_resume_config(asdict(cfg), resume_from, resume_step, ckpt_dms)
+    return Preflight(arch, meta, eos, resume_from, resume_step)
 
 
 def _git_sha() -> tuple[str | None, bool]:
@@ -125,12 +136,23 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_run_info(run_dir: Path, config: dict[str, Any], argv: list[str], world_size: int) -> None:
-    """The resolved config and what produced it (rank 0 only)."""
+def write_run_info(
+    run_dir: Path,
+    config: dict[str, Any],
+    argv: list[str],
+    world_size: int,
+    resume_step: int | None = None,
+) -> None:
+    """The resolved config and what produced it (rank 0 only). A resumed segment writes its own
+    ``config_resume_<step>.yaml`` / ``run_info_resume_<step>.json`` when the run directory already has
+    the first record, which stays as it was."""
     import yaml
 
+    from dms_megatron.training.run_records import FIRST_CONFIG, record_names
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config_name, info_name = record_names(resume_step if (run_dir / FIRST_CONFIG).is_file() else None)
+    (run_dir / config_name).write_text(yaml.safe_dump(config, sort_keys=False))
     sha, dirty = _git_sha()
     info = {
         "git_sha": sha,
@@ -143,7 +165,7 @@ def write_run_info(run_dir: Path, config: dict[str, Any], argv: list[str], world
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
     }
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / info_name).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _checkpoint_meta(cfg: RetrofitConfig, pre: Preflight, trained_cr: float | None) -> dict[str, Any]:
@@ -192,14 +214,19 @@ def run_retrofit(
 ) -> dict[str, Any]:
     """Train; returns the run summary (same on every rank). ``on_step`` is called after each step."""
     from dms_megatron.training.checkpoint import PreemptionGuard
+    from dms_megatron.training.run_records import run_dir_lock
 
     t_start = time.perf_counter()
-    pre = preflight(cfg)
-    # The guard is entered before the slow part (process groups, dataset index, model build, checkpoint
-    # load): Slurm's warning signal may come at any time, and without a handler it would kill the task.
-    # A signal before the first step stops the run there (nothing new to save).
-    with PreemptionGuard() as guard:
-        return _run_guarded(cfg, pre, guard, t_start, config_dict, argv, on_step)
+    # one run per run directory: rank 0 holds the lock until the run ends (before preflight, which reads
+    # the directory's checkpoints and config records)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    with run_dir_lock(cfg.run_dir, rank):
+        pre = preflight(cfg)
+        # The guard is entered before the slow part (process groups, dataset index, model build,
+        # checkpoint load): Slurm's warning signal may come at any time, and without a handler it would
+        # kill the task. A signal before the first step stops the run there (nothing new to save).
+        with PreemptionGuard() as guard:
+            return _run_guarded(cfg, pre, guard, t_start, config_dict, argv, on_step)
 
 
 def _run_guarded(
@@ -221,7 +248,9 @@ def _run_guarded(
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     run_dir = Path(cfg.run_dir)
     if dist.get_rank() == 0:
-        write_run_info(run_dir, config_dict or {}, argv or sys.argv, dist.get_world_size())
+        write_run_info(
+            run_dir, config_dict or asdict(cfg), argv or sys.argv, dist.get_world_size(), pre.resume_step
+        )
         if cfg.logging.console:
             print(describe_run(cfg, dist.get_world_size()), flush=True)
     dist.barrier()

@@ -30,6 +30,8 @@ def _cfg(tmp_path: Path, prefix: str, **over) -> RetrofitConfig:
         "model": {**preset, **over.pop("model", {})},
         "data": {"prefixes": [prefix], "seq_length": 32, **over.pop("data", {})},
         "train": {"steps": 2, **over.pop("train", {})},
+        # a ramp the 2 steps reach, a window below the 32-token sequences
+        "dms": {"window": 4, "cr_ramp_steps": 0, "neuron_fade_steps": 0, **over.pop("dms", {})},
         "run_dir": str(tmp_path / "run"),
     }
     return RetrofitConfig.from_dict(cfg)
@@ -130,6 +132,7 @@ COMMON = (
     "model.dtype=fp32",
     "dms=adapter",
     "dms.window=4",
+    "dms.cr_ramp_steps=1",  # reached within the shortest run here (train.steps=1)
     "dms.attention_backend=reference",
     "train=adapter",
     "train.steps=2",

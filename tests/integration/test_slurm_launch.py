@@ -179,7 +179,7 @@ def test_dry_run_outside_slurm_uses_the_header_defaults(slurm_env, name) -> None
     nodes = int(_header(ROOT / "slurm" / name)["nodes"])
     env = {**slurm_env, "DRY_RUN": "1"}
     proc = subprocess.run(
-        ["bash", f"slurm/{name}", "train.steps=10"],
+        ["bash", f"slurm/{name}", "train.steps=800"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -191,9 +191,28 @@ def test_dry_run_outside_slurm_uses_the_header_defaults(slurm_env, name) -> None
     assert command.startswith(
         f"srun --nodes={nodes} --ntasks-per-node=8 --ntasks={nodes * 8} --kill-on-bad-exit=1 "
     )
-    assert command.endswith(f"launch/retrofit.py experiment={experiment} train.steps=10")
+    assert command.endswith(f"launch/retrofit.py experiment={experiment} train.steps=800")
     config = yaml.safe_load(proc.stdout.split("--print-config):\n", 1)[1])
-    assert (config["parallel"]["tp"], config["parallel"]["pp"], config["train"]["steps"]) == (tp, pp, 10)
+    assert (config["parallel"]["tp"], config["parallel"]["pp"], config["train"]["steps"]) == (tp, pp, 800)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "message"),
+    [
+        ("3", "8", "world size 24 is not a multiple of parallel.tp x parallel.pp = 8 x 2 = 16"),
+        ("3", "16", "global_batch_size=256 is not a multiple of parallel.micro_batch_size x DP = 1 x 3"),
+    ],
+)
+def test_dry_run_refuses_a_world_size_the_layout_cannot_use(slurm_env, nodes, gpus, message) -> None:
+    """experiment=r1_qwen_32b_cr8 (TP=8 x PP=2, global batch 256) on NODES x GPUS_PER_NODE processes: 24 is
+    no multiple of 16; 48 is, but DP=3 does not divide the global batch."""
+    env = {**slurm_env, "DRY_RUN": "1", "NODES": nodes, "GPUS_PER_NODE": gpus}
+    proc = subprocess.run(
+        ["bash", "slurm/retrofit_32b.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert message in proc.stderr
+    assert f"does not compose, validate or fit {nodes} node(s) x {gpus} GPUs" in proc.stderr
 
 
 def test_bad_override_fails_before_launch(slurm_env, tmp_path) -> None:

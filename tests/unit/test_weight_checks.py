@@ -80,3 +80,25 @@ def test_the_package_never_unpickles() -> None:
         for m in re.finditer(r"\b(c?pickle|dill)\.loads?\(", text):
             hits.append(f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}")
     assert not hits, "unpickling calls in the package:\n" + "\n".join(hits)
+
+
+def test_remote_code_checks_the_manifest_of_a_local_folder(copy) -> None:
+    import json
+
+    import transformers as tf
+
+    from dms_megatron.convert.hf_io import MANIFEST
+    from dms_megatron.hf import install_remote_code
+
+    config = json.loads((copy / "config.json").read_text())
+    config["dms"] = {"variant": "neuron", "decisions_per": "head", "window": 4}
+    config["dms"] |= {"logit_scale": 100.0, "logit_offset": 5.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    install_remote_code(copy)
+    assert tf.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True).dms.window == 4
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["shards"][SINGLE] = "0" * 64
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(str(copy / SINGLE)) + ".*sha256"):
+        tf.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)
+    tf.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True, verify=False)

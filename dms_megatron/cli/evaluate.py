@@ -27,6 +27,51 @@ import time
 from pathlib import Path
 
 BASELINE_NAMES = ["streaming_llm", "tova", "h2o"]
+PASSKEY_ANSWER_TOKENS = 6  # tokens generated after each pass-key prompt (inference.evaluate.passkey)
+VT_ANSWER_TOKENS = 16  # after each variable-tracking prompt (3 hops)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse invalid numeric flags and lengths beyond a model's context before any weights load
+    (``SystemExit`` with one ``error:`` line naming the flag, or the config.json that sets the context)."""
+    problems = []
+    for flag in ("ppl_lengths", "passkey_lengths"):
+        bad = [n for n in getattr(args, flag) if n < 1]
+        if bad:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {bad}")
+    for flag, low in (("vt_length", 1), ("passkey_trials", 1), ("vt_trials", 0), ("chunk", 1)):
+        if getattr(args, flag) < low:
+            problems.append(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    for flag in ("stride", "max_rows"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    bad_depths = [d for d in args.depths if not 0 <= d <= 1]
+    if bad_depths:
+        problems.append(f"--depths must be in [0, 1], got {bad_depths}")
+    bad_crs = [c for c in args.sweep_crs if not c >= 1]
+    if bad_crs:
+        problems.append(f"--sweep-crs must be >= 1, got {bad_crs}")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+    if not args.text.is_file():
+        raise SystemExit(f"error: --text {args.text}: no such file")
+    needs = [("--ppl-lengths", max(args.ppl_lengths), 0)]
+    if args.passkey_lengths:
+        needs.append(("--passkey-lengths", max(args.passkey_lengths), PASSKEY_ANSWER_TOKENS))
+    if args.vt_trials > 0:
+        needs.append(("--vt-length", args.vt_length, VT_ANSWER_TOKENS))
+    for folder in [*args.model, *([args.teacher] if args.teacher else [])]:
+        config = Path(folder) / "config.json"
+        if not config.is_file():
+            raise SystemExit(f"error: {folder}: no config.json (not an exported HF folder)")
+        context = json.loads(config.read_text()).get("max_position_embeddings")
+        for flag, length, answer in needs:
+            if context is not None and length + answer > context:
+                extra = f" + {answer} answer tokens" if answer else ""
+                raise SystemExit(
+                    f"error: {flag} {length}{extra} exceeds the model context of {context} positions "
+                    f"({config})"
+                )
 
 
 def _policies(specs: list[str], refs: tuple[str, ...] = ("",)):
@@ -128,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rows", type=int, default=96, help="baseline rows per lockstep batch (memory)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 manifest check of the weights")
     args = ap.parse_args(argv)
+    check_args(args)
 
     import torch
     from transformers import AutoTokenizer
@@ -154,11 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     timer = Timer(lambda line: print(line, flush=True))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    model = {
-        ref: DMSCausalLM.from_pretrained(path, dtype=dtype, device=device)
-        for ref, path in zip(refs, args.model, strict=True)
-    }
-    teacher = DMSCausalLM.from_pretrained(args.teacher, dtype=dtype, device=device) if args.teacher else None
+    verify = not args.no_verify
+    try:
+        model = {
+            ref: DMSCausalLM.from_pretrained(path, dtype=dtype, device=device, verify=verify)
+            for ref, path in zip(refs, args.model, strict=True)
+        }
+        teacher = (
+            DMSCausalLM.from_pretrained(args.teacher, dtype=dtype, device=device, verify=verify)
+            if args.teacher
+            else None
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     tok = AutoTokenizer.from_pretrained(args.model[0])
     text = args.text.read_text(encoding="utf-8", errors="replace")
     ids = tok(text, add_special_tokens=False)["input_ids"]

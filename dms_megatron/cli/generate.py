@@ -10,6 +10,10 @@ available, else CPU), streaming tokens and the live compression ratio of the KV 
 Live CR = memory CR = tokens seen x (layers x KV heads) / KV tokens held (the factor the KV bytes shrank),
 also on the final line.
 ``--no-dms`` runs the same weights with eviction off (the teacher, for comparison).
+
+Flags, the prompts file and the prompt's length against the model context are checked before the
+weights load; each problem exits non-zero with one ``error:`` line. The weights are checked against the
+export's sha256 manifest (``--no-verify``: skip).
 """
 
 from __future__ import annotations
@@ -40,7 +44,26 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--backend", default="auto", help="paged decode kernel: auto, reference, triton, flash_attn"
     )
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 manifest check of the weights")
     return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flags no request can run with (``SystemExit`` with one ``error:`` line)."""
+    problems = []
+    if args.prompt is not None and not args.prompt.strip():
+        problems.append("--prompt is empty")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        problems.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    for flag in ("num_blocks", "block_size", "max_batch"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,14 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     from dms_megatron.inference.model import DMSCausalLM
 
     args = _args(argv)
+    check_args(args)
+    prompts = _read_prompts(args.prompts_file) if args.prompts_file else None
+    config_path = Path(args.model) / "config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"error: --model {args.model}: no config.json (not an exported HF folder)")
+    config = json.loads(config_path.read_text())
+    context = int(config.get("max_position_embeddings", 0)) or None
     console = Console()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
-    if args.no_dms:
-        model.dms = None
     tok = AutoTokenizer.from_pretrained(args.model)
-    config = json.loads((Path(args.model) / "config.json").read_text())
     eos = config.get("eos_token_id")
     stop = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
 
@@ -67,17 +91,52 @@ def main(argv: list[str] | None = None) -> None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return Request(ids, args.max_new_tokens, args.temperature, args.top_p, stop, args.seed)
 
-    if args.prompts_file:
-        _batch(args, model, tok, console, [request(p) for p in _read_prompts(args.prompts_file)])
+    if args.prompt is not None and context is not None:
+        n = len(request(args.prompt).prompt)
+        if n + args.max_new_tokens > context:
+            raise SystemExit(
+                f"error: the prompt ({n} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                f"model context of {context} positions ({config_path})"
+            )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    try:
+        model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=device, verify=not args.no_verify)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.no_dms:
+        model.dms = None
+    if prompts is not None:
+        _batch(args, model, tok, console, prompts, [request(p) for p in prompts])
         return
     _conversation(args, model, tok, console, request, stop)
 
 
 def _read_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    """The "prompt" field of each non-blank JSONL line; errors name the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SystemExit(f"error: --prompts-file {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"error: --prompts-file {path}: not UTF-8 text ({exc.reason})") from None
+    prompts = []
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {path}:{line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise SystemExit(f'error: {path}:{line_no}: not a JSON object with a string "prompt" field')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise SystemExit(f"error: --prompts-file {path} holds no prompts")
+    return prompts
 
 
-def _batch(args, model, tok, console, requests) -> None:
+def _batch(args, model, tok, console, prompts: list[str], requests) -> None:
     """All requests through the continuous-batching engine; a live table of each one's text and CR."""
     from rich.live import Live
     from rich.table import Table
@@ -103,7 +162,6 @@ def _batch(args, model, tok, console, requests) -> None:
             on_token=on_token,
         )  # fmt: skip
         results = engine.generate(requests)
-    prompts = _read_prompts(args.prompts_file)
     lines = []
     for p, r in zip(prompts, results, strict=True):
         lines.append({"prompt": p, "text": tok.decode(r.tokens), **r.__dict__})
@@ -112,6 +170,8 @@ def _batch(args, model, tok, console, requests) -> None:
     console.print(f"[dim]decode {engine.last_batch['decode_tokens_per_s']:.1f} tokens/s over the batch[/dim]")
     if args.out:
         args.out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if all(r.error for r in results):
+        raise SystemExit(f"error: all {len(results)} requests failed (first: {results[0].error})")
 
 
 def _conversation(args, model, tok, console, request, stop) -> None:
@@ -128,7 +188,7 @@ def _conversation(args, model, tok, console, request, stop) -> None:
     row = cache.add_row()
     gen = torch.Generator().manual_seed(args.seed)
     streams = cache.L * cache.H
-    turns = [args.prompt] if args.prompt else None
+    turns = [args.prompt] if args.prompt is not None else None
     while True:
         if turns is not None:
             if not turns:
@@ -148,6 +208,8 @@ def _conversation(args, model, tok, console, request, stop) -> None:
             if seen + len(req.prompt) + req.max_new_tokens > model.arch.max_position_embeddings:
                 raise ValueError("the conversation would exceed the model context")
         except ValueError as exc:
+            if turns is not None:  # --prompt: one turn, nothing to go on with
+                raise SystemExit(f"error: {exc}") from None
             console.print(f"[red]error:[/red] {exc}")
             continue
         ids = torch.tensor(req.prompt, device=model.device)

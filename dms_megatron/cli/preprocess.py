@@ -5,7 +5,9 @@
 
 Inputs: text files (one document each: .txt .md .rst .py), JSONL files (one document per record,
 field --json-key, default "text"), or folders holding either. Writes PREFIX.bin / PREFIX.idx
-(megatron's indexed dataset) and PREFIX.json (tokenizer, vocabulary, EOS id, counts).
+(megatron's indexed dataset) and PREFIX.json (tokenizer, vocabulary and its sha256, EOS id, counts).
+Binary inputs, text that is not UTF-8 (unless --encoding) and malformed JSONL lines are refused with
+the file and line named.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--output-prefix", required=True)
     ap.add_argument("--json-key", default="text")
+    ap.add_argument(
+        "--encoding", default=None, help="decode inputs with this codec (e.g. latin-1); default: strict UTF-8"
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            raise SystemExit(f"error: --encoding {args.encoding!r}: unknown codec") from None
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.output_prefix,
                 args.json_key,
                 progress=lambda n: bar.advance(task, n),
+                encoding=args.encoding,
             )
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None

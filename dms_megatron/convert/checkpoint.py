@@ -370,7 +370,7 @@ def _finish_export(
         "shards": {s: hf_io.sha256_file(staging / s) for s in shards},
         "versions": _versions(),
     }
-    (staging / "dms_megatron_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (staging / hf_io.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     hf_io.publish(staging, final)
     log.info("exported %s -> %s", ckpt_dir, final)
 

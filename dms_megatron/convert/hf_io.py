@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+MANIFEST = "dms_megatron_manifest.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -37,15 +38,14 @@ class HFReader:
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path} is not a Hugging Face model folder (no config.json)")
         self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
+        self._handles: dict[str, Any] = {}
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SINGLE)
+            weight_map = dict.fromkeys(self._handle(SINGLE).keys(), SINGLE)
         else:
             raise ValueError(f"{self.path} has neither {SINGLE} nor {INDEX}")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         return sorted(n for n in self.weight_map if not n.endswith(IGNORED_HF_TENSORS))
@@ -55,7 +55,10 @@ class HFReader:
             fp = self.path / file
             if not fp.is_file():
                 raise ValueError(f"shard {fp} listed in the index is missing")
-            self._handles[file] = safe_open(fp, "pt")
+            try:
+                self._handles[file] = safe_open(fp, "pt")
+            except SafetensorError as exc:
+                raise ValueError(f"{fp}: not a readable safetensors file ({exc})") from None
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -67,7 +70,11 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} not found in {self.path}")
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        file = self.weight_map[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except SafetensorError as exc:
+            raise ValueError(f"{self.path / file}: tensor {name!r} is unreadable ({exc})") from None
 
     def close(self) -> None:
         self._handles.clear()
@@ -79,6 +86,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_manifest(folder: str | os.PathLike) -> bool:
+    """Check every shard against the sha256 the export recorded in ``MANIFEST``; a mismatch or a
+    missing shard is a ``ValueError`` naming the file. False when the folder has no manifest."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        shards = json.loads(path.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable manifest ({exc})") from None
+    for name, want in shards.items():
+        shard = folder / name
+        if not shard.is_file():
+            raise ValueError(f"{shard}: listed in {MANIFEST} but missing")
+        if sha256_file(shard) != want:
+            raise ValueError(
+                f"{shard}: sha256 differs from {MANIFEST} (corrupted or modified; verify=False / "
+                "--no-verify skips the check)"
+            )
+    return True
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a floating-point weight holding NaN or Inf (``ValueError`` naming the tensor)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"weight {name!r} holds {bad} NaN/Inf values")
 
 
 def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:

@@ -33,10 +33,17 @@ ValueError. Not supported with DMS (clear errors): caches of other kinds (static
 or a dynamic one holding tokens), ``cache.crop`` (assisted decoding), 4D attention masks, sliding-window
 layers, ``output_attentions``, and calling the inner ``model.model`` directly. Without a ``dms`` block
 the classes are the transformers ones.
+
+Weights: loading a local folder checks its shards against the sha256 the export recorded in
+``dms_megatron_manifest.json`` (``from_pretrained(path, trust_remote_code=True, verify=False)`` skips
+it); hub repositories are not checked here (the hub verifies its own downloads).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 
 import transformers
@@ -377,9 +384,43 @@ def _hand_residual_to_attention(layer: nn.Module, args: tuple, kwargs: dict) -> 
     layer.self_attn.residual = args[0] if args else kwargs["hidden_states"]
 
 
+MANIFEST = "dms_megatron_manifest.json"
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Check a local folder's shards against the export's ``MANIFEST`` (no manifest: nothing to check);
+    a mismatch or a missing shard is a ``ValueError`` naming the file."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        shards = json.load(f)["shards"]
+    for name, want in shards.items():
+        shard = os.path.join(folder, name)
+        if not os.path.isfile(shard):
+            raise ValueError(f"{shard}: listed in {MANIFEST} but missing")
+        digest = hashlib.sha256()
+        with open(shard, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != want:
+            raise ValueError(
+                f"{shard}: sha256 differs from {MANIFEST} (corrupted or modified; verify=False skips)"
+            )
+
+
 class _DMSCausalLM:
     """Shared by the family classes: swaps in ``DMSAttention`` and prepares the ``DMSCache`` for each
     forward; without a ``dms`` block everything is the parent transformers class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
+        """The transformers loader, after checking a local folder against the export's sha256 manifest
+        (``verify=False``: skip)."""
+        path = pretrained_model_name_or_path
+        if verify and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            verify_manifest(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)

@@ -69,13 +69,26 @@ class DMSCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        verify: bool = True,
     ) -> DMSCausalLM:
-        from dms_megatron.convert.hf_io import HFReader
+        """Load an exported folder. ``verify``: check the shards against the export's sha256 manifest
+        (when the folder has one). Unreadable shards and NaN/Inf weights are ``ValueError``s naming
+        the file or tensor."""
+        from dms_megatron.convert.hf_io import HFReader, check_finite, verify_manifest
 
+        if verify:
+            verify_manifest(path)
         reader = HFReader(path)
         config = json.loads((Path(path) / "config.json").read_text())
-        weights = {n: reader.get(n).to(device=device, dtype=dtype) for n in reader.names()}
+        weights = {}
+        for n in reader.names():
+            tensor = reader.get(n)
+            check_finite(n, tensor)
+            weights[n] = tensor.to(device=device, dtype=dtype)
         reader.close()
         return cls(arch_from_hf_config(config), weights, DMSBlock.from_config(config))
 

@@ -12,6 +12,7 @@ objects with a string text field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -114,8 +115,9 @@ def vocabulary_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
 def tokenizer_sha256(tokenizer_dir: str | os.PathLike) -> str:
-    """``vocabulary_sha256`` of the tokenizer in an HF folder."""
+    """``vocabulary_sha256`` of the tokenizer in an HF folder (cached per folder)."""
     from transformers import AutoTokenizer
 
     return vocabulary_sha256(AutoTokenizer.from_pretrained(Path(tokenizer_dir)))
@@ -229,8 +231,8 @@ def check_dataset(prefix: str | os.PathLike, vocab_size: int, eos_token_id: int 
 def check_dataset_tokenizer(prefix: str | os.PathLike, tokenizer_path: str | os.PathLike) -> bool:
     """Refuse a dataset tokenised with another tokenizer than the one in ``tokenizer_path`` (an HF
     folder): compares the ``tokenizer_sha256`` recorded in ``PREFIX.json``. False when the dataset
-    predates the record (nothing to compare), True when it matches. Call it where the trainer knows
-    the model's tokenizer, next to ``check_dataset``."""
+    predates the record (nothing to compare), True when it matches. The trainer's preflight calls it
+    with ``model.hf_path``, next to ``check_dataset``."""
     meta = Path(str(prefix) + ".json")
     if not meta.is_file():
         raise ValueError(f"dataset {prefix}: {meta.name} is missing (run launch/preprocess.py)")

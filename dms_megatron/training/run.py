@@ -52,7 +52,7 @@ class Preflight:
 def preflight(cfg: RetrofitConfig) -> Preflight:
     """Every check that needs no GPU: checkpoint, architecture, datasets, resume path."""
     from dms_megatron.training.checkpoint import latest_checkpoint
-    from dms_megatron.training.data import check_dataset, config_eos_token_id
+    from dms_megatron.training.data import check_dataset, check_dataset_tokenizer, config_eos_token_id
 
     arch = arch_from_hf_config(cfg.model.hf_config)
     meta = None
@@ -82,6 +82,11 @@ def preflight(cfg: RetrofitConfig) -> Preflight:
     eos = config_eos_token_id(meta["hf_config"] if meta else cfg.model.hf_config)
     for prefix in cfg.data.prefixes:
         check_dataset(prefix, arch.vocab_size, eos)
+    tokenizer_dir = cfg.model.hf_path
+    if tokenizer_dir and any((Path(tokenizer_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        for prefix in cfg.data.prefixes:  # same vocabulary size and EOS is not the same tokenizer
+            if not check_dataset_tokenizer(prefix, tokenizer_dir):
+                log.info("dataset %s records no tokenizer identity (older preprocess): not compared", prefix)
     if not cfg.data.prefixes:
         raise ValueError("data.prefixes is empty: preprocess text with launch/preprocess.py and set it")
     if arch.max_position_embeddings < cfg.data.seq_length:

@@ -72,6 +72,7 @@ def _bad_dataset(
         ("wrong_eos", "the model's EOS is"),
         ("too_long", "exceeds the model's context"),
         ("bad_resume", "is not a complete training checkpoint"),
+        ("other_tokenizer", "was tokenised with another tokenizer"),
     ],
 )
 def test_preflight_rejects_bad_input(tmp_path, data, case, message) -> None:
@@ -88,6 +89,14 @@ def test_preflight_rejects_bad_input(tmp_path, data, case, message) -> None:
         over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, top=500)]}}
     elif case == "empty":
         over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, tokens=0)]}}
+    elif case == "other_tokenizer":  # same vocabulary size and EOS, another vocabulary
+        smol = Path(__file__).resolve().parents[2] / "assets" / "smollm2-135m-instruct"
+        if not (smol / "tokenizer.json").is_file():
+            pytest.skip("SmolLM2 asset missing: run `make assets`")
+        prefix = _bad_dataset(tmp_path, data)
+        info = json.loads(Path(prefix + ".json").read_text())
+        Path(prefix + ".json").write_text(json.dumps(info | {"tokenizer_sha256": "0" * 64}))
+        over = {"data": {"prefixes": [prefix]}, "model": {"hf_path": str(smol)}}
     cfg = _cfg(tmp_path, data, **over)
     if case == "wrong_eos":
         cfg.model.hf_config["eos_token_id"] = 7

@@ -241,7 +241,10 @@ class TrainConfig:
     """mode: ``full`` trains every weight against a separate frozen teacher (the paper); ``adapter``
     trains only the DMS adapters, the teacher being the student with eviction off (NVIDIA's recipe).
     ``adapter_lr_mult``: the adapters' learning rate is ``lr`` (and ``min_lr``) times this, so a full run
-    can move the eviction adapters fast and the base weights slowly (1: one rate for every weight)."""
+    can move the eviction adapters fast and the base weights slowly (1: one rate for every weight).
+    ``on_nonfinite``: a step whose loss or gradients hold NaN/Inf is ``skip``-ped (no update, logged with
+    the step and micro-batches) or ``stop``-s the run; ``max_nonfinite_skips`` consecutive skips stop it
+    too (the last checkpoint is the last good state)."""
 
     steps: int = 1000
     mode: str = "full"
@@ -255,9 +258,11 @@ class TrainConfig:
     save_interval: int = 100
     keep_last: int = 2
     resume: str = "auto"  # auto | none | <checkpoint folder>
+    on_nonfinite: str = "skip"  # skip | stop
+    max_nonfinite_skips: int = 5
 
     def __post_init__(self) -> None:
-        for key in ("steps", "save_interval", "keep_last"):
+        for key in ("steps", "save_interval", "keep_last", "max_nonfinite_skips"):
             _positive_int("train", key, getattr(self, key))
         if self.mode not in ("full", "adapter"):
             raise ValueError(f"train.mode={self.mode!r} is invalid: choose full or adapter")
@@ -275,6 +280,8 @@ class TrainConfig:
             raise ValueError("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 = off)")
         if not self.adapter_lr_mult > 0:
             raise ValueError(f"train.adapter_lr_mult={self.adapter_lr_mult} must be > 0")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r} is invalid: choose skip or stop")
 
 
 @dataclass

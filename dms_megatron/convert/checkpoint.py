@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.convert import hf_io
+from dms_megatron.convert.file_records import check_files, record_files
 from dms_megatron.convert.mapping import (
     hf_names,
     hf_shapes,
@@ -200,6 +201,7 @@ def import_hf(
                 bar.advance()
                 continue  # fresh adapter (zero-initialised projection): importing a base model
             full = hf_to_mcore_tensor(_source_name(name, arch), reader.get, arch, adapter=has_adapter)
+            hf_io.check_finite(f"{_source_name(name, arch)} (imported from {hf_dir})", full)
             layout = _tp_layout(param)
             full_rows = param.shape[0] * (tp if layout and layout[0] == 0 else 1)
             full = _pad_vocab(name, full, full_rows)
@@ -240,6 +242,7 @@ def import_hf(
             "versions": _versions(),
         }
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+        record_files(staging)
         hf_io.publish(staging, final)
         log.info("imported %s -> %s (tp=%d, pp=%d)", hf_dir, final, tp, pp)
     dist.barrier()
@@ -260,6 +263,7 @@ def load_stage(
     from megatron.core import dist_checkpointing
 
     meta = read_meta(ckpt_dir)
+    check_files(ckpt_dir)  # before torch unpickles anything in it
     arch = ModelArch(**meta["arch"])
     dms = None if meta["dms"] is None else DMSConfig(**meta["dms"])
     dtype = dtype or getattr(torch, meta["source"]["dtype"].replace("torch.", ""))
@@ -323,6 +327,7 @@ def export_hf(
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             full = full[: arch.vocab_size]
         for hf_name, t in mcore_to_hf_tensors(name, full, arch, adapter=adapter):
+            hf_io.check_finite(hf_name, t)  # a diverged run exports nothing
             tensors[hf_name] = t.to(out_dtype).clone()
         bar.advance()
     bar.close()

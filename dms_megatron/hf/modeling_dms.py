@@ -35,13 +35,15 @@ layers, ``output_attentions``, and calling the inner ``model.model`` directly. W
 the classes are the transformers ones.
 
 Weights: loading a local folder checks its shards against the sha256 the export recorded in
-``dms_megatron_manifest.json`` (``from_pretrained(path, trust_remote_code=True, verify=False)`` skips
-it); hub repositories are not checked here (the hub verifies its own downloads).
+``dms_megatron_manifest.json``; a hub repository's files are checked in the hub cache after the download;
+then every loaded weight is checked for NaN / Inf (``from_pretrained(path, trust_remote_code=True,
+verify=False)`` skips both).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -395,18 +397,49 @@ def verify_manifest(folder: str | os.PathLike) -> None:
         return
     with open(path) as f:
         shards = json.load(f)["shards"]
-    for name, want in shards.items():
-        shard = os.path.join(folder, name)
-        if not os.path.isfile(shard):
-            raise ValueError(f"{shard}: listed in {MANIFEST} but missing")
+    _check_shards({name: os.path.join(folder, name) for name in shards}, shards)
+
+
+def _check_shards(paths: dict[str, str | None], want: dict[str, str]) -> None:
+    for name, sha in want.items():
+        shard = paths.get(name)
+        if shard is None or not os.path.isfile(shard):
+            raise ValueError(f"{shard or name}: listed in {MANIFEST} but missing")
         digest = hashlib.sha256()
         with open(shard, "rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)
-        if digest.hexdigest() != want:
+        if digest.hexdigest() != sha:
             raise ValueError(
                 f"{shard}: sha256 differs from {MANIFEST} (corrupted or modified; verify=False skips)"
             )
+
+
+def verify_cached_download(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """Check the hub cache's copy of ``repo_id`` (as transformers just downloaded it) against its
+    ``MANIFEST``; False when the repository has no manifest in the cache. Reads the cache only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> str | None:
+        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        return found if isinstance(found, str) else None
+
+    manifest = cached(MANIFEST)
+    if manifest is None:
+        return False
+    with open(manifest) as f:
+        shards = json.load(f)["shards"]
+    _check_shards({name: cached(name) for name in shards}, shards)
+    return True
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in a floating-point parameter or buffer (``ValueError`` naming it)."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise ValueError(f"weight {name!r} holds {bad} NaN/Inf values (a corrupted checkpoint?)")
 
 
 class _DMSCausalLM:
@@ -415,12 +448,19 @@ class _DMSCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
-        """The transformers loader, after checking a local folder against the export's sha256 manifest
-        (``verify=False``: skip)."""
+        """The transformers loader, after checking a local folder (or, after the download, the hub cache's
+        copy) against the export's sha256 manifest, then the loaded weights for NaN / Inf
+        (``verify=False``: skip both)."""
         path = pretrained_model_name_or_path
-        if verify and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        local = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+        if verify and local:
             verify_manifest(path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if verify:
+            if not local and isinstance(path, str):  # a hub id: check the files transformers downloaded
+                verify_cached_download(path, kwargs.get("revision"), kwargs.get("cache_dir"))
+            check_finite_weights(model)
+        return model
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)

@@ -2,13 +2,16 @@
 
 Layout (Megatron-LM style, so its tools recognise it)::
 
-    RUN/checkpoints/iter_0000100/            megatron dist_checkpointing + train_state.json
+    RUN/checkpoints/iter_0000100/            megatron dist_checkpointing + checkpoint_files.json
+                                             + train_state.json
     RUN/checkpoints/latest_checkpointed_iteration.txt
 
 A save writes ``.iter_XXXXXXX.partial`` and renames it into place only after every rank finished and
 ``train_state.json`` is written; the ``latest`` file is replaced atomically afterwards. A save that is
 interrupted therefore never shadows the last good checkpoint, and ``latest_checkpoint`` ignores
-incomplete folders even if ``latest`` points at one.
+incomplete folders even if ``latest`` points at one. ``checkpoint_files.json`` records each file's size
+(and the sha256 of the small ones) at save; a checkpoint whose files differ is skipped on resume and
+refused on load (``convert.file_records``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dms_megatron.convert.file_records import CorruptCheckpointError, check_files, file_problems, record_files
 
 log = logging.getLogger(__name__)
 LATEST = "latest_checkpointed_iteration.txt"
@@ -61,19 +66,37 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint to resume from: the one ``latest`` names if complete, else the newest complete one."""
+    """The checkpoint to resume from: the one ``latest`` names if complete and intact, else the newest
+    complete, intact one. A checkpoint whose files differ from the record written at its save (truncated,
+    missing or modified) is skipped with a warning; if every complete checkpoint is damaged, the run
+    stops with the list (starting over silently would discard the run)."""
     root = Path(root)
     latest = root / LATEST
+    candidates = [path for _step, path in reversed(complete_checkpoints(root))]
     if latest.is_file():
         try:
             named = iteration_dir(root, int(latest.read_text().strip()))
             if (named / TRAIN_STATE).is_file():
-                return named
-            log.warning("%s names %s, which is incomplete; falling back", latest, named)
+                candidates.remove(named)
+                candidates.insert(0, named)
+            else:
+                log.warning("%s names %s, which is incomplete; falling back", latest, named)
         except ValueError:
             log.warning("%s is unreadable; falling back", latest)
-    done = complete_checkpoints(root)
-    return done[-1][1] if done else None
+    damaged = []
+    for path in candidates:
+        problems = file_problems(path)
+        if not problems:
+            return path
+        damaged.append(f"{path}: " + "; ".join(problems))
+        log.warning("checkpoint %s is damaged, trying an older one: %s", path, "; ".join(problems))
+    if damaged:
+        listed = "\n  ".join(damaged)
+        raise CorruptCheckpointError(
+            f"every complete checkpoint under {root} is damaged:\n  {listed}\n"
+            "restore one, point train.resume at an intact checkpoint, or start a new run_dir"
+        )
+    return None
 
 
 def save_checkpoint(
@@ -99,11 +122,17 @@ def save_checkpoint(
             shutil.rmtree(staging)
         staging.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(staging))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(staging))
+    except (Exception, CheckpointException) as exc:
+        raise _save_error(exc, staging, root) from exc
     _barrier()
     if _rank() == 0:
         if meta is not None:
             (staging / "dms_megatron.json").write_text(json.dumps(meta, indent=2) + "\n")
+        record_files(staging)  # before TRAIN_STATE, the mark of a complete checkpoint
         (staging / TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -129,8 +158,49 @@ def load_checkpoint(
     path = Path(path)
     if not (path / TRAIN_STATE).is_file():
         raise ValueError(f"{path} is not a complete training checkpoint (no {TRAIN_STATE})")
+    check_files(path)  # before torch unpickles anything in it
     state = dist_checkpointing.load(sharded_state_dict, str(path))
     return state, json.loads((path / TRAIN_STATE).read_text())
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, file-size limit, I/O error); the previous one is intact."""
+
+
+def _save_error(exc: BaseException, staging: Path, root: Path) -> CheckpointSaveError:
+    """One clear error for a failed save: which folder, the likely cause, what is kept. The staging folder
+    stays (other ranks may still be writing into it); the next save replaces it, or remove it by hand."""
+    import errno
+    import resource
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " | ".join(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}" for e in chain)
+    codes = {getattr(e, "errno", None) for e in chain}
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    # megatron's writer processes report only "Worker failure ... <class 'OSError'>": judge by the state too
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if errno.ENOSPC in codes or "No space left" in text or (free is not None and free < 256 << 20):
+        cause = "the disk is full"
+    elif errno.EFBIG in codes or "File too large" in text or fsize != resource.RLIM_INFINITY:
+        limit = "" if fsize == resource.RLIM_INFINITY else f" ({fsize} bytes)"
+        cause = f"a file exceeded the file-size limit (ulimit -f{limit}, or the filesystem's maximum)"
+    elif errno.EDQUOT in codes or "quota" in text.lower():
+        cause = "the disk quota is exceeded"
+    else:
+        cause = "a write failed (disk full, quota or I/O error; the writer's own message is above)"
+    where = "" if free is None else f"; {free / 2**30:.1f} GiB free on {root}"
+    done = complete_checkpoints(root)
+    kept_text = f"the last complete checkpoint {done[-1][1]} is kept" if done else "no earlier checkpoint"
+    return CheckpointSaveError(
+        f"saving checkpoint {staging.name.removeprefix('.').removesuffix('.partial')} under {root} failed: "
+        f"{cause}{where}; {kept_text}; the partial {staging} can be removed. Cause: {text[:500]}"
+    )
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -98,9 +98,19 @@ def preflight(cfg: RetrofitConfig) -> Preflight:
     resume_from = None
     if resume == "auto":
         resume_from = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    elif resume != "none":
+    elif resume == "none":
+        ckpts = Path(cfg.run_dir) / "checkpoints"
+        if ckpts.is_dir() and any(ckpts.glob("iter_*")):
+            raise ValueError(
+                f"train.resume=none but {ckpts} holds checkpoints of an earlier run: a fresh run there would "
+                "mix its checkpoints and records with them; choose another run_dir (or remove that folder)"
+            )
+    else:
         if not (Path(resume) / "train_state.json").is_file():
             raise ValueError(f"train.resume={resume} is not a complete training checkpoint")
+        from dms_megatron.convert.file_records import check_files
+
+        check_files(resume)  # sizes and hashes recorded at save: a damaged checkpoint fails here, in seconds
         resume_from = Path(resume)
     resume_step = None
     if resume_from is not None:

@@ -205,8 +205,8 @@ def check_resume_config(
         lines = [f"  {k}: {a!r} -> {b!r}" + _note(k) for k, (a, b) in refused.items()]
         raise ValueError(
             f"cannot resume from {checkpoint}: these settings differ from the run that saved it "
-            f"({where}):\n" + "\n".join(lines) + "\nStart a new run with another run_dir (or "
-            "train.resume=none there) for these settings, or put the old values back. Safe to change on "
+            f"({where}):\n" + "\n".join(lines) + "\nStart a new run with another run_dir "
+            "for these settings, or put the old values back. Safe to change on "
             f"resume: {', '.join(k + ('*' if k.endswith('.') else '') for k in SAFE_RESUME_CHANGES)}"
         )
     if safe:

@@ -49,6 +49,10 @@ class StepResult:
         return 1.0 / max(1.0 - evicted, 1e-6)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """NaN/Inf in the loss or gradients with ``train.on_nonfinite=stop`` (or too many skips in a row)."""
+
+
 class RetrofitTrainer:
     """Owns the models, optimizer, schedule and data of one run; ``train_step(step)`` is the unit."""
 
@@ -83,6 +87,7 @@ class RetrofitTrainer:
         connect_schedule(models.ddp, optimizer)
         self.num_layers = models.arch.num_layers
         self.num_kv_heads = models.arch.num_query_groups
+        self.nonfinite_streak = 0  # consecutive steps skipped for NaN/Inf
 
     # ------------------------------------------------------------------------------------------- step
     def _loss(self, packed: dict[str, Any], target: float, output: torch.Tensor):
@@ -151,7 +156,10 @@ class RetrofitTrainer:
             forward_only=False,
             **extra,
         )
-        ok, grad_norm, _ = self.optimizer.step()
+        if self._finite_step(step, out):
+            ok, grad_norm, _ = self.optimizer.step()
+        else:
+            ok, grad_norm = False, math.nan
         if ok:
             self.scheduler.step(increment=1)
         rates = reduce_decision_stats(self.state, self.num_layers, self.num_kv_heads, device=self.device)
@@ -183,6 +191,53 @@ class RetrofitTrainer:
             rows = zero_repurposed_q_rows(self.models.student)
             self.optimizer.reload_model_params()
             log.info("step %d: channel fade done, zeroed %d repurposed q rows; eviction starts", step, rows)
+
+    def _finite_step(self, step: int, out: list[dict[str, torch.Tensor]] | None) -> bool:
+        """Whether every rank's losses and gradients are finite; otherwise log the step and this rank's
+        non-finite micro-batches, and skip the update or raise ``NonFiniteTrainingError``
+        (``train.on_nonfinite``, ``train.max_nonfinite_skips``)."""
+        losses = (out or []) if self.is_last_stage else []
+        finite = (
+            torch.isfinite(torch.stack([torch.stack([d["kd"], d["cmp"]]) for d in losses])).all(1)
+            if losses
+            else torch.ones(0, dtype=torch.bool)
+        )
+        ddp = self.models.ddp
+        grads = [
+            b.grad_data for b in [*getattr(ddp, "buffers", []), *getattr(ddp, "expert_parallel_buffers", [])]
+        ]
+        grads_finite = [torch.isfinite(g).all() for g in grads]
+        flag = torch.zeros(1, device=self.device)  # stays on the device: one host sync, at .item()
+        if len(finite):
+            flag += (~finite.all()).float().to(flag.device)
+        if grads_finite:
+            flag += (~torch.stack(grads_finite).all()).float().to(flag.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            self.nonfinite_streak = 0
+            return True
+        bad = (~finite).nonzero().flatten().tolist()
+        grads_ok = bool(torch.stack(grads_finite).all()) if grads_finite else True
+        self.nonfinite_streak += 1
+        here = []
+        if bad:
+            here.append(f"loss of micro-batch(es) {bad}")
+        if not grads_ok:
+            here.append("gradients")
+        seen = f"rank {dist.get_rank()}: {' and '.join(here)}" if here else "on another rank"
+        what = f"step {step + 1}: NaN/Inf in the loss or gradients ({seen})"  # 1-based, as metrics
+        t = self.cfg.train
+        if t.on_nonfinite == "stop" or self.nonfinite_streak > t.max_nonfinite_skips:
+            why = (
+                "train.on_nonfinite=stop"
+                if t.on_nonfinite == "stop"
+                else f"{self.nonfinite_streak} in a row, train.max_nonfinite_skips={t.max_nonfinite_skips}"
+            )
+            raise NonFiniteTrainingError(
+                f"{what}: stopping ({why}); the last checkpoint is the last good state"
+            )
+        log.warning("%s: update skipped (train.on_nonfinite=skip)", what)
+        return False
 
     def _mean_losses(self, out: list[dict[str, torch.Tensor]] | None) -> tuple[float, float]:
         """Micro-batch mean on the last stage, averaged over DP; broadcast from the last stage so every

@@ -73,6 +73,8 @@ def _bad_dataset(
         ("too_long", "exceeds the model's context"),
         ("bad_resume", "is not a complete training checkpoint"),
         ("other_tokenizer", "was tokenised with another tokenizer"),
+        ("fresh_run_over_checkpoints", "train.resume=none but"),
+        ("damaged_resume", "__0_0.distcp: 3 bytes, 5 when saved"),
     ],
 )
 def test_preflight_rejects_bad_input(tmp_path, data, case, message) -> None:
@@ -89,6 +91,19 @@ def test_preflight_rejects_bad_input(tmp_path, data, case, message) -> None:
         over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, top=500)]}}
     elif case == "empty":
         over = {"data": {"prefixes": [_bad_dataset(tmp_path, data, tokens=0)]}}
+    elif case == "fresh_run_over_checkpoints":
+        (tmp_path / "run" / "checkpoints" / "iter_0000002").mkdir(parents=True)
+        over = {"train": {"resume": "none"}}
+    elif case == "damaged_resume":  # the shard shrank since its save: refused before any model is built
+        from dms_megatron.convert.file_records import record_files
+
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        (ckpt / "__0_0.distcp").write_bytes(b"12345")
+        record_files(ckpt)
+        (ckpt / "__0_0.distcp").write_bytes(b"123")
+        (ckpt / "train_state.json").write_text('{"step": 2}')
+        over = {"train": {"resume": str(ckpt)}}
     elif case == "other_tokenizer":  # same vocabulary size and EOS, another vocabulary
         smol = Path(__file__).resolve().parents[2] / "assets" / "smollm2-135m-instruct"
         if not (smol / "tokenizer.json").is_file():

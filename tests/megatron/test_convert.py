@@ -267,3 +267,26 @@ def test_layer_spec_slots_hold_local_norm() -> None:
     attn = spec.submodules.self_attention.submodules
     slots = (spec.submodules.input_layernorm, spec.submodules.pre_mlp_layernorm)
     assert all(s is LocalNorm for s in (*slots, attn.q_layernorm, attn.k_layernorm))
+
+
+def test_non_finite_or_damaged_inputs_are_refused_by_name(tiny, tmp_path):
+    """Import refuses NaN weights; export refuses a checkpoint whose files changed since the save."""
+    from safetensors.torch import load_file, save_file
+
+    from dms_megatron.convert.file_records import CorruptCheckpointError
+
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    (nan / "config.json").write_text((tiny["llama"] / "config.json").read_text())
+    tensors = load_file(tiny["llama"] / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, nan / "model.safetensors")
+    with pytest.raises(ValueError, match=r"decoder.layers.1.mlp.linear_fc2.weight.*holds 1 NaN/Inf"):
+        run_distributed(convert_jobs.import_job, 1, str(nan), str(tmp_path / "o"), 1, 1, None, False)
+    ckpt = tmp_path / "ckpt"
+    run_distributed(convert_jobs.import_job, 1, str(tiny["llama"]), str(ckpt), 1, 1, None, False, timeout=300)
+    shard = next(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name}: \d+ bytes"):
+        run_distributed(convert_jobs.export_job, 1, str(ckpt), str(tmp_path / "export"), 1, 1, timeout=300)
+    assert not (tmp_path / "export").exists()

@@ -45,3 +45,40 @@ def test_keep_last_validation(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 1, {}, {}, keep_last=0)
+
+
+def test_damaged_checkpoints_are_skipped_then_refused(tmp_path):
+    from dms_megatron.convert.file_records import FILE_RECORD, CorruptCheckpointError
+    from dms_megatron.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_distributed(train_ckpt_jobs.save_job, 1, str(tmp_path), [1, 2, 3], None, None, timeout=300)
+    assert all((tmp_path / f"iter_000000{s}" / FILE_RECORD).is_file() for s in (1, 2, 3))
+    assert latest_checkpoint(tmp_path).name == "iter_0000003"
+    shard = next((tmp_path / "iter_0000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name}: \d+ bytes, \d+ when saved"):
+        load_checkpoint(tmp_path / "iter_0000003", {})
+    assert latest_checkpoint(tmp_path).name == "iter_0000002"
+    metadata = tmp_path / "iter_0000002" / ".metadata"
+    data = bytearray(metadata.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: the pickled index torch would load
+    metadata.write_bytes(bytes(data))
+    assert latest_checkpoint(tmp_path).name == "iter_0000001"
+    (tmp_path / "iter_0000001" / "metadata.json").unlink()
+    refused = r"every complete checkpoint .* damaged(.|\n)*metadata.json: missing"
+    with pytest.raises(CorruptCheckpointError, match=refused):
+        latest_checkpoint(tmp_path)
+    # the trainer's resume path: an emptied newest shard -> the older intact checkpoint is loaded
+    run_distributed(train_ckpt_jobs.save_job, 1, str(tmp_path / "again"), [1, 2], None, None, timeout=300)
+    shard = next((tmp_path / "again" / "iter_0000002").glob("*.distcp"))
+    shard.write_bytes(b"")
+    res = run_distributed(train_ckpt_jobs.resume_job, 1, str(tmp_path / "again"), timeout=300)[0]
+    assert res["path"].endswith("iter_0000001") and res["train_state"]["step"] == 1
+
+
+def test_failed_save_names_the_cause_and_keeps_the_last_checkpoint(tmp_path):
+    message = run_distributed(train_ckpt_jobs.size_limited_save_job, 1, str(tmp_path), 4096, timeout=300)[0]
+    assert "saving checkpoint iter_0000002" in message and "file-size limit" in message
+    assert f"the last complete checkpoint {tmp_path / 'iter_0000001'} is kept" in message
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert not (tmp_path / "iter_0000002").exists()

@@ -10,6 +10,7 @@ the target; the run directory holds config, run info, metrics, plot and summary.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import convert_jobs
@@ -119,6 +120,48 @@ def test_adapter_lr_mult_gives_the_adapters_their_own_rates(assets) -> None:
         by_rate[round(g["max_lr"], 12)] = by_rate.get(round(g["max_lr"], 12), 0) + g["numel"]
     assert set(by_rate) == {1e-4, 2e-3}
     assert 0 < by_rate[2e-3] < by_rate[1e-4]  # the adapters: a few parameters per layer
+
+
+@pytest.mark.parametrize(
+    ("train", "nan_steps", "error"),
+    [
+        ({}, [1], None),  # skipped, logged, the run goes on (steps here 0-based, messages 1-based)
+        (
+            {"on_nonfinite": "stop"},
+            [1],
+            (
+                "step 2: NaN/Inf in the loss or gradients (rank 0: loss of micro-batch",
+                "(train.on_nonfinite=stop)",
+            ),
+        ),
+        (
+            {"max_nonfinite_skips": 1},
+            [1, 2],
+            ("step 3: NaN/Inf", "(2 in a row, train.max_nonfinite_skips=1)"),
+        ),
+    ],
+    ids=["skip", "stop", "too_many_skips"],
+)
+def test_nonfinite_loss_is_skipped_or_stops_the_run(assets, train, nan_steps, error) -> None:
+    cfg = trainer_jobs.tiny_config(
+        str(Path(assets["root"]) / f"nan{len(train)}{len(nan_steps)}"),
+        assets["ckpt"],
+        assets["data"],
+        assets["hf_config"],
+    )
+    cfg["train"] |= {"steps": 4, **train}
+    cfg["dms"]["cr_ramp_steps"] = 2
+    (got,) = run_distributed(trainer_jobs.nonfinite_job, 1, cfg, nan_steps)
+    if error is None:
+        assert got["error"] is None
+        rows = got["metrics"]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        assert [r["train/skipped"] for r in rows] == [0.0, 1.0, 0.0, 0.0]
+        assert all(math.isfinite(r["loss/kd"]) for r in rows if r["step"] != 2)
+    else:
+        assert all(part in got["error"] for part in error), got["error"]
+        assert "the last checkpoint is the last good state" in got["error"]
+        assert [r["step"] for r in got["metrics"] or []] == list(range(1, nan_steps[-1] + 1))
 
 
 def test_resume_equals_uninterrupted(reference, assets) -> None:

@@ -14,6 +14,7 @@ from dms_megatron.megatron.families import local_layer_spec
 from dms_megatron.testing import tiny_gpt
 from dms_megatron.testing.tiny_dms import dms_test_config
 from dms_megatron.training.checkpoint import (
+    CheckpointSaveError,
     PreemptionGuard,
     complete_checkpoints,
     latest_checkpoint,
@@ -49,7 +50,7 @@ def save_job(
                 raise RuntimeError("simulated crash during save")
 
             dist_checkpointing.save = dying
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(CheckpointSaveError):
                 save_checkpoint(
                     root, step, model.sharded_state_dict(), {"consumed_samples": 8 * step}, keep_last
                 )
@@ -80,3 +81,23 @@ def signal_job(rank: int, world: int) -> list[bool]:
             os.kill(os.getpid(), signal.SIGUSR1)
         seen.append(guard.should_stop())
     return seen
+
+
+def size_limited_save_job(rank: int, world: int, root: str, limit: int) -> str:
+    """Save step 1, then step 2 under a file-size limit (``ulimit -f``) that the shard exceeds: the error
+    a full disk gives, reproducibly. Returns the save error's message."""
+    import resource
+
+    model = _model(world)
+    save_checkpoint(root, 1, model.sharded_state_dict(), {"consumed_samples": 8})
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        save_checkpoint(root, 2, model.sharded_state_dict(), {"consumed_samples": 16})
+    except CheckpointSaveError as exc:
+        return str(exc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    return "saved"

@@ -119,3 +119,31 @@ def optimizer_groups_job(rank: int, world: int, cfg: dict[str, Any]) -> list[dic
         {"max_lr": g["max_lr"], "lr": g["lr"], "numel": sum(p.numel() for p in g["params"])}
         for g in optimizer.param_groups
     ]
+
+
+def nonfinite_job(rank: int, world: int, cfg: dict[str, Any], nan_steps: list[int]) -> dict:
+    """A retrofit whose loss is NaN at ``nan_steps`` (injected in the trainer's loss): its metrics, or
+    the error that stopped it."""
+    from dms_megatron.training.metrics import read_metrics
+    from dms_megatron.training.run import run_retrofit
+    from dms_megatron.training.trainer import NonFiniteTrainingError, RetrofitTrainer
+
+    original = RetrofitTrainer._loss
+
+    def poisoned(self, packed, target, output):
+        loss, parts = original(self, packed, target, output)
+        if self.state.step in nan_steps:
+            nan = torch.tensor(float("nan"), device=loss.device)
+            return loss * nan, {k: v * nan for k, v in parts.items()}
+        return loss, parts
+
+    RetrofitTrainer._loss = poisoned
+    try:
+        run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"])
+        error = None
+    except NonFiniteTrainingError as exc:
+        error = str(exc)
+    finally:
+        RetrofitTrainer._loss = original
+    path = os.path.join(cfg["run_dir"], "metrics.jsonl")
+    return {"error": error, "metrics": read_metrics(path) if os.path.isfile(path) else None}

@@ -102,3 +102,54 @@ def test_remote_code_checks_the_manifest_of_a_local_folder(copy) -> None:
     with pytest.raises(ValueError, match=re.escape(str(copy / SINGLE)) + ".*sha256"):
         tf.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)
     tf.AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True, verify=False)
+
+
+def _remote_code_folder(copy: Path) -> Path:
+    import json
+
+    from dms_megatron.hf import install_remote_code
+
+    config = json.loads((copy / "config.json").read_text())
+    config["dms"] = {"variant": "neuron", "decisions_per": "head", "window": 4}
+    config["dms"] |= {"logit_scale": 100.0, "logit_offset": 5.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    install_remote_code(copy)
+    return copy
+
+
+def test_remote_code_refuses_non_finite_weights_unless_verify_is_off(copy) -> None:
+    import transformers as tf
+
+    folder = _remote_code_folder(copy)
+    tensors = load_file(folder / SINGLE)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name][0, 1] = float("nan")
+    save_file(tensors, folder / SINGLE, metadata={"format": "pt"})
+    from dms_megatron.convert.hf_io import MANIFEST
+
+    (folder / MANIFEST).unlink()  # the hash check would fail first; this is the NaN scan alone
+    with pytest.raises(ValueError, match=re.escape(repr(name)) + " holds 1 NaN/Inf"):
+        tf.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tf.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, verify=False)
+
+
+def test_remote_code_checks_a_hub_download_in_the_cache(copy, tmp_path, monkeypatch) -> None:
+    """A repository id resolved from the hub cache (offline): its shard is checked against the manifest."""
+    import transformers as tf
+
+    folder = _remote_code_folder(copy)
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-dms"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tf.AutoModelForCausalLM.from_pretrained("acme/tiny-dms", trust_remote_code=True, cache_dir=cache)
+    assert model.dms.window == 4
+    shard = snapshot / SINGLE
+    data = bytearray(shard.read_bytes())
+    data[-1] = 0x3F if data[-1] != 0x3F else 0x3E  # still finite: only the hash can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(str(shard)) + ".*sha256"):
+        tf.AutoModelForCausalLM.from_pretrained("acme/tiny-dms", trust_remote_code=True, cache_dir=cache)

@@ -19,7 +19,7 @@ demo: setup assets  ## the main job on its embedded default: import SmolLM2 -> r
 	$(PY) launch/demo.py
 
 test: setup lint assets  ## set up, lint, fetch the real model, run the CPU suite (GPU tests skip without CUDA), then the remote-code tests under the oldest supported transformers
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 	@$(MAKE) --no-print-directory test-transformers-oldest
 
 test-unit: setup

@@ -1,10 +1,15 @@
-"""Forward+backward time of the DMS attention backends vs PyTorch SDPA causal attention (CUDA).
+"""Forward and forward+backward time of the DMS attention kernels vs PyTorch SDPA causal attention (CUDA).
 
-Per-rank shapes: B=1, D=128, T=8192 by default, (Hq, Hkv) in {(5, 1), (32, 8)} (R1-Distill-Qwen-32B
-and Qwen3-8B / Llama-3-8B at TP=8 and TP=1 respectively). bf16 inputs; the DMS bias gets a gradient.
-Median of triton.testing.do_bench (CUDA events). Writes JSON (--out) and prints a table.
+Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_flex`` (FlexAttention with
+the DMS bias), ``flex_causal`` (FlexAttention without the bias), ``sdpa_default`` (SDPA, its own backend
+choice) and ``sdpa_flash`` (SDPA restricted to its flash backend). Per-rank shapes (Hq, Hkv, D):
+(5, 1, 128) R1-Distill-Qwen-32B at TP=8, (4, 1, 128) Qwen3-32B-like at TP=8, (32, 8, 128) 8B at TP=1,
+(9, 3, 64) SmolLM2-135M; T in 4K, 8K, 32K by default. bf16 inputs; the DMS bias gets a gradient.
+Median of ``triton.testing.do_bench`` (CUDA events). Prints a table (ratios to ``sdpa_default``) and
+writes JSON (--out).
 
     python benchmarks/attention_bench.py --out results.json
+    python benchmarks/attention_bench.py --shapes 5x1x128 --seqs 8192 --kernels dms_triton,sdpa_default
 """
 
 from __future__ import annotations
@@ -14,67 +19,128 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+KERNELS = ("sdpa_default", "sdpa_flash", "dms_triton", "dms_flex", "flex_causal")
+SHAPES = "5x1x128,4x1x128,32x8x128,9x3x64"
 
-def _time_shape(Hq: int, Hkv: int, T: int, D: int, window: int, do_bench, dms_attention) -> list[dict]:
+
+def _causal_flops(Hq: int, T: int, D: int, backward: bool) -> float:
+    """Matmul FLOPs of causal attention: forward 2 matmuls x 2 flops x T^2/2 x D x Hq; backward 2.5x."""
+    fwd = 4 * (T * T / 2) * D * Hq
+    return fwd * (3.5 if backward else 1.0)
+
+
+def _kernel_fns(name: str, q, k, v, relaxed, window: int, dms_attention) -> Callable[[], torch.Tensor]:
+    if name == "sdpa_default":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if name == "sdpa_flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return flash
+    if name == "dms_triton":
+        return lambda: dms_attention(q, k, v, relaxed, window, backend="triton")
+    if name == "dms_flex":
+        return lambda: dms_attention(q, k, v, relaxed, window, backend="flex")
+    if name == "flex_causal":
+        return lambda: dms_attention(q, k, v, None, window, backend="flex")
+    raise ValueError(f"unknown kernel {name!r}; choose from {KERNELS}")
+
+
+def time_shape(
+    Hq: int, Hkv: int, D: int, T: int, window: int, kernels: list[str], do_bench, dms_attention
+) -> list[dict]:
     q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     relaxed = (torch.randn(1, Hkv, T, device="cuda") * 3).requires_grad_()
     g = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16)
-
-    def sdpa():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g)
-
-    def dms_flex():
-        dms_attention(q, k, v, relaxed, window, backend="flex").backward(g)
-
-    def flex_no_bias():
-        dms_attention(q, k, v, None, window, backend="flex").backward(g)
-
     rows = []
-    for name, fn in (("sdpa_causal", sdpa), ("dms_flex", dms_flex), ("flex_causal_no_bias", flex_no_bias)):
-        fn()  # compile / warm up
-        torch.cuda.synchronize()
-        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-        # causal attention FLOPs: fwd 2 matmuls x 2 flops x T^2/2 x D x Hq; bwd 2.5x fwd
-        flops = 4 * (T * T / 2) * D * Hq * 3.5
-        rows.append(
-            {
-                "Hq": Hq,
-                "Hkv": Hkv,
-                "T": T,
-                "D": D,
-                "kernel": name,
-                "fwd_bwd_ms": ms,
-                "tflops": flops / ms / 1e9,
-            }
-        )
+    for name in kernels:
+        fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention)
+        row: dict = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "kernel": name}
+        try:
+            with torch.no_grad():
+                fwd()  # compile / warm up
+            fwd().backward(g)
+            torch.cuda.synchronize()
+        except Exception as exc:  # e.g. a backend this GPU / shape does not support: recorded, not timed
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            rows.append(row)
+            continue
+
+        def fwd_only(fwd=fwd):
+            with torch.no_grad():
+                fwd()
+
+        def fwd_bwd(fwd=fwd):
+            fwd().backward(g)
+
+        row["fwd_ms"] = do_bench(fwd_only, warmup=25, rep=200, return_mode="median")
+        row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+        row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
+        row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
+        rows.append(row)
+        q.grad = k.grad = v.grad = relaxed.grad = None
     return rows
 
 
+def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:
+    for r in rows:
+        base = next(
+            (x for x in rows if (x["Hq"], x["Hkv"], x["D"], x["T"]) == (r["Hq"], r["Hkv"], r["D"], r["T"])
+             and x["kernel"] == baseline and "error" not in x),
+            None,
+        )  # fmt: skip
+        if base is None or "error" in r:
+            continue
+        r["fwd_vs_sdpa"] = r["fwd_ms"] / base["fwd_ms"]
+        r["fwd_bwd_vs_sdpa"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"{'Hq/Hkv/D':>10} {'T':>6} {'kernel':>13} {'fwd ms':>8} {'x sdpa':>7} {'fwd+bwd ms':>11} "
+        f"{'x sdpa':>7} {'TFLOP/s':>8}"
+    ]
+    for r in rows:
+        head = f"{r['Hq']:>4}/{r['Hkv']}/{r['D']:<3} {r['T']:>6} {r['kernel']:>13}"
+        if "error" in r:
+            lines.append(f"{head}  {r['error']}")
+            continue
+        nan = float("nan")
+        lines.append(
+            f"{head} {r['fwd_ms']:>8.3f} {r.get('fwd_vs_sdpa', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
+            f"{r.get('fwd_bwd_vs_sdpa', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", default="4096,8192,32768", help="comma-separated sequence lengths")
+    ap.add_argument("--shapes", default=SHAPES, help="comma-separated Hq x Hkv x D")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {KERNELS}")
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--shapes", default="5x1,32x8", help="comma-separated Hq x Hkv")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON file for the rows and the run's metadata")
     args = ap.parse_args()
+    kernels = args.kernels.split(",")
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        sys.exit(f"error: unknown kernels {unknown}; choose from {KERNELS}")
     if not torch.cuda.is_available():
-        sys.exit("attention_bench needs a CUDA GPU")
+        sys.exit("error: attention_bench needs a CUDA GPU")
     from triton.testing import do_bench
 
     from dms_megatron.kernels import dms_attention
 
-    T, D = args.seq, args.head_dim
-    rows = []
-    for shape in args.shapes.split(","):
-        Hq, Hkv = (int(x) for x in shape.split("x"))
-        rows += _time_shape(Hq, Hkv, T, D, args.window, do_bench, dms_attention)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "device": torch.cuda.get_device_name(),
@@ -83,13 +149,15 @@ def main() -> None:
         "window": args.window,
         "command": " ".join(sys.argv),
     }
-    print(json.dumps(meta))
-    print(f"{'Hq/Hkv':>7} {'kernel':>22} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'vs sdpa':>8}")
-    for r in rows:
-        base = next(x for x in rows if x["Hq"] == r["Hq"] and x["kernel"] == "sdpa_causal")["fwd_bwd_ms"]
-        r["vs_sdpa"] = r["fwd_bwd_ms"] / base
-        head = f"{r['Hq']:>4}/{r['Hkv']:<2} {r['kernel']:>22}"
-        print(f"{head} {r['fwd_bwd_ms']:>11.3f} {r['tflops']:>8.1f} {r['vs_sdpa']:>7.2f}x")
+    print(json.dumps(meta), flush=True)
+    rows: list[dict] = []
+    for T in (int(x) for x in args.seqs.split(",")):
+        for shape in args.shapes.split(","):
+            Hq, Hkv, D = (int(x) for x in shape.split("x"))
+            rows += time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention)
+            print(f"timed {shape} T={T}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    print(table(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -21,14 +21,14 @@ from dms_megatron.runtime import TORCH_DTYPES
 Variant = Literal["neuron", "adapter"]
 DecisionsPer = Literal["head", "layer"]
 CompressionLossForm = Literal["global", "per_layer"]
-AttentionBackend = Literal["auto", "reference", "flex"]
+AttentionBackend = Literal["auto", "reference", "flex", "triton"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "variant": ("neuron", "adapter"),
     "decisions_per": ("head", "layer"),
     "kl_direction": KL_DIRECTIONS,
     "compression_loss": ("global", "per_layer"),
-    "attention_backend": ("auto", "reference", "flex"),
+    "attention_backend": ("auto", "reference", "flex", "triton"),
 }
 
 
@@ -66,7 +66,8 @@ class DMSConfig:
         rows are zeroed, so every logit starts at ``-logit_offset`` like the adapter's, and the CR ramp
         begins. 0: the paper's start (channel removed and read as a logit from step 0).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
-        CUDA), ``auto`` (flex on CUDA tensors, reference otherwise).
+        CUDA), ``triton`` (the fused Triton kernel, CUDA; checked on CPU by the Triton interpreter, not
+        yet timed or checked on a GPU, hence opt-in), ``auto`` (flex on CUDA tensors, reference otherwise).
     """
 
     variant: Variant = "neuron"

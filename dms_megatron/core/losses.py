@@ -181,25 +181,40 @@ def _math_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 stays fp64
 
 
-def _log_softmax_stats(z: torch.Tensor, tau: float, chunk: int) -> torch.Tensor:
-    """Row-wise logsumexp of z / tau (>= fp32), one vocab chunk at a time. ``z [N, V] -> [N]``."""
+def _log_softmax_stats(z: torch.Tensor, tau: float, chunk: int, group=None) -> torch.Tensor:
+    """Row-wise logsumexp of z / tau (>= fp32), one vocab chunk at a time. ``z [N, V] -> [N]``.
+
+    With a process ``group`` the vocabulary is sharded over its ranks: the result is the logsumexp over
+    the whole vocabulary, identical on every rank.
+    """
     dt = _math_dtype(z)
     lse = torch.full((z.shape[0],), float("-inf"), dtype=dt, device=z.device)
     for s in range(0, z.shape[1], chunk):
         lse = torch.logaddexp(lse, torch.logsumexp(z[:, s : s + chunk].to(dt) / tau, dim=-1))
-    return lse
+    if group is None:
+        return lse
+    peak = lse.clone()
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(lse - peak)
+    torch.distributed.all_reduce(total, group=group)
+    return peak + torch.log(total)
 
 
 class _TokenKL(torch.autograd.Function):
     """Per-token KL between two next-token distributions; gradient to the student only.
 
     Forward and backward walk the vocabulary in chunks, so peak extra memory is O(N * chunk) fp32
-    instead of several full [N, V] fp32 copies.
+    instead of several full [N, V] fp32 copies. With a process ``group`` (vocabulary sharded over
+    tensor-parallel ranks) the forward all-reduces the two normalisers and the KL, so every rank holds
+    the whole-vocabulary KL; the backward needs no communication: the gradient of a shard's logits
+    depends on the other shards only through those normalisers and the KL, which every rank holds.
     """
 
     @staticmethod
-    def forward(ctx, zs, zt, tau, reverse, chunk):  # type: ignore[override]
-        lse_s, lse_t = _log_softmax_stats(zs, tau, chunk), _log_softmax_stats(zt, tau, chunk)
+    def forward(ctx, zs, zt, tau, reverse, chunk, group):  # type: ignore[override]
+        lse_s = _log_softmax_stats(zs, tau, chunk, group)
+        lse_t = _log_softmax_stats(zt, tau, chunk, group)
         dt = _math_dtype(zs)
         kl = torch.zeros(zs.shape[0], dtype=dt, device=zs.device)
         for s in range(0, zs.shape[1], chunk):
@@ -209,6 +224,8 @@ class _TokenKL(torch.autograd.Function):
                 kl += (lt.exp() * (lt - ls)).sum(-1)
             else:  # KL(S || T)
                 kl += (ls.exp() * (ls - lt)).sum(-1)
+        if group is not None:
+            torch.distributed.all_reduce(kl, group=group)
         ctx.save_for_backward(zs, zt, lse_s, lse_t, kl)
         ctx.tau, ctx.reverse, ctx.chunk = tau, reverse, chunk
         return kl
@@ -226,7 +243,7 @@ class _TokenKL(torch.autograd.Function):
             lt = zt[:, s : s + chunk].to(dt) / tau - lse_t[:, None]
             g = ps - lt.exp() if ctx.reverse else ps * (ls - lt - kl[:, None])
             grad[:, s : s + chunk] = (g * w).to(zs.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def token_kl(
@@ -235,12 +252,14 @@ def token_kl(
     direction: KLDirection = "student_teacher",
     temperature: float = 1.0,
     vocab_chunk: int = 16384,
+    group=None,
 ) -> torch.Tensor:
     """Per-token KL with the leading shape of the logits, computed in fp32 (fp64 for fp64 inputs).
 
     ``direction="student_teacher"``: KL(S || T), what NVIDIA's DMS reference trains with (it calls it
     "forward KL"). ``"teacher_student"``: KL(T || S), the standard distillation direction. The teacher
-    never receives a gradient.
+    never receives a gradient. ``group``: a process group whose ranks each hold one vocabulary shard
+    of the logits (tensor parallelism); the result is then the whole-vocabulary KL on every rank.
     """
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         require_tensor(name, x)
@@ -259,7 +278,9 @@ def token_kl(
     V = student_logits.shape[-1]
     zs = student_logits.reshape(-1, V)
     zt = teacher_logits.detach().reshape(-1, V)
-    kl = _TokenKL.apply(zs, zt, float(temperature), direction == "teacher_student", int(vocab_chunk))
+    if group is not None and torch.distributed.get_world_size(group) == 1:
+        group = None
+    kl = _TokenKL.apply(zs, zt, float(temperature), direction == "teacher_student", int(vocab_chunk), group)
     return kl.view(lead)
 
 

@@ -2,7 +2,9 @@
 
 ``reference``: the dense chunked core implementation (CPU, tests, oracle).
 ``flex``: PyTorch FlexAttention with a causal/document block mask (CUDA).
-``auto``: flex for CUDA tensors, reference otherwise.
+``triton``: the fused Triton kernel (``kernels.triton_dms``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel becomes the CUDA default once a
+GPU run has checked it against the reference and timed it against flex and SDPA.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from dms_megatron.core.attention import dms_attention_reference
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 def dms_attention(
@@ -33,6 +35,12 @@ def dms_attention(
         from dms_megatron.kernels.flex import dms_attention_flex
 
         return dms_attention_flex(q, k, v, relaxed, window, scale, doc_ids)
+    if backend == "triton":
+        from dms_megatron.core.shift import shifted_log_keep
+        from dms_megatron.kernels.triton_dms import dms_attention_triton
+
+        log_keep = None if relaxed is None else shifted_log_keep(relaxed.float(), doc_ids)
+        return dms_attention_triton(q, k, v, log_keep, window, scale, doc_ids)
     return dms_attention_reference(q, k, v, relaxed, window, scale, doc_ids)
 
 

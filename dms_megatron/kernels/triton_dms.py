@@ -1,0 +1,453 @@
+"""Fused DMS training attention in Triton: forward with log-sum-exp, deterministic backward.
+
+Same contract as ``core.dms_attention_reference`` (shape legend there)::
+
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], log_keep [B, Hkv, T] fp32 or None,
+    doc_start [B, T] int32 or None  ->  out [B, Hq, T, Dv]
+
+For query i and key j (j <= i, same document): score = q_i . k_j * scale, plus ``log_keep[j]`` when
+``i - j > window``. ``log_keep`` is the already shifted per-key bias (``core.shift.shifted_log_keep``;
+the shift and its gradient stay in torch). Documents must be contiguous runs (packed sequences):
+``doc_start[b, i]`` is the first position of position i's document, so "same document" is
+``j >= doc_start[i]`` and each query block only visits the key blocks of its documents.
+
+Kernels (one program per (block, head)):
+
+- forward: online softmax over key blocks; blocks entirely older than the window take the bias
+  unconditionally, only the blocks near the diagonal evaluate the window/causal/document masks.
+  Stores the base-2 log-sum-exp per query for the backward.
+- backward dK / dV / d(log_keep): one program per (key block, KV head) loops over the query heads of
+  its GQA group and over the query blocks that can see its keys, so the group's contributions to a KV
+  head and to its bias are summed in one fixed order: no atomics, bitwise reproducible.
+- backward dQ: one program per (query block, query head) over its key blocks.
+
+Inputs in bf16 / fp16 (or fp32), accumulation in fp32. Head dims: powers of two from 16 to 256.
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (slowly): the unit tests check them that way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dms_megatron.core.shift import check_doc_ids
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, LK, DS, Out, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
+    T, window, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    q_first = pid_m * BM
+    offs_m = q_first + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    row_ok = offs_m < T
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    lk_base = LK + b * slb + hk * slh
+    lo = 0
+    if HAS_DOCS:
+        q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+        lo = (tl.min(q_doc, axis=0) // BN) * BN
+    hi = tl.minimum(q_first + BM, T)
+    # keys below `full_end` are older than the window (or, without bias, strictly in the past) for every
+    # query of the block: no causal or window mask there
+    full_end = q_first - window if HAS_BIAS else q_first
+    full_end = tl.maximum((tl.maximum(full_end, 0) // BN) * BN, lo)
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DV], tl.float32)
+    for start in range(lo, full_end, BN):
+        offs_n = start + offs_n0
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
+        if HAS_DOCS:
+            s = tl.where(offs_n[None, :] >= q_doc[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    for start in range(full_end, hi, BN):
+        offs_n = start + offs_n0
+        col_ok = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        age = offs_m[:, None] - offs_n[None, :]
+        if HAS_BIAS:
+            bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
+            s += tl.where(age > window, bias[None, :], 0.0)
+        ok = (age >= 0) & col_ok[None, :]
+        if HAS_DOCS:
+            ok = ok & (offs_n[None, :] >= q_doc[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV_, DLK,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
+    T, window, qk_scale, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // HKV
+    hk = pid_bk % HKV
+    k_first = pid_n * BN
+    offs_n = k_first + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    col_ok = offs_n < T
+    k_ptrs = K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+    v_ptrs = V + b * svb + hk * svh + offs_n[:, None] * svt + offs_dv[None, :]
+    k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    bias = tl.zeros([BN], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(LK + b * slb + hk * slh + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
+    q_hi = T
+    if HAS_DOCS:  # queries of the last key's document end there; later keys of the block end earlier or equal
+        q_hi = tl.load(DE + b * sdb + tl.minimum(k_first + BN, T) - 1)
+    # query blocks starting at `mask_end` or later are older-than-window (or strictly later) for every key
+    mask_end = k_first + tl.cdiv(BN + window, BM) * BM if HAS_BIAS else k_first + tl.cdiv(BN, BM) * BM
+    mask_end = tl.minimum(mask_end, q_hi)
+
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, DV], tl.float32)
+    dlk = tl.zeros([BN], tl.float32)
+    for j in range(G):
+        h = hk * G + j
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sob + h * soh
+        row_base = (b * HQ + h) * T
+        for start in range(k_first, mask_end, BM):
+            offs_m = start + offs_m0
+            row_ok = offs_m < T
+            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            age = offs_m[:, None] - offs_n[None, :]
+            outside = age > window
+            if HAS_BIAS:
+                s += tl.where(outside, bias[None, :], 0.0)
+            ok = (age >= 0) & col_ok[None, :]
+            if HAS_DOCS:
+                q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+                ok = ok & (offs_n[None, :] >= q_doc[:, None])
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if HAS_BIAS:
+                dlk += tl.sum(tl.where(outside, ds, 0.0), axis=0)
+        for start in range(mask_end, q_hi, BM):
+            offs_m = start + offs_m0
+            row_ok = offs_m < q_hi
+            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if HAS_BIAS:
+                s += bias[None, :]
+            p = tl.exp2(s - lse[:, None])
+            if HAS_DOCS:
+                q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+                p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
+            p = tl.where(col_ok[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if HAS_BIAS:
+                dlk += tl.sum(ds, axis=0)
+    kv_off = (b * HKV + hk) * T
+    rows = (kv_off + offs_n)[:, None]
+    tl.store(DK + rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV_ + rows * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None])
+    if HAS_BIAS:
+        tl.store(DLK + kv_off + offs_n, dlk, mask=col_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, LK, DS, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
+    T, window, qk_scale, scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    q_first = pid_m * BM
+    offs_m = q_first + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    row_ok = offs_m < T
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    lk_base = LK + b * slb + hk * slh
+    lo = 0
+    if HAS_DOCS:
+        q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+        lo = (tl.min(q_doc, axis=0) // BN) * BN
+    hi = tl.minimum(q_first + BM, T)
+    full_end = q_first - window if HAS_BIAS else q_first
+    full_end = tl.maximum((tl.maximum(full_end, 0) // BN) * BN, lo)
+
+    dq = tl.zeros([BM, D], tl.float32)
+    for start in range(lo, full_end, BN):
+        offs_n = start + offs_n0
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
+        p = tl.exp2(s - lse[:, None])
+        if HAS_DOCS:
+            p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    for start in range(full_end, hi, BN):
+        offs_n = start + offs_n0
+        col_ok = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        age = offs_m[:, None] - offs_n[None, :]
+        if HAS_BIAS:
+            bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
+            s += tl.where(age > window, bias[None, :], 0.0)
+        ok = (age >= 0) & col_ok[None, :]
+        if HAS_DOCS:
+            ok = ok & (offs_n[None, :] >= q_doc[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(
+        DQ + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
+    """(query block, key block) of each kernel: the forward, dK/dV (a key block visits query blocks) and
+    dQ (a query block visits key blocks)."""
+    if interpret:
+        return {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
+    if max(d, dv) <= 128:
+        return {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}
+    return {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _launch_args(q, k, v, log_keep, doc_start):
+    dummy = q.new_empty(1, dtype=torch.float32)
+    lk = log_keep if log_keep is not None else dummy
+    ds = doc_start if doc_start is not None else dummy.new_empty(1, dtype=torch.int32)
+    strides = (
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+    )
+    lk_strides = (lk.stride(0), lk.stride(1)) if log_keep is not None else (0, 0)
+    ds_stride = ds.stride(0) if doc_start is not None else 0
+    return lk, ds, strides, lk_strides, ds_stride
+
+
+class _DMSAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_keep, doc_start, doc_end, window, scale):
+        B, HQ, T, D = q.shape
+        HKV, DV = k.shape[1], v.shape[-1]
+        G = HQ // HKV
+        interpret = not q.is_cuda
+        BM, BN = _blocks(D, DV, interpret)["fwd"]
+        out = torch.empty(B, HQ, T, DV, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
+        lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
+        _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
+            q, k, v, lk, ds, out, lse, *strides, *_strides(out), *lk_strides, ds_stride,
+            T, window, scale * LOG2E,
+            HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
+            BM=BM, BN=BN,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, log_keep, doc_start, doc_end, out, lse = ctx.saved_tensors
+        window, scale = ctx.window, ctx.scale
+        B, HQ, T, D = q.shape
+        HKV, DV = k.shape[1], v.shape[-1]
+        G = HQ // HKV
+        interpret = not q.is_cuda
+        blocks = _blocks(D, DV, interpret)
+        dout = _last_dim_contiguous(dout)
+        delta = (dout.float() * out.float()).sum(-1).reshape(B * HQ, T)
+        lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
+        de = doc_end if doc_end is not None else ds
+        dq = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
+        dk = torch.empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
+        dv = torch.empty(B, HKV, T, DV, dtype=v.dtype, device=v.device)
+        dlk = torch.empty(B, HKV, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
+        flags = dict(D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None)
+        BM, BN = blocks["dkdv"]
+        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+            q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
+            *strides, *_strides(dout), *lk_strides, ds_stride,
+            T, window, scale * LOG2E, scale,
+            HQ=HQ, HKV=HKV, G=G, BM=BM, BN=BN, **flags,
+        )  # fmt: skip
+        BM, BN = blocks["dq"]
+        _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+            q, k, v, lk, ds, dout, lse, delta, dq,
+            *strides, *_strides(dout), *lk_strides, ds_stride,
+            T, window, scale * LOG2E, scale,
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags,
+        )  # fmt: skip
+        return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
+
+
+def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(doc_start, doc_end)`` int32 ``[B, T]`` from per-position document ids ``[B, T]``: the first
+    position of each position's document, and one past its last. Documents must be contiguous runs
+    (as packed sequences are); an id that comes back after another is a ``ValueError``."""
+    B, T = doc_ids.shape
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
+    new = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    runs = new.sum(dim=1)
+    distinct = torch.tensor([row.unique().numel() for row in doc_ids], device=doc_ids.device)
+    if bool((runs != distinct).any()):
+        raise ValueError(
+            "the triton backend needs each document to be one contiguous run of positions (packed "
+            "sequences); these doc_ids reuse an id after another document"
+        )
+    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    last = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, pos + 1, torch.full_like(pos, T)).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+# The layers of one micro-batch share one doc_ids tensor: compute (and check) its bounds once, not once
+# per layer. Holding the tensor keeps its id valid.
+_bounds_cache: list = [None, None, None]  # [doc_ids tensor, B, (doc_start, doc_end)]
+
+
+def _cached_document_bounds(doc_ids: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _bounds_cache[0] is doc_ids and _bounds_cache[1] == B:
+        return _bounds_cache[2]
+    bounds = document_bounds(check_doc_ids(doc_ids, B, T))
+    _bounds_cache[:] = [doc_ids, B, bounds]
+    return bounds
+
+
+def supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether these shapes and dtypes run on the Triton kernel (else the dispatcher uses FlexAttention)."""
+    return (
+        q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and v.shape[-1] in SUPPORTED_HEAD_DIMS
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def dms_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_keep: torch.Tensor | None,
+    window: int,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused DMS attention (see the module docstring); ``log_keep`` is the shifted bias [B, Hkv, T]."""
+    B, _, T, D = q.shape
+    if not supported(q, v):
+        raise ValueError(
+            f"the triton backend takes head dims {SUPPORTED_HEAD_DIMS} and bf16/fp16/fp32, got "
+            f"D={D}, Dv={v.shape[-1]}, {q.dtype}"
+        )
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "the triton backend needs CUDA tensors (TRITON_INTERPRET=1 runs it on CPU, for tests only); "
+            "use attention_backend='reference' on CPU"
+        )
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    if log_keep is not None:
+        log_keep = log_keep.float().contiguous()
+    doc_start = doc_end = None
+    if doc_ids is not None:
+        doc_start, doc_end = _cached_document_bounds(doc_ids.to(q.device), B, T)
+    return _DMSAttentionTriton.apply(q, k, v, log_keep, doc_start, doc_end, int(window), scale)

@@ -1,0 +1,106 @@
+"""Runs the Triton DMS attention under the Triton interpreter on CPU and prints, as JSON, the largest
+error of its output and of its four gradients against the float64 reference, for a seeded set of shapes.
+
+Started by ``test_triton_attention.py`` in a fresh interpreter, because ``TRITON_INTERPRET`` must be set
+before the kernels are defined. Triton 3.6's interpreter calls ``int()`` on one-element arrays, which
+numpy >= 2.5 refuses; ``_fix_interpreter_scalars`` makes it take the element.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import triton.runtime.interpreter as interpreter
+
+
+def _fix_interpreter_scalars() -> None:
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_interpreter_scalars()
+
+from dms_megatron.core.attention import dms_attention_reference  # noqa: E402
+from dms_megatron.kernels import dms_attention, triton_dms  # noqa: E402
+
+
+def cases(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        T = rng.randint(17, 70)
+        window = [0, 1, rng.randint(2, 40), T + 5][i % 4]
+        out.append(
+            {
+                "B": rng.choice([1, 2]),
+                "Hkv": rng.choice([1, 2]),
+                "g": rng.choice([1, 2, 3]),
+                "T": T,
+                "D": rng.choice([16, 32]),
+                "Dv": rng.choice([16, 32]),
+                "window": window,
+                "docs": i % 3 == 1,
+                "bias": i % 5 != 4,
+                "seed": seed * 100 + i,
+            }
+        )
+    return out
+
+
+def errors(case: dict, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(case["seed"])
+    B, Hkv, T = case["B"], case["Hkv"], case["T"]
+    Hq = Hkv * case["g"]
+    q = torch.randn(B, Hq, T, case["D"], generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, case["D"], generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T, case["Dv"], generator=g, dtype=torch.float64)
+    relaxed = torch.randn(B, Hkv, T, generator=g, dtype=torch.float64) * 3 if case["bias"] else None
+    doc_ids = None
+    if case["docs"]:
+        cuts = torch.randint(1, T, (3,), generator=g)
+        doc_ids = (torch.arange(T)[None, :] >= cuts[:, None]).sum(0)  # contiguous runs, some empty
+    dout = torch.randn(B, Hq, T, case["Dv"], generator=g, dtype=torch.float64)
+    leaves = [x for x in (q, k, v, relaxed) if x is not None]
+    for x in leaves:
+        x.requires_grad_(True)
+    ref = dms_attention_reference(q, k, v, relaxed, case["window"], doc_ids=doc_ids)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    xs = [x.detach().to(dtype if x is not relaxed else torch.float32).requires_grad_(True) for x in leaves]
+    rel = xs[3] if relaxed is not None else None
+    out = dms_attention(xs[0], xs[1], xs[2], rel, case["window"], doc_ids=doc_ids, backend="triton")
+    grads = torch.autograd.grad(out, xs, dout.to(dtype))
+    errs = [float((out.double() - ref).abs().max())]
+    errs += [float((a.double() - b).abs().max()) for a, b in zip(grads, ref_grads, strict=True)]
+    return errs, [out.detach(), *grads]
+
+
+def main() -> None:
+    n, seed = int(sys.argv[1]), int(sys.argv[2])
+    report: dict = {"default_blocks": [], "other_blocks": [], "fp16": []}
+    for case in cases(n, seed):
+        errs, first = errors(case)
+        _, again = errors(case)
+        same = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        report["default_blocks"].append({"case": case, "errors": errs, "bitwise_repeat": same})
+    # the GPU tilings' shape: query and key blocks of different sizes in each kernel
+    triton_dms._blocks = lambda d, dv, interpret: {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+    for case in cases(n, seed + 1):
+        report["other_blocks"].append({"case": case, "errors": errors(case)[0]})
+    for case in cases(2, seed + 2):
+        report["fp16"].append({"case": case, "errors": errors(case, torch.float16)[0]})
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -54,10 +54,9 @@ def compose_config(overrides: list[str]) -> dict:
     return container
 
 
-def layout(base: dict, layers: int, emulate_tp: int, vocab: int | None, data: str, run_dir: str) -> dict:
-    """The preset at ``layers`` layers, one rank's shapes of TP=``emulate_tp``, one micro-batch per step."""
-    cfg = json.loads(json.dumps(base))
-    hf = cfg["model"]["hf_config"]
+def one_rank_shapes(hf: dict, emulate_tp: int, layers: int, vocab: int | None) -> None:
+    """Turn an HF config (in place) into one rank's shapes of a TP=``emulate_tp`` layer, built at TP=1:
+    heads, KV heads and FFN divided (head size kept), ``layers`` layers, optionally another vocabulary."""
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if hf[key] % emulate_tp:
             raise SystemExit(f"--emulate-tp {emulate_tp}: {key}={hf[key]} does not divide")
@@ -69,6 +68,12 @@ def layout(base: dict, layers: int, emulate_tp: int, vocab: int | None, data: st
     hf["num_hidden_layers"] = layers
     if vocab:
         hf["vocab_size"] = vocab
+
+
+def layout(base: dict, layers: int, emulate_tp: int, vocab: int | None, data: str, run_dir: str) -> dict:
+    """The preset at ``layers`` layers, one rank's shapes of TP=``emulate_tp``, one micro-batch per step."""
+    cfg = json.loads(json.dumps(base))
+    one_rank_shapes(cfg["model"]["hf_config"], emulate_tp, layers, vocab)
     cfg["model"]["checkpoint"] = None
     # the steady state the planner models: the neuron variant's channel fade (steps 0..N) saves other
     # tensors (constant logits, the faded channel), so measure as after it

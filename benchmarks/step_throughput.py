@@ -11,6 +11,16 @@ same process (one GPU or a torchrun group):
 
 Reports the median step time over ``--measure`` steps after ``--warmup`` steps, tokens/s, model
 TFLOP/s per GPU (retrofit: 4x forward FLOPs, teacher included; vanilla: 3x) and peak memory.
+
+``--emulate-tp N --layers L [--vocab V]``: one rank's shapes of a TP=N model built at TP=1 with L layers
+(random weights and data), e.g. the R1-Distill-Qwen-32B layer at TP=8 (5 / 1 heads, FFN 3456) on one
+GPU: ``--emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 parallel.global_batch_size=1``.
+
+``--profile DIR``: afterwards, ``--profile-steps`` more steps of each under torch.profiler: a Chrome
+trace per step kind and ``profile.json`` / ``profile.txt`` with the time per named region of the
+retrofit step (teacher forward, student forward, KD loss, compression loss, optimizer, ...), the
+backward per autograd node, the top ops and the host syncs per step
+(``dms_megatron.training.step_profile``).
 """
 
 from __future__ import annotations
@@ -30,16 +40,22 @@ quiet_upstream_noise()
 import torch  # noqa: E402
 
 
-def _compose(overrides: list[str]) -> tuple[dict, object]:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def _compose(overrides: list[str], args: argparse.Namespace) -> tuple[dict, object]:
+    from activation_check import compose_config, one_rank_shapes, write_data
 
     from dms_megatron.config import RetrofitConfig
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="retrofit", overrides=overrides)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
+    container = compose_config(overrides)
+    if args.emulate_tp:
+        hf = container["model"]["hf_config"]
+        one_rank_shapes(hf, args.emulate_tp, args.layers, args.vocab or None)
+        container["model"]["checkpoint"] = None  # random weights: the time does not depend on them
+        container["parallel"] = {**container["parallel"], "tp": 1, "pp": 1, "sequence_parallel": False}
+        data = Path(container["run_dir"]) / "data" / "random"
+        seq, gbs = container["data"]["seq_length"], container["parallel"]["global_batch_size"]
+        steps = args.warmup + args.measure + args.profile_steps + 1
+        write_data(data, hf["vocab_size"], seq * gbs * steps)
+        container["data"] = {**container["data"], "prefixes": [str(data)], "weights": None}
     return container, RetrofitConfig.from_dict(container)
 
 
@@ -107,7 +123,20 @@ def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[floa
         optimizer.step()
         scheduler.step(increment=1)
 
-    return _time_steps(step, warmup, measure)
+    times = _time_steps(step, warmup, measure)
+    return times, step
+
+
+def _profile(name: str, step_fn, first_step: int, steps: int, folder: Path | None, rank: int) -> dict | None:
+    if folder is None:
+        return None
+    from dms_megatron.training.step_profile import format_summary, profile_steps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = profile_steps(step_fn, first_step, steps, folder / f"{name}_rank{rank}.trace.json.gz")
+    if rank == 0:
+        print(format_summary(name, summary), flush=True)
+    return summary
 
 
 def main() -> None:
@@ -115,6 +144,18 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--measure", type=int, default=15)
+    ap.add_argument(
+        "--profile", default=None, help="folder for a torch.profiler breakdown of both step kinds"
+    )
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument(
+        "--emulate-tp",
+        type=int,
+        default=0,
+        help="time one rank's shapes of a TP=N model at TP=1 (random weights and data); with --layers",
+    )
+    ap.add_argument("--layers", type=int, default=4, help="with --emulate-tp: layers to build")
+    ap.add_argument("--vocab", type=int, default=0, help="with --emulate-tp: vocabulary (0: the preset's)")
     args, overrides = ap.parse_known_args()
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -125,12 +166,13 @@ def main() -> None:
     from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
     from dms_megatron.training.trainer import RetrofitTrainer
 
-    container, cfg = _compose(overrides)
+    container, cfg = _compose(overrides, args)
     if cfg.parallel.tp != 1:
         raise SystemExit("the vanilla baseline computes a full-vocabulary loss: run it at parallel.tp=1")
     pre = preflight(cfg)
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
-    steps = args.warmup + args.measure
+    profile_dir = Path(args.profile) if args.profile else None
+    steps = args.warmup + args.measure + (args.profile_steps if profile_dir else 0)
     dataset = build_gpt_dataset(
         cfg.data.prefixes,
         cfg.data.weights,
@@ -148,6 +190,10 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     dms_times = _time_steps(trainer.train_step, args.warmup, args.measure)
     dms_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    first = args.warmup + args.measure
+    dms_profile = _profile(
+        "dms_retrofit", trainer.train_step, first, args.profile_steps, profile_dir, dist.get_rank()
+    )
     print(
         f"dms_retrofit: median step {statistics.median(dms_times):.4f} s, peak memory {dms_mem} GB",
         flush=True,
@@ -165,8 +211,9 @@ def main() -> None:
         parallel_state.get_data_parallel_rank(),
         dp,
     )
-    van_times = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure)
+    van_times, van_step = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure)
     van_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    van_profile = _profile("vanilla", van_step, first, args.profile_steps, profile_dir, dist.get_rank())
     tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
     world = dist.get_world_size()
     fwd = forward_flops_per_token(pre.arch, cfg.data.seq_length)
@@ -196,6 +243,14 @@ def main() -> None:
     )
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        if profile_dir is not None:
+            from dms_megatron.training.step_profile import format_summary
+
+            profiles = {"dms_retrofit": dms_profile, "vanilla": van_profile}
+            (profile_dir / "profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
+            (profile_dir / "profile.txt").write_text(
+                "\n\n".join(format_summary(k, v) for k, v in profiles.items() if v) + "\n"
+            )
         for name in ("dms_retrofit", "vanilla"):
             r = report[name]
             print(

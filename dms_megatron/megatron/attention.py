@@ -7,6 +7,12 @@ residual. The logits reach ``DMSCoreAttention`` (the ``core_attention`` slot) ei
 (``pending_logits``) or, under selective recompute of the core attention, as a checkpoint input
 through megatron's ``core_attention_extra_kwargs`` so their gradient survives recompute.
 
+Packed (THD) micro-batches with megatron's unfused RoPE: ``DMSSelfAttention`` rotates q and k itself,
+once per layer, with per-token frequencies (positions restart at every document, as in megatron's THD
+path), instead of megatron's THD RoPE, which loops over the documents (a host sync and ~10 small
+kernels per document, layer and tensor). Fused RoPE (Transformer Engine) and context parallelism keep
+megatron's path. ``tests/megatron/test_dms_megatron.py`` holds the two paths equal.
+
 Shape legend (Megatron layout, per TP rank): hidden ``[s(/tp), b, h]``; query ``[s, b, np, hn]``;
 key/value ``[s, b, ng, hn]``; THD: ``[t, np|ng, hn]``; logits ``[s, b, ng]`` (THD ``[t, 1, ng]``).
 """
@@ -18,6 +24,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -79,6 +86,7 @@ class DMSSelfAttention(SelfAttention):
         # residual; with the local spec DMSTransformerLayer hands it over in ``dms_residual``.
         self.residual_is_input = residual_is_input
         self.dms_residual: torch.Tensor | None = None
+        self._token_freqs: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) during forward
         self.adapter: EvictionAdapter | None = None
         if dms_config.variant == "adapter":
             self.adapter = EvictionAdapter(
@@ -123,6 +131,42 @@ class DMSSelfAttention(SelfAttention):
             )
         return logits[..., :1].expand(*logits.shape[:-1], self.num_query_groups_per_partition)
 
+    # -- RoPE of packed sequences ---------------------------------------------------------------
+    def _rotates_packed_itself(self, kwargs: dict[str, Any]) -> bool:
+        packed = kwargs.get("packed_seq_params")
+        return (
+            kwargs.get("rotary_pos_emb") is not None
+            and packed is not None
+            and getattr(packed, "qkv_format", None) == "thd"
+            and not self.config.apply_rope_fusion
+            and self.pg_collection.cp.size() == 1
+            and kwargs.get("inference_context") is None
+            and kwargs.get("inference_params") is None
+        )
+
+    def forward(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if not self._rotates_packed_itself(kwargs):
+            return super().forward(*args, **kwargs)
+        rope = kwargs.pop("rotary_pos_emb")
+        q_freqs, k_freqs = rope if isinstance(rope, tuple) else (rope, rope)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        total = hidden.shape[0] * hidden.shape[1] * (self.tp_size if self.config.sequence_parallel else 1)
+        positions = packed_positions(kwargs["packed_seq_params"], total)
+        self._token_freqs = (q_freqs[positions], k_freqs[positions])  # [t, 1, 1, d]
+        try:
+            return super().forward(*args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._token_freqs = None
+
+    def _rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_freqs, k_freqs = self._token_freqs  # type: ignore[misc]
+        common = {
+            "config": self.config,
+            "mscale": self._yarn_concentration_factor,
+            "cp_group": self.pg_collection.cp,
+        }
+        return apply_rotary_pos_emb(query, q_freqs, **common), apply_rotary_pos_emb(key, k_freqs, **common)
+
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
         out = super().get_query_key_value_tensors(hidden_states, key_value_states, *args, **kwargs)
         query = out[0]
@@ -154,6 +198,8 @@ class DMSSelfAttention(SelfAttention):
         if self.dms_config.decisions_per == "layer" and self.dms_config.variant == "neuron":
             logits = self._per_layer(logits)
         self.core_attention.pending_logits = logits
+        if self._token_freqs is not None:  # RoPE last, where megatron's forward would apply it
+            out = (*self._rotate(out[0], out[1]), *out[2:])
         return out
 
     def _checkpointed_attention_forward(self, query, key, value, attention_mask, *args, **kwargs):
@@ -164,6 +210,34 @@ class DMSSelfAttention(SelfAttention):
         return super()._checkpointed_attention_forward(
             query, key, value, attention_mask, *args, core_attention_extra_kwargs=extra, **kwargs
         )
+
+
+def _cu_seqlens(packed_seq_params: Any) -> torch.Tensor:
+    cu = packed_seq_params.cu_seqlens_q_padded
+    return packed_seq_params.cu_seqlens_q if cu is None else cu
+
+
+def packed_doc_ids(packed_seq_params: Any, total_len: int) -> torch.Tensor:
+    """Per-token document ids ``[t]`` of a THD micro-batch: the ones ``pack_thd`` attached (built on
+    the host with the batch, so no device sync), else derived from (and checking) ``cu_seqlens``; kept
+    on ``packed_seq_params`` so that every layer reuses them."""
+    doc_ids = getattr(packed_seq_params, "_dms_doc_ids", None)
+    if doc_ids is None or doc_ids.shape[-1] != total_len:
+        doc_ids = doc_ids_from_cu_seqlens(_cu_seqlens(packed_seq_params).to(torch.long), total_len=total_len)
+        packed_seq_params._dms_doc_ids = doc_ids
+    return doc_ids
+
+
+def packed_positions(packed_seq_params: Any, total_len: int) -> torch.Tensor:
+    """Per-token position inside its document ``[t]`` (long) of a THD micro-batch (no host sync once
+    the document ids exist), kept on ``packed_seq_params`` for the other layers."""
+    pos = getattr(packed_seq_params, "_dms_positions", None)
+    if pos is None or pos.shape[-1] != total_len:
+        doc_ids = packed_doc_ids(packed_seq_params, total_len).reshape(-1)
+        cu = _cu_seqlens(packed_seq_params).to(device=doc_ids.device, dtype=torch.long)
+        pos = torch.arange(total_len, device=doc_ids.device) - cu[doc_ids]
+        packed_seq_params._dms_positions = pos
+    return pos
 
 
 @torch.no_grad()
@@ -265,12 +339,7 @@ class DMSCoreAttention(MegatronModule):
         doc_ids = None
         if thd:  # [t, heads, hn] -> [1, heads, t, hn]
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            doc_ids = getattr(packed_seq_params, "_dms_doc_ids", None)
-            if doc_ids is None or doc_ids.shape[-1] != q.shape[2]:  # once per micro-batch, not per layer
-                doc_ids = doc_ids_from_cu_seqlens(cu.to(torch.long), total_len=q.shape[2])
-                packed_seq_params._dms_doc_ids = doc_ids
+            doc_ids = packed_doc_ids(packed_seq_params, q.shape[2])  # once per micro-batch, not per layer
             logits_bht = None if logits is None else logits.reshape(q.shape[2], ng).t().unsqueeze(0)
         else:  # [s, b, heads, hn] -> [b, heads, s, hn]
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))

@@ -89,10 +89,13 @@ class DistillationStage(torch.nn.Module):
         return out
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        teacher_out = self._teacher_forward(*args, **kwargs)
+        # profiler regions (torch.profiler; near-free when no profiler runs): benchmarks/profile_step.py
+        with torch.profiler.record_function("dms.teacher_forward"):
+            teacher_out = self._teacher_forward(*args, **kwargs)
         if not self.pre_process:
             self._inner[0].set_input_tensor(self._student_input)
-        student_out = self.student(*args, **kwargs)
+        with torch.profiler.record_function("dms.student_forward"):
+            student_out = self.student(*args, **kwargs)
         if self.post_process:
             self.teacher_logits = teacher_out
             return student_out

@@ -145,14 +145,19 @@ def pack_thd(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict
     cu = torch.cat([starts.nonzero().reshape(-1), torch.tensor([b * s])]).to(torch.int32)
     lengths = cu[1:] - cu[:-1]
     flat_pos = torch.arange(b * s) - torch.repeat_interleave(cu[:-1].long(), lengths.long())
+    doc_ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long())
     cu = cu.to(device)
     max_len = int(lengths.max())
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
+    # built here on the host, so the attention layers need no device sync to derive them
+    params._dms_doc_ids = doc_ids.to(device)
+    params._dms_positions = flat_pos.to(device)
     return {
         "input_ids": tokens.reshape(1, -1).to(device),
         "position_ids": flat_pos.reshape(1, -1).to(device),
-        "packed_seq_params": PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
-        ),
+        "packed_seq_params": params,
         "samples": b,
         "valid": torch.ones(1, b * s, dtype=torch.bool, device=device),
     }

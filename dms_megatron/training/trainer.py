@@ -25,6 +25,20 @@ from dms_megatron.core.losses import kd_token_mask
 from dms_megatron.training.batches import StepSlice, pack_thd, step_micro_batches
 from dms_megatron.training.setup import Models, connect_schedule
 
+_region = torch.profiler.record_function  # named step regions, read by benchmarks/profile_step.py
+# in step order; the teacher / student forward regions are opened by megatron.distill.DistillationStage
+STEP_REGIONS = (
+    "dms.read_and_pack",
+    "dms.forward_backward",
+    "dms.teacher_forward",
+    "dms.student_forward",
+    "dms.kd_loss",
+    "dms.compression_loss",
+    "dms.nonfinite_check",
+    "dms.optimizer_step",
+    "dms.step_stats",
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -95,23 +109,25 @@ class RetrofitTrainer:
         from dms_megatron.megatron.kd import vocab_parallel_kd_loss
 
         dms = self.cfg.dms
-        mask = kd_token_mask(packed["input_ids"], self.eos)
-        kd = vocab_parallel_kd_loss(
-            output,
-            self.stage.teacher_logits,
-            mask,
-            direction=dms.kl_direction,
-            temperature=dms.kl_temperature,
-        )
+        with _region("dms.kd_loss"):
+            mask = kd_token_mask(packed["input_ids"], self.eos)
+            kd = vocab_parallel_kd_loss(
+                output,
+                self.stage.teacher_logits,
+                mask,
+                direction=dms.kl_direction,
+                temperature=dms.kl_temperature,
+            )
         self.stage.teacher_logits = None  # never kept beyond its micro-batch
-        cmp = dms_compression_loss(
-            self.stage.student,
-            packed["valid"],
-            target,
-            self.num_layers,
-            self.num_kv_heads,
-            samples=packed["samples"],
-        )
+        with _region("dms.compression_loss"):
+            cmp = dms_compression_loss(
+                self.stage.student,
+                packed["valid"],
+                target,
+                self.num_layers,
+                self.num_kv_heads,
+                samples=packed["samples"],
+            )
         loss = kd + dms.compression_weight * cmp
         return loss, {"kd": kd.detach().clone(), "cmp": cmp.detach().clone()}
 
@@ -126,9 +142,10 @@ class RetrofitTrainer:
         target = schedule.target_fraction(step)
         self.state.step, self.state.target_fraction = step, target
         self._fade(step)
-        micro = step_micro_batches(self.dataset, self.slicer, step)
-        device = self.device if self.device is not None else "cpu"
-        packed = [pack_thd(mb, device) for mb in micro]
+        with _region("dms.read_and_pack"):
+            micro = step_micro_batches(self.dataset, self.slicer, step)
+            device = self.device if self.device is not None else "cpu"
+            packed = [pack_thd(mb, device) for mb in micro]
         b, s = micro[0]["tokens"].shape
 
         def forward_step(data_iterator, model):
@@ -146,24 +163,29 @@ class RetrofitTrainer:
         self.optimizer.zero_grad()
         self.stage.train()
         extra = {"adjust_tensor_shapes_fn": adjust_distill_p2p_shapes} if self.pp > 1 else {}
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(enumerate(packed)),
-            model=[self.stage],
-            num_microbatches=len(packed),
-            seq_length=b * s,
-            micro_batch_size=1,
-            forward_only=False,
-            **extra,
-        )
-        if self._finite_step(step, out):
-            ok, grad_norm, _ = self.optimizer.step()
-        else:
-            ok, grad_norm = False, math.nan
-        if ok:
-            self.scheduler.step(increment=1)
-        rates = reduce_decision_stats(self.state, self.num_layers, self.num_kv_heads, device=self.device)
-        kd, cmp = self._mean_losses(out)
+        with _region("dms.forward_backward"):
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(enumerate(packed)),
+                model=[self.stage],
+                num_microbatches=len(packed),
+                seq_length=b * s,
+                micro_batch_size=1,
+                forward_only=False,
+                **extra,
+            )
+        with _region("dms.nonfinite_check"):
+            finite = self._finite_step(step, out)
+        with _region("dms.optimizer_step"):
+            if finite:
+                ok, grad_norm, _ = self.optimizer.step()
+            else:
+                ok, grad_norm = False, math.nan
+            if ok:
+                self.scheduler.step(increment=1)
+        with _region("dms.step_stats"):
+            rates = reduce_decision_stats(self.state, self.num_layers, self.num_kv_heads, device=self.device)
+            kd, cmp = self._mean_losses(out)
         if self.device is not None:
             torch.cuda.synchronize()
         return StepResult(

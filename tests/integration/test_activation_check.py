@@ -41,6 +41,7 @@ def test_planner_matches_saved_tensors_outside_core_attention(tmp_path, override
         "--vocab",
         "256",
         "data.seq_length=256",
+        "dms.window=64",  # below the sequence length (a window >= it is refused)
         "model.dtype=bf16",
         *overrides,
     ]

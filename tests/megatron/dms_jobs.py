@@ -254,7 +254,33 @@ def thd_job(rank: int, world_size: int, variant: str) -> dict:
             model(input_ids=tokens[:, a:z], position_ids=pos[:, a:z], attention_mask=None)
             for a, z in ((0, lengths[0]), (lengths[0], sum(lengths)))
         ]
-    return {"packed": packed, "alone": torch.cat(alone, dim=1)}
+    # megatron's own THD RoPE (a loop over the documents) instead of our per-token rotation
+    from dms_megatron.megatron.attention import DMSSelfAttention
+
+    ours = DMSSelfAttention._rotates_packed_itself
+    DMSSelfAttention._rotates_packed_itself = lambda self, kwargs: False
+    try:
+        with torch.no_grad():
+            megatron_rope = model(
+                input_ids=tokens,
+                position_ids=pos,
+                attention_mask=None,
+                packed_seq_params=PackedSeqParams(
+                    **{
+                        k: getattr(psp, k)
+                        for k in (
+                            "qkv_format",
+                            "cu_seqlens_q",
+                            "cu_seqlens_kv",
+                            "max_seqlen_q",
+                            "max_seqlen_kv",
+                        )
+                    }
+                ),
+            )
+    finally:
+        DMSSelfAttention._rotates_packed_itself = ours
+    return {"packed": packed, "alone": torch.cat(alone, dim=1), "megatron_rope": megatron_rope}
 
 
 # ------------------------------------------------------------------------------ data-parallel stats

@@ -103,6 +103,12 @@ def test_dms_adapter_export_reloads_at_another_layout(tiny, tmp_path):
             if n.endswith("dms_proj_alpha.weight"):
                 tensors[n] = torch.randn(tensors[n].shape, generator=gen) * 0.3
         save_file(tensors, exported / shard, metadata={"format": "pt"})
+    # the edit is deliberate: record the new hashes, as an export would have
+    from dms_megatron.convert.hf_io import MANIFEST, sha256_file
+
+    manifest = json.loads((exported / MANIFEST).read_text())
+    manifest["shards"] = {name: sha256_file(exported / name) for name in manifest["shards"]}
+    (exported / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     config = json.loads((exported / "config.json").read_text())
     assert config["dms"]["variant"] == "adapter" and config["dms"]["window"] == 2
     ckpt2 = tmp_path / "ckpt2"

@@ -153,6 +153,8 @@ def test_compression_gradient_reaches_every_stage(pp):
 def test_packed_documents_equal_separate_runs(variant):
     (res,) = run_distributed(dms_jobs.thd_job, 1, variant, timeout=300)
     torch.testing.assert_close(res["packed"], res["alone"], rtol=1e-5, atol=1e-5)
+    # our one-shot per-token RoPE of packed sequences == megatron's per-document THD RoPE
+    torch.testing.assert_close(res["packed"], res["megatron_rope"], rtol=1e-6, atol=1e-6)
 
 
 def test_decision_rates_pool_data_parallel_replicas():

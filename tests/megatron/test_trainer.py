@@ -232,3 +232,26 @@ def test_neuron_fade_starts_at_the_teacher(assets) -> None:
     assert faded[0]["loss/kd"] < 1e-4 and paper[0]["loss/kd"] > 1e-3  # measured 4e-6 vs 9e-3
     assert [m["cr/target"] for m in faded[:4]] == [1.0, 1.0, 1.0, 1.0] and faded[4]["cr/target"] > 1.0
     assert faded[3]["cr/decision_rate"] < 1.05  # rows zeroed at the fade's end: logits start at -offset
+
+
+def test_profiled_step_names_its_regions_and_syncs_the_host_only_outside_forward_backward(assets) -> None:
+    """``step_profile.profile_steps`` over one step of a run: every named region took time, the regions
+    and the backward add up to the step, the run went on undisturbed, and no ``.item()``-style host sync
+    happens inside the forward/backward (per layer or per micro-batch: the THD RoPE and document ids
+    are built without one)."""
+    from dms_megatron.training.step_profile import FORWARD_REGIONS, OUTSIDE_REGIONS
+
+    run_dir = str(Path(assets["root"]) / "profiled")
+    cfg = trainer_jobs.tiny_config(
+        run_dir, assets["ckpt"], assets["data"], assets["hf_config"], train={"steps": 4, "save_interval": 100}
+    )
+    res = run_distributed(trainer_jobs.profiled_step_job, 1, cfg, 2, timeout=600)[0]
+    prof = res["profile"]
+    regions = prof["regions_ms"]
+    assert all(regions[k] > 0 for k in (*FORWARD_REGIONS, *OUTSIDE_REGIONS)), regions
+    assert sum(regions.values()) == pytest.approx(prof["total_ms"])
+    assert prof["forward_backward_ms"] > regions["dms.teacher_forward"] + regions["dms.student_forward"]
+    assert prof["backward_nodes_ms"] and prof["top_ops_self_ms"]
+    inside = ("dms.forward_backward", *FORWARD_REGIONS)
+    assert not [k for k in prof["host_syncs_per_step"] if k.endswith(inside)], prof["host_syncs_per_step"]
+    assert [m["step"] for m in res["metrics"]] == [1, 2, 3, 4]

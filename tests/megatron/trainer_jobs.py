@@ -147,3 +147,30 @@ def nonfinite_job(rank: int, world: int, cfg: dict[str, Any], nan_steps: list[in
         RetrofitTrainer._loss = original
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
     return {"error": error, "metrics": read_metrics(path) if os.path.isfile(path) else None}
+
+
+def profiled_step_job(rank: int, world: int, cfg: dict[str, Any], profile_step: int) -> dict:
+    """A retrofit whose step ``profile_step`` runs under ``step_profile.profile_steps``: the summary and
+    the run's metrics."""
+    from dms_megatron.training.metrics import read_metrics
+    from dms_megatron.training.run import run_retrofit
+    from dms_megatron.training.step_profile import profile_steps
+    from dms_megatron.training.trainer import RetrofitTrainer
+
+    original = RetrofitTrainer.train_step
+    summaries: list[dict] = []
+
+    def profiled(self, step):
+        if step != profile_step:
+            return original(self, step)
+        result: list[Any] = []
+        summaries.append(profile_steps(lambda s: result.append(original(self, s)), step, 1))
+        return result[0]
+
+    RetrofitTrainer.train_step = profiled
+    try:
+        run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"])
+    finally:
+        RetrofitTrainer.train_step = original
+    path = os.path.join(cfg["run_dir"], "metrics.jsonl")
+    return {"profile": summaries[0], "metrics": read_metrics(path) if os.path.isfile(path) else None}

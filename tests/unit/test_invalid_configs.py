@@ -37,7 +37,7 @@ INVALID = [
     (["dms.cr_start=0.5"], r"dms\.cr_start=", None),
     (["dms.target_cr=0.9"], r"dms\.target_cr=", None),
     (["dms.cr_ramp_steps=-5"], r"dms\.cr_ramp_steps=", None),
-    (["dms.attention_backend=triton"], r"dms\.attention_backend=", None),
+    (["dms.attention_backend=cudnn"], r"dms\.attention_backend=", None),
     (["dms.teacher_mode=yes"], r"dms\.teacher_mode=", None),
     (["dms.seed=-1"], r"dms\.seed=", None),
     (["dms.target_cr=16", "dms.window=512"], r"dms\.target_cr=16", None),  # the window alone exceeds it

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _random_smollm2(device: str):
+def random_smollm2(device: str):
     import torch
 
     from dms_megatron.families import ModelArch
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("decode_bench.py measures GPU throughput: it needs CUDA (--device cpu: a smoke run)")
     if args.random_smollm2:
-        model = _random_smollm2(args.device)
+        model = random_smollm2(args.device)
     else:
         model = DMSCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device=args.device)
         if model.dms is None:

@@ -15,7 +15,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.decode_bench import _random_smollm2
+    from benchmarks.decode_bench import random_smollm2
     from dms_megatron.inference.compressed_cache import CompressedKV
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -28,7 +28,7 @@ def main() -> None:
         "--baseline-rows", type=int, default=0, help="also time BaselineKV steps with this many rows"
     )
     args = ap.parse_args()
-    model = _random_smollm2("cuda")
+    model = random_smollm2("cuda")
     if args.baseline_rows:
         from dms_megatron.inference.baseline_cache import BaselineKV
 

@@ -36,6 +36,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-blocks", type=int, default=4096, help="KV blocks in the shared pool")
+    ap.add_argument(
+        "--kv-budget-gib",
+        type=float,
+        default=None,
+        help="batch mode: KV memory for the window rings of --max-batch rows plus the pool (instead of "
+        "--num-blocks); requests are admitted by the blocks they really hold",
+    )
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-dms", action="store_true", help="eviction off (the original model)")
     ap.add_argument("--max-batch", type=int, default=32, help="batch mode: requests decoded together")
@@ -62,6 +69,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("num_blocks", "block_size", "max_batch"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.kv_budget_gib is not None and not args.kv_budget_gib > 0:
+        problems.append(f"--kv-budget-gib must be > 0, got {args.kv_budget_gib}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -157,17 +166,30 @@ def _batch(args, model, tok, console, prompts: list[str], requests) -> None:
             state[i] = (state[i][0] + [token], cr)
             live.update(table())
 
-        engine = BatchEngine(
-            model, args.num_blocks, args.block_size, max_batch=args.max_batch, backend=args.backend,
-            on_token=on_token,
-        )  # fmt: skip
+        pool = (
+            {"num_blocks": args.num_blocks}
+            if args.kv_budget_gib is None
+            else {"kv_budget_gib": args.kv_budget_gib}
+        )
+        try:
+            engine = BatchEngine(
+                model, block_size=args.block_size, max_batch=args.max_batch, backend=args.backend,
+                on_token=on_token, **pool,
+            )  # fmt: skip
+        except ValueError as exc:  # a budget too small for one row
+            raise SystemExit(f"error: {exc}") from None
         results = engine.generate(requests)
     lines = []
     for p, r in zip(prompts, results, strict=True):
         lines.append({"prompt": p, "text": tok.decode(r.tokens), **r.__dict__})
         shown = r.error or f"{tok.decode(r.tokens)!r} (memory CR {r.metrics['memory_cr']:.2f})"
         console.print(f"[bold]{p[:60]!r}[/bold] -> {shown}")
-    console.print(f"[dim]decode {engine.last_batch['decode_tokens_per_s']:.1f} tokens/s over the batch[/dim]")
+    b = engine.last_batch
+    console.print(
+        f"[dim]decode {b['decode_tokens_per_s']:.1f} tokens/s over the batch; KV pool "
+        f"{b['pool_blocks']} blocks (peak {b['peak_pool_blocks_used']} used), up to {b['peak_rows']} "
+        f"rows at once, {b['preemptions']} preemptions[/dim]"
+    )
     if args.out:
         args.out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     if all(r.error for r in results):

@@ -31,6 +31,14 @@ from dms_megatron.inference.paged_cache import CacheFullError
 from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
 
 
+def kv_bytes(model: DMSCausalLM, block_size: int) -> tuple[int, int]:
+    """``(bytes of one pool block (K and V), bytes of one row's window rings and flags)`` for ``model``
+    in its dtype: what a KV memory budget is spent on."""
+    a, elem = model.arch, torch.empty(0, dtype=model.dtype).element_size()
+    streams, w = a.num_layers * model.hkv, model.window + 1
+    return 2 * block_size * model.d * elem, streams * w * (2 * model.d * elem + 1)
+
+
 class CompressedKV:
     """Rows of sequences against shared K/V block pools; see the module docstring."""
 
@@ -143,6 +151,10 @@ class CompressedKV:
 
     def allocated_blocks(self) -> int:
         return self.num_blocks - len(self.free)
+
+    def row_blocks(self) -> torch.Tensor:
+        """Pool blocks owned per row ``[rows]`` (including each stream's reserved next block)."""
+        return (self.table >= 0).sum((0, 2, 3))
 
     # ---- decode -----------------------------------------------------------------------------------
     def _drop_graphs(self) -> None:

@@ -82,3 +82,19 @@ def test_failed_save_names_the_cause_and_keeps_the_last_checkpoint(tmp_path):
     assert f"the last complete checkpoint {tmp_path / 'iter_0000001'} is kept" in message
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert not (tmp_path / "iter_0000002").exists()
+
+
+@pytest.mark.parametrize("phase", train_ckpt_jobs.KILL_PHASES)
+def test_sigkill_during_save_resumes_from_a_complete_checkpoint(tmp_path, phase):
+    """A real SIGKILL at four points of a save: the resume takes the checkpoint before it (also when the
+    new one was already renamed into place: ``latest`` still names the old one) and loads exactly what
+    was saved there."""
+    from runner import RankFailedError
+
+    with pytest.raises(RankFailedError):
+        run_distributed(train_ckpt_jobs.killed_save_job, 1, str(tmp_path), [1, 2], phase, timeout=300)
+    res = run_distributed(train_ckpt_jobs.resume_job, 1, str(tmp_path), timeout=300)[0]
+    assert res["train_state"]["step"] == 1 and res["path"].endswith("iter_0000001"), res
+    expected = run_distributed(train_ckpt_jobs.params_after_job, 1, [1], timeout=300)[0]
+    for name, p in res["params"].items():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=0, msg=name)

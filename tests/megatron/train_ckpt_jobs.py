@@ -101,3 +101,61 @@ def size_limited_save_job(rank: int, world: int, root: str, limit: int) -> str:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
     return "saved"
+
+
+KILL_PHASES = ("writing_shards", "recording_files", "marking_complete", "updating_latest")
+
+
+def killed_save_job(rank: int, world: int, root: str, steps: list[int], phase: str) -> None:
+    """Save ``steps``; the last save is cut by a real SIGKILL of this process at ``phase``: inside the
+    shard writes (one shard written), inside the file record (half written), after the checkpoint is
+    marked complete but before its rename, or after the rename but before ``latest`` moves."""
+    from megatron.core import dist_checkpointing
+
+    from dms_megatron.training import checkpoint as ckpt
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    model = _model(world)
+    for step in steps[:-1]:
+        _bump(model, step)
+        save_checkpoint(root, step, model.sharded_state_dict(), {"consumed_samples": 8 * step})
+    _bump(model, steps[-1])
+    if phase == "writing_shards":
+
+        def cut(state_dict, directory, *a, **k):
+            (Path(directory) / f"__{rank}_0.distcp").write_bytes(b"partial")
+            die()
+
+        dist_checkpointing.save = cut
+    elif phase == "recording_files":
+
+        def cut_record(folder, *a, **k):
+            (Path(folder) / "checkpoint_files.json").write_text('{"files": {"a": ')
+            die()
+
+        ckpt.record_files = cut_record
+    elif phase == "marking_complete":
+        real_rename = Path.rename
+
+        def cut_rename(self, target):
+            if self.name.endswith(".partial"):
+                die()
+            return real_rename(self, target)
+
+        Path.rename = cut_rename
+    elif phase == "updating_latest":
+        ckpt.os.replace = lambda *a, **k: die()
+    else:
+        raise ValueError(phase)
+    save_checkpoint(root, steps[-1], model.sharded_state_dict(), {"consumed_samples": 8 * steps[-1]})
+    raise AssertionError("the save was not cut")  # unreachable: the process is gone
+
+
+def params_after_job(rank: int, world: int, steps: list[int]) -> dict:
+    """The parameters ``save_job`` holds after bumping for ``steps`` (the expected state at a step)."""
+    model = _model(world)
+    for step in steps:
+        _bump(model, step)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

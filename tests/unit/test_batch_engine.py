@@ -1,7 +1,8 @@
 """The batched (GPU) engine on CPU: its tensor cache equals the per-token reference path and the dense
 oracle (logits, held tokens per stream), for both variants, chunked prefill, multi-turn, mixed-length
-continuous batching (sampling, stop tokens and bad requests: tests/unit/test_inference_engine.py); the
-paged decode reference equals plain attention."""
+continuous batching (sampling, stop tokens and bad requests: tests/unit/test_inference_engine.py);
+admission by the blocks requests really hold, preemption and KV budgets; the paged decode reference
+equals plain attention."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from dms_megatron.inference.batch_engine import BatchEngine
-from dms_megatron.inference.compressed_cache import CompressedKV
+from dms_megatron.inference.compressed_cache import CompressedKV, kv_bytes
 from dms_megatron.inference.engine import Request
+from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
 from tests.unit.test_inference_engine import _greedy_oracle
 from tests.unit.test_inference_model import _with_dms, tiny  # noqa: F401  (module fixture)
@@ -147,3 +149,69 @@ def test_paged_decode_reference_and_merge_equal_plain_attention() -> None:
     assert torch.isinf(lse[0]).all() and (out[0] == 0).all()
     with pytest.raises(ValueError, match="needs CUDA"):
         paged_decode_attention(q, kp, vp, table, lengths, backend="triton")
+
+
+def _queue_of_prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (40, 36, 44, 30, 38, 42)]
+
+
+def test_admission_by_compressed_size_preempts_and_keeps_every_token(tiny) -> None:  # noqa: F811
+    """A pool too small for all rows: requests queue, the youngest row is preempted when a decode step
+    finds no block, and every request still gives the oracle's tokens, streamed once each. The DMS
+    model holds fewer blocks per request, so the same pool runs more rows at once than the dense one."""
+    prompts = _queue_of_prompts()
+    reports = {}
+    for name, model in (
+        ("dms", _with_dms(tiny[1], "adapter", "head", 4)),
+        ("dense", DMSCausalLM.from_pretrained(tiny[1])),
+    ):
+        streamed: list[tuple[int, int]] = []
+        engine = BatchEngine(
+            model, num_blocks=120, block_size=4, max_batch=6, prefill_chunk=16,
+            on_token=lambda i, tok, cr, streamed=streamed: streamed.append((i, tok)),
+        )  # fmt: skip
+        results = engine.generate([Request(p, max_new_tokens=12) for p in prompts])
+        for p, r in zip(prompts, results, strict=True):
+            assert r.finish_reason == "length", r.error
+            assert r.tokens == _greedy_oracle(model, p, 12)
+            assert r.metrics["queue_s"] >= 0 and r.metrics["kv_blocks"] > 0
+        assert sorted(streamed) == sorted((i, t) for i, r in enumerate(results) for t in r.tokens)
+        batch = engine.last_batch
+        assert batch["peak_pool_blocks_used"] <= batch["pool_blocks"] == 120
+        assert batch["preemptions"] == sum(r.metrics["preemptions"] for r in results) >= 1
+        assert batch["admissions"] == len(prompts) + batch["preemptions"]
+        assert engine.cache.allocated_blocks() == 0 and engine.cache.rows == 0
+        reports[name] = (batch, [r.metrics["kv_blocks"] for r in results])
+    (dms, dms_blocks), (dense, dense_blocks) = reports["dms"], reports["dense"]
+    assert sum(dms_blocks) < sum(dense_blocks)
+    assert (
+        dms["peak_rows"] > dense["peak_rows"]
+        and dms["mean_rows_per_decode_step"] > dense["mean_rows_per_decode_step"]
+    )
+
+
+def test_a_request_that_cannot_fit_alone_fails_and_the_others_run(tiny) -> None:  # noqa: F811
+    model = DMSCausalLM.from_pretrained(tiny[1])  # dense: 40+ tokens per stream need more than 60 blocks
+    prompts = [*_queue_of_prompts()[:2], [1, 2, 3]]
+    results = BatchEngine(model, num_blocks=60, block_size=4, max_batch=4).generate(
+        [Request(p, max_new_tokens=12) for p in prompts]
+    )
+    assert [r.finish_reason for r in results] == ["error", "error", "length"]
+    assert "does not fit" in results[0].error
+    assert results[2].tokens == _greedy_oracle(model, prompts[2], 12)
+
+
+def test_kv_budget_pays_the_rings_then_the_pool(tiny) -> None:  # noqa: F811
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    block, ring = kv_bytes(model, 4)
+    streams, w = 3 * 2, 5
+    assert block == 2 * 4 * 16 * 4 and ring == streams * w * (2 * 16 * 4 + 1)  # fp32, head dim 16
+    budget = 0.001  # GiB
+    engine = BatchEngine(model, block_size=4, max_batch=3, kv_budget_gib=budget)
+    assert engine.cache.num_blocks == int((budget * 2**30 - 3 * ring) // block)
+    assert engine.kv_budget_bytes <= budget * 2**30
+    with pytest.raises(ValueError, match="lower max_batch"):
+        BatchEngine(model, block_size=4, max_batch=5000, kv_budget_gib=budget)
+    with pytest.raises(ValueError, match="exactly one"):
+        BatchEngine(model, num_blocks=10, kv_budget_gib=budget)

@@ -74,6 +74,7 @@ MODES = [["--prompt", "w3 w4"], ["--prompts-file", "p.jsonl"], ["--interactive"]
         ("--temperature", "-1", "--temperature"),
         ("--top-p", "2", "--top-p"),
         ("--top-p", "0", "--top-p"),
+        ("--kv-budget-gib", "0", "--kv-budget-gib"),
         ("--max-new-tokens", "-1", "--max-new-tokens"),
         ("--num-blocks", "0", "--num-blocks"),
     ],

@@ -1,0 +1,183 @@
+"""Serving throughput at a fixed KV memory budget: DMS vs the same weights with eviction off (dense), same
+engine (``BatchEngine``), same process.
+
+    python benchmarks/serve_bench.py --model exports/cr8 --text held_out.txt --out serve.json
+    python benchmarks/serve_bench.py --random-smollm2 --prompt-lengths 4096 --kv-budget-gib 2   # a probe
+
+For every (prompt length, KV budget, mode): ``--requests`` prompts (windows of ``--text`` at distinct
+offsets, or random ids) + ``--new-tokens`` generated greedily (no stop token: every request generates
+the same number), all submitted at once to an engine whose KV memory is the budget (window rings of
+``--max-batch`` rows + block pool; admission by the blocks requests really hold, preemption when the
+pool runs out). Reported: requests finished, the most rows decoding at once and the mean per step,
+decode tokens/s over the run, time per output token (the decode step, p50 / p99), prefill tokens/s,
+memory CR, preemptions, queue time, wall time; then DMS / dense ratios. ``--equal-batch B``: also both
+modes at batch B with a pool large enough for dense (``decode_bench.run_one``: per-step latency at
+equal batch). A prompt length the model's context cannot hold is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gib: float, args) -> dict:
+    from dms_megatron.inference.batch_engine import BatchEngine
+    from dms_megatron.inference.engine import Request
+
+    engine = BatchEngine(
+        model,
+        block_size=args.block_size,
+        max_batch=args.max_batch,
+        backend=args.backend,
+        kv_budget_gib=budget_gib,
+    )
+    t0 = time.perf_counter()
+    results = engine.generate([Request(p, max_new_tokens=new_tokens) for p in prompts])
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r.error is None]
+    b = engine.last_batch
+    prefill_s = sum(
+        len(p) / r.metrics["prefill_tokens_per_s"]
+        for p, r in zip(prompts, results, strict=True)
+        if r.error is None
+    )
+    return {
+        "requests": len(prompts),
+        "finished": len(done),
+        "errors": sorted({r.error for r in results if r.error})[:3],
+        "peak_rows": b["peak_rows"],
+        "mean_rows_per_decode_step": b["mean_rows_per_decode_step"],
+        "decode_tokens_per_s": b["decode_tokens_per_s"],
+        "tpot_ms_p50": b["decode_step_ms_p50"],
+        "tpot_ms_p99": b["decode_step_ms_p99"],
+        "prefill_tokens_per_s": sum(len(p) for p, r in zip(prompts, results, strict=True) if r.error is None)
+        / max(prefill_s, 1e-9),
+        "memory_cr": statistics.mean(r.metrics["memory_cr"] for r in done) if done else None,
+        "kv_budget_bytes": b["kv_budget_bytes"],
+        "pool_blocks": b["pool_blocks"],
+        "peak_pool_blocks_used": b["peak_pool_blocks_used"],
+        "preemptions": b["preemptions"],
+        "queue_s_mean": b["queue_s_mean"],
+        "wall_s": wall,
+        "output_tokens_per_s_wall": len(done) * new_tokens / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    from decode_bench import random_smollm2, run_one
+
+    from dms_megatron.inference.model import DMSCausalLM
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="exported HF folder with a dms block")
+    src.add_argument(
+        "--random-smollm2", action="store_true", help="random SmolLM2-135M-shaped weights (probe)"
+    )
+    ap.add_argument("--text", type=Path, help="text file for the prompts (default: random token ids)")
+    ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--kv-budget-gib", type=float, nargs="+", default=[8.0, 32.0])
+    ap.add_argument("--requests", type=int, default=96, help="requests per run, all submitted at once")
+    ap.add_argument("--max-batch", type=int, default=128, help="rows decoding at once at most")
+    ap.add_argument("--equal-batch", type=int, default=32, help="also both modes at this batch (0: skip)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (a smoke run)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("serve_bench.py measures GPU throughput: it needs CUDA (--device cpu: a smoke run)")
+    dtype = getattr(torch, args.dtype)
+    if args.random_smollm2:
+        model = random_smollm2(args.device)
+        model.w = {k: v.to(dtype) for k, v in model.w.items()}
+    else:
+        model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+        if model.dms is None:
+            raise SystemExit(f"{args.model}: config.json has no dms block")
+    longest = max(args.prompt_lengths) + args.new_tokens
+    if args.text:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(args.model)(args.text.read_text())["input_ids"]
+    else:
+        ids = torch.randint(
+            0, model.arch.vocab_size, (longest * 4,), generator=torch.Generator().manual_seed(0)
+        ).tolist()
+    dms_block = model.dms
+    report: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "model": args.model or "random-smollm2",
+        "dms": None if dms_block is None else dataclasses.asdict(dms_block),
+        "runs": [],
+        "equal_batch": [],
+    }
+    for mode in ("dms", "dense"):  # warm-up: Triton compilation and lazy CUDA state outside the timings
+        model.dms = dms_block if mode == "dms" else None
+        run_one(model, [ids[:256]], 4, args.block_size, args.backend)
+    context = model.arch.max_position_embeddings
+    for length in args.prompt_lengths:
+        if length + args.new_tokens > context:
+            report["runs"].append(
+                {"prompt_tokens": length, "skipped": f"beyond the model context ({context})"}
+            )
+            print(f"prompt {length}: skipped (model context {context})", flush=True)
+            continue
+        stride = max(1, (len(ids) - length) // max(args.requests, 1))
+        prompts = [
+            (ids * (1 + (length + i * stride) // len(ids)))[i * stride : i * stride + length]
+            for i in range(args.requests)
+        ]
+        for budget in args.kv_budget_gib:
+            pair = {}
+            for mode in ("dms", "dense"):
+                model.dms = dms_block if mode == "dms" else None
+                try:
+                    res = fixed_budget_run(model, prompts, args.new_tokens, budget, args)
+                except ValueError as exc:  # a budget too small for one row of this mode
+                    res = {"skipped": str(exc)}
+                row = {"mode": mode, "prompt_tokens": length, "kv_budget_gib": budget, **res}
+                print(json.dumps(row), flush=True)
+                report["runs"].append(row)
+                pair[mode] = row
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+            if all("decode_tokens_per_s" in r for r in pair.values()):
+                ratio = {
+                    "prompt_tokens": length,
+                    "kv_budget_gib": budget,
+                    "decode_tokens_per_s_dms_over_dense": pair["dms"]["decode_tokens_per_s"]
+                    / pair["dense"]["decode_tokens_per_s"],
+                    "peak_rows_dms_over_dense": pair["dms"]["peak_rows"] / max(pair["dense"]["peak_rows"], 1),
+                }
+                print(json.dumps(ratio), flush=True)
+                report["runs"].append(ratio)
+        if args.equal_batch:
+            for mode in ("dms", "dense"):
+                model.dms = dms_block if mode == "dms" else None
+                res = run_one(
+                    model, prompts[: args.equal_batch], args.new_tokens, args.block_size, args.backend
+                )
+                row = {"mode": mode, **res}
+                print(json.dumps(row), flush=True)
+                report["equal_batch"].append(row)
+    model.dms = dms_block
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

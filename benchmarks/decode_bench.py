@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -158,43 +159,59 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from dms_megatron.inference.model import DMSCausalLM
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--model`` / ``--random-smollm2``, ``--text`` and ``--device`` (shared with serve_bench.py)."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="exported HF folder with a dms block")
     src.add_argument(
         "--random-smollm2", action="store_true", help="random SmolLM2-135M-shaped weights (probe)"
     )
     ap.add_argument("--text", type=Path, help="text file for the prompts (default: random token ids)")
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (a smoke run)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+
+
+def load_model_and_ids(args: argparse.Namespace, tokens: int, dtype=None):
+    """The model (bf16 unless ``dtype``) and at least ``tokens`` prompt token ids (the text's, or random)."""
+    import torch
+
+    from dms_megatron.inference.model import DMSCausalLM
+
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("decode_bench.py measures GPU throughput: it needs CUDA (--device cpu: a smoke run)")
+        raise SystemExit(
+            f"{Path(sys.argv[0]).name} measures GPU throughput: it needs CUDA (--device cpu: a smoke run)"
+        )
+    dtype = dtype or torch.bfloat16
     if args.random_smollm2:
         model = random_smollm2(args.device)
+        model.w = {k: v.to(dtype) for k, v in model.w.items()}
     else:
-        model = DMSCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device=args.device)
+        model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
         if model.dms is None:
             raise SystemExit(f"{args.model}: config.json has no dms block")
-    prompt_len = args.context - args.new_tokens
     if args.text:
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(args.model)(args.text.read_text())["input_ids"]
     else:
-        ids = torch.randint(
-            0, model.arch.vocab_size, (prompt_len * 4,), generator=torch.Generator().manual_seed(0)
-        ).tolist()
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.arch.vocab_size, (tokens * 4,), generator=gen).tolist()
+    return model, ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    prompt_len = args.context - args.new_tokens
+    model, ids = load_model_and_ids(args, prompt_len)
     dms_block = model.dms
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"device": name, "context": args.context, "runs": []}

@@ -73,17 +73,10 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
 
 def main(argv: list[str] | None = None) -> None:
     import torch
-    from decode_bench import random_smollm2, run_one
-
-    from dms_megatron.inference.model import DMSCausalLM
+    from decode_bench import add_model_arguments, load_model_and_ids, run_one
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="exported HF folder with a dms block")
-    src.add_argument(
-        "--random-smollm2", action="store_true", help="random SmolLM2-135M-shaped weights (probe)"
-    )
-    ap.add_argument("--text", type=Path, help="text file for the prompts (default: random token ids)")
+    add_model_arguments(ap)
     ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--kv-budget-gib", type=float, nargs="+", default=[8.0, 32.0])
@@ -92,29 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--equal-batch", type=int, default=32, help="also both modes at this batch (0: skip)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (a smoke run)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("serve_bench.py measures GPU throughput: it needs CUDA (--device cpu: a smoke run)")
-    dtype = getattr(torch, args.dtype)
-    if args.random_smollm2:
-        model = random_smollm2(args.device)
-        model.w = {k: v.to(dtype) for k, v in model.w.items()}
-    else:
-        model = DMSCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device)
-        if model.dms is None:
-            raise SystemExit(f"{args.model}: config.json has no dms block")
-    longest = max(args.prompt_lengths) + args.new_tokens
-    if args.text:
-        from transformers import AutoTokenizer
-
-        ids = AutoTokenizer.from_pretrained(args.model)(args.text.read_text())["input_ids"]
-    else:
-        ids = torch.randint(
-            0, model.arch.vocab_size, (longest * 4,), generator=torch.Generator().manual_seed(0)
-        ).tolist()
+    model, ids = load_model_and_ids(
+        args, max(args.prompt_lengths) + args.new_tokens, getattr(torch, args.dtype)
+    )
     dms_block = model.dms
     report: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

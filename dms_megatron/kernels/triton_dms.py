@@ -41,6 +41,31 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
+def _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS: tl.constexpr,
+                   HAS_DOCS: tl.constexpr):  # fmt: skip
+    """Base-2 scores of a block near the diagonal: causal, the bias only beyond the window, other
+    documents and columns past T at -inf."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    age = offs_m[:, None] - offs_n[None, :]
+    if HAS_BIAS:
+        s += tl.where(age > window, bias[None, :], 0.0)
+    ok = (age >= 0) & col_ok[None, :]
+    if HAS_DOCS:
+        ok = ok & (offs_n[None, :] >= q_doc[:, None])
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc, v):
+    """One key block of the online softmax: running max, normaliser and output accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LK, DS, Out, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
@@ -65,6 +90,7 @@ def _fwd_kernel(
     v_base = V + b * svb + hk * svh
     lk_base = LK + b * slb + hk * slh
     lo = 0
+    q_doc = offs_m  # replaced below with packed documents; unused otherwise
     if HAS_DOCS:
         q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
         lo = (tl.min(q_doc, axis=0) // BN) * BN
@@ -85,35 +111,18 @@ def _fwd_kernel(
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
         if HAS_DOCS:
             s = tl.where(offs_n[None, :] >= q_doc[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        age = offs_m[:, None] - offs_n[None, :]
+        bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
-            s += tl.where(age > window, bias[None, :], 0.0)
-        ok = (age >= 0) & col_ok[None, :]
-        if HAS_DOCS:
-            ok = ok & (offs_n[None, :] >= q_doc[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(
@@ -245,6 +254,7 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     lk_base = LK + b * slb + hk * slh
     lo = 0
+    q_doc = offs_m  # replaced below with packed documents; unused otherwise
     if HAS_DOCS:
         q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
         lo = (tl.min(q_doc, axis=0) // BN) * BN
@@ -271,15 +281,11 @@ def _bwd_dq_kernel(
         col_ok = offs_n < T
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        age = offs_m[:, None] - offs_n[None, :]
+        bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
-            s += tl.where(age > window, bias[None, :], 0.0)
-        ok = (age >= 0) & col_ok[None, :]
-        if HAS_DOCS:
-            ok = ok & (offs_n[None, :] >= q_doc[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        s = _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS)
+        p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)

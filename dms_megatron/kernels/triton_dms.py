@@ -66,6 +66,24 @@ def _softmax_step(s, m_i, l_i, acc, v):
 
 
 @triton.jit
+def _key_range(q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Key blocks a query block visits: from ``lo`` (its earliest document start) to ``hi`` (the
+    diagonal); below ``full_end`` every key is older than the window (without bias: strictly in the
+    past) for every query of the block, so those blocks need no causal or window mask. Also each
+    query's document start (``q_doc``; the positions themselves without documents, unused then)."""
+    lo = 0
+    q_doc = offs_m
+    if HAS_DOCS:
+        q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+        lo = (tl.min(q_doc, axis=0) // BN) * BN
+    hi = tl.minimum(q_first + BM, T)
+    full_end = q_first - window if HAS_BIAS else q_first
+    full_end = tl.maximum((tl.maximum(full_end, 0) // BN) * BN, lo)
+    return q_doc, lo, full_end, hi
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LK, DS, Out, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
@@ -89,16 +107,9 @@ def _fwd_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     lk_base = LK + b * slb + hk * slh
-    lo = 0
-    q_doc = offs_m  # replaced below with packed documents; unused otherwise
-    if HAS_DOCS:
-        q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-        lo = (tl.min(q_doc, axis=0) // BN) * BN
-    hi = tl.minimum(q_first + BM, T)
-    # keys below `full_end` are older than the window (or, without bias, strictly in the past) for every
-    # query of the block: no causal or window mask there
-    full_end = q_first - window if HAS_BIAS else q_first
-    full_end = tl.maximum((tl.maximum(full_end, 0) // BN) * BN, lo)
+    q_doc, lo, full_end, hi = _key_range(
+        q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
+    )
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -253,14 +264,9 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     lk_base = LK + b * slb + hk * slh
-    lo = 0
-    q_doc = offs_m  # replaced below with packed documents; unused otherwise
-    if HAS_DOCS:
-        q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-        lo = (tl.min(q_doc, axis=0) // BN) * BN
-    hi = tl.minimum(q_first + BM, T)
-    full_end = q_first - window if HAS_BIAS else q_first
-    full_end = tl.maximum((tl.maximum(full_end, 0) // BN) * BN, lo)
+    q_doc, lo, full_end, hi = _key_range(
+        q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
+    )
 
     dq = tl.zeros([BM, D], tl.float32)
     for start in range(lo, full_end, BN):

@@ -86,16 +86,18 @@ def errors(case: dict, dtype: torch.dtype = torch.float32) -> tuple[list[float],
 
 
 def main() -> None:
-    n, seed = int(sys.argv[1]), int(sys.argv[2])
+    n, seed, n_other, n_repeat = (int(x) for x in sys.argv[1:5])
     report: dict = {"default_blocks": [], "other_blocks": [], "fp16": []}
-    for case in cases(n, seed):
+    for i, case in enumerate(cases(n, seed)):
         errs, first = errors(case)
-        _, again = errors(case)
-        same = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-        report["default_blocks"].append({"case": case, "errors": errs, "bitwise_repeat": same})
+        row = {"case": case, "errors": errs}
+        if i < n_repeat:  # run again: bitwise the same
+            _, again = errors(case)
+            row["bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        report["default_blocks"].append(row)
     # the GPU tilings' shape: query and key blocks of different sizes in each kernel
     triton_dms._blocks = lambda d, dv, interpret: {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
-    for case in cases(n, seed + 1):
+    for case in cases(n_other, seed + 1):
         report["other_blocks"].append({"case": case, "errors": errors(case)[0]})
     for case in cases(2, seed + 2):
         report["fp16"].append({"case": case, "errors": errors(case, torch.float16)[0]})

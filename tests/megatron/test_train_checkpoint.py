@@ -84,17 +84,30 @@ def test_failed_save_names_the_cause_and_keeps_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "iter_0000002").exists()
 
 
-@pytest.mark.parametrize("phase", train_ckpt_jobs.KILL_PHASES)
-def test_sigkill_during_save_resumes_from_a_complete_checkpoint(tmp_path, phase):
-    """A real SIGKILL at four points of a save: the resume takes the checkpoint before it (also when the
-    new one was already renamed into place: ``latest`` still names the old one) and loads exactly what
-    was saved there."""
+def test_save_cut_anywhere_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """A save cut at four points (inside the shard writes, inside the file record, before the rename,
+    after it but before ``latest`` moves): resume takes the checkpoint before it (``latest`` still names
+    it) and loads exactly what was saved there. Two cuts are real SIGKILLs of the saving process; the
+    other two stop the save by an exception nothing catches, which leaves the same files behind."""
     from runner import RankFailedError
 
-    with pytest.raises(RankFailedError):
-        run_distributed(train_ckpt_jobs.killed_save_job, 1, str(tmp_path), [1, 2], phase, timeout=300)
-    res = run_distributed(train_ckpt_jobs.resume_job, 1, str(tmp_path), timeout=300)[0]
-    assert res["train_state"]["step"] == 1 and res["path"].endswith("iter_0000001"), res
-    expected = run_distributed(train_ckpt_jobs.params_after_job, 1, [1], timeout=300)[0]
-    for name, p in res["params"].items():
-        torch.testing.assert_close(p, expected[name], rtol=0, atol=0, msg=name)
+    phases = list(train_ckpt_jobs.KILL_PHASES)
+    for phase in ("writing_shards", "marking_complete"):
+        with pytest.raises(RankFailedError):
+            run_distributed(
+                train_ckpt_jobs.killed_save_job, 1, str(tmp_path), [1, 2], [phase], True, timeout=300
+            )
+    run_distributed(
+        train_ckpt_jobs.killed_save_job,
+        1,
+        str(tmp_path),
+        [1, 2],
+        ["recording_files", "updating_latest"],
+        False,
+    )
+    res = run_distributed(train_ckpt_jobs.resume_after_cut_job, 1, str(tmp_path), phases, timeout=300)[0]
+    for phase in phases:
+        got = res["resumed"][phase]
+        assert got["train_state"]["step"] == 1 and got["path"].endswith("iter_0000001"), (phase, got["path"])
+        for name, p in got["params"].items():
+            torch.testing.assert_close(p, res["step1"][name], rtol=0, atol=0, msg=f"{phase}: {name}")

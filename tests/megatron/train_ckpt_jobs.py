@@ -106,34 +106,28 @@ def size_limited_save_job(rank: int, world: int, root: str, limit: int) -> str:
 KILL_PHASES = ("writing_shards", "recording_files", "marking_complete", "updating_latest")
 
 
-def killed_save_job(rank: int, world: int, root: str, steps: list[int], phase: str) -> None:
-    """Save ``steps``; the last save is cut by a real SIGKILL of this process at ``phase``: inside the
-    shard writes (one shard written), inside the file record (half written), after the checkpoint is
-    marked complete but before its rename, or after the rename but before ``latest`` moves."""
+class _Cut(BaseException):
+    """An abrupt stop raised inside a save: like a kill, nothing of the save cleans up after it."""
+
+
+def _cut_save_at(phase: str, rank: int, stop) -> None:
+    """Patch ``save_checkpoint``'s steps so that ``stop()`` happens at ``phase`` (see ``KILL_PHASES``)."""
     from megatron.core import dist_checkpointing
 
     from dms_megatron.training import checkpoint as ckpt
 
-    def die() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    model = _model(world)
-    for step in steps[:-1]:
-        _bump(model, step)
-        save_checkpoint(root, step, model.sharded_state_dict(), {"consumed_samples": 8 * step})
-    _bump(model, steps[-1])
     if phase == "writing_shards":
 
         def cut(state_dict, directory, *a, **k):
             (Path(directory) / f"__{rank}_0.distcp").write_bytes(b"partial")
-            die()
+            stop()
 
         dist_checkpointing.save = cut
     elif phase == "recording_files":
 
         def cut_record(folder, *a, **k):
             (Path(folder) / "checkpoint_files.json").write_text('{"files": {"a": ')
-            die()
+            stop()
 
         ckpt.record_files = cut_record
     elif phase == "marking_complete":
@@ -141,21 +135,58 @@ def killed_save_job(rank: int, world: int, root: str, steps: list[int], phase: s
 
         def cut_rename(self, target):
             if self.name.endswith(".partial"):
-                die()
+                stop()
             return real_rename(self, target)
 
         Path.rename = cut_rename
     elif phase == "updating_latest":
-        ckpt.os.replace = lambda *a, **k: die()
+        ckpt.os.replace = lambda *a, **k: stop()
     else:
         raise ValueError(phase)
-    save_checkpoint(root, steps[-1], model.sharded_state_dict(), {"consumed_samples": 8 * steps[-1]})
-    raise AssertionError("the save was not cut")  # unreachable: the process is gone
 
 
-def params_after_job(rank: int, world: int, steps: list[int]) -> dict:
-    """The parameters ``save_job`` holds after bumping for ``steps`` (the expected state at a step)."""
-    model = _model(world)
-    for step in steps:
-        _bump(model, step)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def killed_save_job(
+    rank: int, world: int, root: str, steps: list[int], phases: list[str], kill: bool
+) -> None:
+    """For each phase, in its own folder ``root/phase``: save ``steps``, the last save cut at that phase,
+    inside the shard writes (one shard written), inside the file record (half written), after the
+    checkpoint is marked complete but before its rename, or after the rename before ``latest`` moves.
+    ``kill``: by a real SIGKILL of this process (one phase only), else by an exception nothing catches
+    (the same files stay behind: no cleanup runs on either path)."""
+    from megatron.core import dist_checkpointing
+
+    from dms_megatron.training import checkpoint as ckpt
+
+    def die() -> None:
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise _Cut
+
+    saved = (dist_checkpointing.save, ckpt.record_files, Path.rename, ckpt.os.replace)
+    for phase in phases:
+        folder = str(Path(root) / phase)
+        model = _model(world)
+        for step in steps[:-1]:
+            _bump(model, step)
+            save_checkpoint(folder, step, model.sharded_state_dict(), {"consumed_samples": 8 * step})
+        _bump(model, steps[-1])
+        _cut_save_at(phase, rank, die)
+        try:
+            save_checkpoint(
+                folder, steps[-1], model.sharded_state_dict(), {"consumed_samples": 8 * steps[-1]}
+            )
+            raise AssertionError(f"the save was not cut at {phase}")
+        except _Cut:
+            pass
+        finally:
+            dist_checkpointing.save, ckpt.record_files, Path.rename, ckpt.os.replace = saved
+
+
+def resume_after_cut_job(rank: int, world: int, root: str, phases: list[str]) -> dict:
+    """``resume_job`` in each phase's folder, and the parameters of a model bumped for step 1 only."""
+    expected = _model(world)
+    _bump(expected, 1)
+    return {
+        "resumed": {phase: resume_job(rank, world, str(Path(root) / phase)) for phase in phases},
+        "step1": {n: p.detach().clone() for n, p in expected.named_parameters()},
+    }

@@ -57,12 +57,33 @@ def tiny_config(
     return cfg
 
 
-def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int | None = None) -> dict:
+def retrofit_job(
+    rank: int,
+    world: int,
+    cfg: dict[str, Any],
+    preempt_after: int | None = None,
+    profile_step: int | None = None,
+) -> dict:
     """Run a retrofit; ``preempt_after``: rank 0 sends itself SIGUSR1 after that many steps (0: while the
-    models are being built, before the first step)."""
+    models are being built, before the first step); ``profile_step``: that step runs under
+    ``step_profile.profile_steps`` (its summary is returned as ``profile``)."""
     from dms_megatron.training import setup
     from dms_megatron.training.metrics import read_metrics
     from dms_megatron.training.run import run_retrofit
+    from dms_megatron.training.step_profile import profile_steps
+    from dms_megatron.training.trainer import RetrofitTrainer
+
+    train_step = RetrofitTrainer.train_step
+    profiles: list[dict] = []
+
+    def profiled(self, step):
+        if step != profile_step:
+            return train_step(self, step)
+        result: list[Any] = []
+        profiles.append(profile_steps(lambda s: result.append(train_step(self, s)), step, 1))
+        return result[0]
+
+    RetrofitTrainer.train_step = profiled
 
     build_models = setup.build_models
     if preempt_after == 0 and rank == 0:
@@ -81,8 +102,13 @@ def retrofit_job(rank: int, world: int, cfg: dict[str, Any], preempt_after: int 
         summary = run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"], on_step=on_step)
     finally:
         setup.build_models = build_models  # the rank may run further jobs (runner's pool)
+        RetrofitTrainer.train_step = train_step
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
-    return {"summary": summary, "metrics": read_metrics(path) if os.path.isfile(path) else None}
+    return {
+        "summary": summary,
+        "metrics": read_metrics(path) if os.path.isfile(path) else None,
+        "profile": profiles[0] if profiles else None,
+    }
 
 
 def recompute_settings_job(rank: int, world: int, cfg: dict[str, Any], modes: list[str]) -> dict[str, Any]:
@@ -147,30 +173,3 @@ def nonfinite_job(rank: int, world: int, cfg: dict[str, Any], nan_steps: list[in
         RetrofitTrainer._loss = original
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
     return {"error": error, "metrics": read_metrics(path) if os.path.isfile(path) else None}
-
-
-def profiled_step_job(rank: int, world: int, cfg: dict[str, Any], profile_step: int) -> dict:
-    """A retrofit whose step ``profile_step`` runs under ``step_profile.profile_steps``: the summary and
-    the run's metrics."""
-    from dms_megatron.training.metrics import read_metrics
-    from dms_megatron.training.run import run_retrofit
-    from dms_megatron.training.step_profile import profile_steps
-    from dms_megatron.training.trainer import RetrofitTrainer
-
-    original = RetrofitTrainer.train_step
-    summaries: list[dict] = []
-
-    def profiled(self, step):
-        if step != profile_step:
-            return original(self, step)
-        result: list[Any] = []
-        summaries.append(profile_steps(lambda s: result.append(original(self, s)), step, 1))
-        return result[0]
-
-    RetrofitTrainer.train_step = profiled
-    try:
-        run_retrofit(RetrofitConfig.from_dict(cfg), cfg, ["test"])
-    finally:
-        RetrofitTrainer.train_step = original
-    path = os.path.join(cfg["run_dir"], "metrics.jsonl")
-    return {"profile": summaries[0], "metrics": read_metrics(path) if os.path.isfile(path) else None}

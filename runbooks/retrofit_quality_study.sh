@@ -9,6 +9,9 @@
 #   bash runbooks/retrofit_quality_study.sh evaluate  # carry .carry (right after study: same machine)
 #   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
 #        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
+#   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry .carry (after evaluate: the exports
+#        # are on the machine): the decode GPU tests, then benchmarks/serve_bench.py on each exported run
+#        # (default smollm2_cr8 smollm2_cr4) with the split and the fused decode kernels
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
@@ -18,7 +21,7 @@
 # GGUF split in 45 MB pieces; data/prose.*: English prose (Debian's python3.11-doc and part of
 # linux-doc-6.1), tokenised here with launch/preprocess.py. Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: stash | study | evaluate | one}
+PHASE=${1:?phase: stash | study | evaluate | one | serve}
 shift
 STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr8_adapter_w64
 OUT=${OUT:-/tmp/gpu_out}
@@ -64,6 +67,23 @@ one)  # one recipe trained alone, then its equal-memory perplexity / KL table, i
         --train-seconds "$(left 430)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
     timeout -k 5 "$(left 545)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
         --deadline "$(left 535)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
+    ;;
+serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs eviction off
+    setup
+    record_gpu
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_decode.py > "$OUT/gpu_tests.log" 2>&1 || true
+    tail -3 "$OUT/gpu_tests.log"
+    RUNS=("${STUDY_ARGS[@]}")
+    [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
+    for run in "${RUNS[@]}"; do
+        for backend in triton fused; do
+            timeout -k 5 130 python3 benchmarks/serve_bench.py --model "exports/study/$run" \
+                --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib 8 32 \
+                --requests 96 --max-batch 128 --equal-batch 32 --backend "$backend" \
+                --out "$OUT/serve_${run}_${backend}.json" > "$OUT/serve_${run}_${backend}.log" 2>&1 || true
+            tail -4 "$OUT/serve_${run}_${backend}.log"
+        done
+    done
     ;;
 evaluate)
     setup

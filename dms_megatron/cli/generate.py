@@ -49,7 +49,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
     ap.add_argument(
-        "--backend", default="auto", help="paged decode kernel: auto, reference, triton, flash_attn"
+        "--backend",
+        default="auto",
+        help="decode attention: auto, reference, triton, flash_attn, fused (pages and window ring in one "
+        "kernel; opt-in until GPU-checked)",
     )
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 manifest check of the weights")
     return ap.parse_args(argv)

@@ -28,7 +28,7 @@ import torch
 from dms_megatron.core.dms_rules import evicts, visible
 from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.inference.paged_cache import CacheFullError
-from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention
+from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention, pick_backend
 
 
 def kv_bytes(model: DMSCausalLM, block_size: int) -> tuple[int, int]:
@@ -55,6 +55,7 @@ class CompressedKV:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         a = model.arch
         self.model, self.backend = model, backend
+        self.fused = pick_backend(model.device, block_size, backend) == "fused"
         self.L, self.H, self.D, self.g = a.num_layers, model.hkv, model.d, model.hq // model.hkv
         self.W = model.window + 1
         self.bs = block_size
@@ -189,6 +190,9 @@ class CompressedKV:
         slot = pos % W
         h = m.w["model.embed_tokens.weight"][tokens]
         ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W] after the write
+        ring_len = (pos + 1).clamp(max=W).repeat_interleave(H)  # [R * H]: valid slots, a prefix
+        if self.fused:
+            from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
         for layer in range(self.L):
             q, k, v, logits = m.attention_inputs(layer, h, pos)
             flag = self.ring_flag[layer]
@@ -203,21 +207,33 @@ class CompressedKV:
             self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
             flag[rows, :, slot] = torch.zeros_like(kept)
             qs = q.view(R * H, g, self.D).to(self.k_pool.dtype)
-            paged = paged_decode_attention(
-                qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
-                self.paged[layer].view(-1), backend=self.backend,
-            )  # fmt: skip
-            scores = torch.einsum(
-                "rhgd,rhwd->rhgw", q.view(R, H, g, self.D).float(), self.ring_k[layer].float()
-            )
-            scores = scores / math.sqrt(self.D)
-            scores = scores.masked_fill(~ring_valid[:, None, None], -math.inf)
-            lse = torch.logsumexp(scores, -1)
-            ring = (torch.softmax(scores, -1) @ self.ring_v[layer].float(), lse)
-            out = merge_attention([(paged[0].view(R, H, g, -1), paged[1].view(R, H, g)), ring])
+            if self.fused:  # pages and ring in one kernel, then one merge kernel
+                out = ring_paged_decode_attention(
+                    qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
+                    self.paged[layer].view(-1), self.ring_k[layer].view(R * H, W, self.D),
+                    self.ring_v[layer].view(R * H, W, -1), ring_len,
+                ).view(R, H, g, -1)  # fmt: skip
+            else:
+                out = self._paged_and_ring(layer, q, qs, ring_valid)
             h = m.finish_layer(layer, h, out.reshape(R, -1).to(h.dtype))
         self.seen += 1
         return m.head(h)
+
+    def _paged_and_ring(
+        self, layer: int, q: torch.Tensor, qs: torch.Tensor, ring_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention over the pages (paged decode kernel) and the ring (torch), merged by log-sum-exp."""
+        R, H, g = self.rows, self.H, self.g
+        paged = paged_decode_attention(
+            qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
+            self.paged[layer].view(-1), backend=self.backend,
+        )  # fmt: skip
+        scores = torch.einsum("rhgd,rhwd->rhgw", q.view(R, H, g, self.D).float(), self.ring_k[layer].float())
+        scores = scores / math.sqrt(self.D)
+        scores = scores.masked_fill(~ring_valid[:, None, None], -math.inf)
+        lse = torch.logsumexp(scores, -1)
+        ring = (torch.softmax(scores, -1) @ self.ring_v[layer].float(), lse)
+        return merge_attention([(paged[0].view(R, H, g, -1), paged[1].view(R, H, g)), ring])
 
     def _write_page(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k, v [R, H, D]`` into each stream's next page slot (not yet counted as held)."""

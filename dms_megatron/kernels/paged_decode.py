@@ -14,6 +14,8 @@ Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-de
 ``flash_attn`` (``flash_attn_with_kvcache`` with ``block_table``; needs flash-attn installed and a block
 size that is a multiple of 256; untested here, as flash-attn cannot be installed on our machines),
 ``auto``: flash_attn when installed and the block size allows it, else triton on CUDA, else reference.
+``fused`` (for ``CompressedKV``, not this function): pages and window ring in one kernel
+(``kernels.fused_decode``); opt-in until a GPU run has checked and timed it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "flash_attn")
+BACKENDS = ("auto", "reference", "triton", "flash_attn", "fused")
 TOKENS_PER_TILE = 64
 
 
@@ -85,7 +88,8 @@ def pick_backend(device: torch.device, block_size: int, backend: str = "auto") -
     if backend not in BACKENDS:
         raise ValueError(f"paged decode backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        if backend != "reference" and device.type != "cuda":
+        interpreted = backend == "fused" and os.environ.get("TRITON_INTERPRET") == "1"
+        if backend != "reference" and device.type != "cuda" and not interpreted:
             raise ValueError(f"paged decode backend {backend!r} needs CUDA tensors")
         if backend == "flash_attn" and block_size % 256:
             raise ValueError(f"flash_attn paged KV needs a block size multiple of 256, got {block_size}")
@@ -114,6 +118,8 @@ def paged_decode_attention(
         return paged_decode_reference(q, k_pool, v_pool, block_table, lengths, scale)
     if backend == "flash_attn":
         return _flash_attn(q, k_pool, v_pool, block_table, lengths, scale)
+    if backend == "fused":
+        raise ValueError("the fused backend attends over pages and ring together: kernels.fused_decode")
     return _triton_decode(q, k_pool, v_pool, block_table, lengths, scale)
 
 

@@ -1,5 +1,6 @@
 """Triton paged decode kernel == the torch reference (bf16 and fp32, empty / short / long streams, group
-sizes 1-8), and the batched engine on CUDA == the same engine's CPU reference path (greedy tokens)."""
+sizes 1-8), the fused ring + pages kernel == the unfused path, and the batched engine on CUDA (split
+and fused kernels) == the same engine's CPU reference path (greedy tokens)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,43 @@ def test_cuda_graph_steps_equal_eager_steps(tiny) -> None:  # noqa: F811
         a, b = (c.decode(ids[:, t]).clone() for c in base)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert base[1]._graph is not None and torch.equal(base[0].held_mask, base[1].held_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("S", "g", "D", "W"), [(3, 3, 64, 257), (64, 8, 128, 257), (200, 4, 64, 65)])
+def test_fused_ring_and_pages_match_the_unfused_path(dtype, S, g, D, W) -> None:
+    from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
+    from dms_megatron.kernels.paged_decode import merge_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(S + W)
+    nb, bs = 4096, 16
+    kp, vp = (torch.randn(nb, bs, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    lengths = torch.randint(0, 3000, (S,), device="cuda", generator=gen)
+    lengths[0] = 0
+    table = torch.randint(0, nb, (S, 3000 // bs + 1), device="cuda", generator=gen).int()
+    rk, rv = (torch.randn(S, W, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    ring_len = torch.randint(1, W + 1, (S,), device="cuda", generator=gen)
+    q = torch.randn(S, g, D, device="cuda", generator=gen).to(dtype)
+    got = ring_paged_decode_attention(q, kp, vp, table, lengths, rk, rv, ring_len)
+    paged = paged_decode_attention(q, kp, vp, table, lengths, backend="reference")
+    scores = torch.einsum("sgd,swd->sgw", q.float(), rk.float()) / D**0.5
+    scores = scores.masked_fill(
+        ~(torch.arange(W, device="cuda")[None] < ring_len[:, None])[:, None], -torch.inf
+    )
+    ring = (torch.softmax(scores, -1) @ rv.float(), torch.logsumexp(scores, -1))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, merge_attention([paged, ring]), atol=tol, rtol=tol)
+
+
+def test_engine_with_the_fused_kernel_equals_cpu_reference(tiny) -> None:  # noqa: F811
+    cpu = _with_dms(tiny[1], "adapter", "head", 4)
+    gpu = _with_dms(tiny[1], "adapter", "head", 4)
+    gpu.w = {k: v.cuda() for k, v in cpu.w.items()}
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (3, 17, 40, 90)]
+    requests = [Request(p, max_new_tokens=12) for p in prompts]
+    a = BatchEngine(cpu, num_blocks=800, block_size=16, max_batch=3).generate(requests)
+    b = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend="fused").generate(requests)
+    for x, y in zip(a, b, strict=True):
+        assert x.error is None and y.error is None
+        assert x.tokens == y.tokens and x.metrics["tokens_held"] == y.metrics["tokens_held"]

@@ -1,38 +1,21 @@
 """Runs the Triton DMS attention under the Triton interpreter on CPU and prints, as JSON, the largest
 error of its output and of its four gradients against the float64 reference, for a seeded set of shapes.
 
-Started by ``test_triton_attention.py`` in a fresh interpreter, because ``TRITON_INTERPRET`` must be set
-before the kernels are defined. Triton 3.6's interpreter calls ``int()`` on one-element arrays, which
-numpy >= 2.5 refuses; ``_fix_interpreter_scalars`` makes it take the element.
+Started by ``test_triton_attention.py`` in a fresh interpreter (``interpreter_setup``: the interpreter
+must be on before the kernels are defined).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-
+import interpreter_setup  # noqa: F401  (TRITON_INTERPRET=1 before any kernel exists)
 import torch
-import triton.runtime.interpreter as interpreter
 
-
-def _fix_interpreter_scalars() -> None:
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalars()
-
-from dms_megatron.core.attention import dms_attention_reference  # noqa: E402
-from dms_megatron.kernels import dms_attention, triton_dms  # noqa: E402
+from dms_megatron.core.attention import dms_attention_reference
+from dms_megatron.kernels import dms_attention, triton_dms
 
 
 def cases(n: int, seed: int) -> list[dict]:

@@ -1,0 +1,125 @@
+"""Runs the fused ring + pages decode kernel (``kernels.fused_decode``) under the Triton interpreter on
+CPU and prints, as JSON, its largest error against the unfused reference composition (paged reference,
+torch attention over the ring, ``merge_attention``) for seeded cases; started by
+``test_fused_decode.py`` in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+
+import interpreter_setup  # noqa: F401  (TRITON_INTERPRET=1 before any kernel exists)
+import torch
+
+from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
+from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_reference
+
+
+def reference(q, k_pool, v_pool, table, lengths, ring_k, ring_v, ring_lengths) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    paged = paged_decode_reference(q, k_pool, v_pool, table, lengths, scale)
+    W = ring_k.shape[1]
+    scores = torch.einsum("sgd,swd->sgw", q.float(), ring_k.float()) * scale
+    valid = torch.arange(W)[None] < ring_lengths[:, None]
+    scores = scores.masked_fill(~valid[:, None], -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    ring = (torch.softmax(scores, -1).nan_to_num(0.0) @ ring_v.float(), lse)
+    return merge_attention([paged, ring])
+
+
+def case(seed: int, dtype: torch.dtype) -> dict:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    S, G = rng.randint(1, 5), rng.choice([1, 3, 5])
+    D, DV = rng.choice([16, 32]), rng.choice([16, 32])
+    bs, W = rng.choice([4, 16]), rng.choice([1, 5, 17, 70])
+    lengths = torch.tensor([rng.choice([0, rng.randint(1, 150)]) for _ in range(S)])
+    ring_lengths = torch.tensor([rng.randint(1, W) for _ in range(S)])
+    per_stream = math.ceil(int(lengths.max()) / bs) + 1
+    blocks = torch.randperm(S * per_stream, generator=gen).int().view(S, per_stream)
+    k_pool = torch.randn(S * per_stream, bs, D, generator=gen).to(dtype)
+    v_pool = torch.randn(S * per_stream, bs, DV, generator=gen).to(dtype)
+    ring_k = torch.randn(S, W, D, generator=gen).to(dtype)
+    ring_v = torch.randn(S, W, DV, generator=gen).to(dtype)
+    q = torch.randn(S, G, D, generator=gen).to(dtype)
+    args = (q, k_pool, v_pool, blocks, lengths, ring_k, ring_v, ring_lengths)
+    got = ring_paged_decode_attention(*args)
+    want = reference(*args)
+    return {
+        "S": S, "G": G, "D": D, "DV": DV, "block_size": bs, "W": W,
+        "lengths": lengths.tolist(), "ring_lengths": ring_lengths.tolist(),
+        "max_abs_error": float((got - want).abs().max()),
+    }  # fmt: skip
+
+
+def engine_case() -> dict:
+    """The batch engine with the fused kernel against the same engine with the reference backend: a tiny
+    adapter-variant Llama (window 4), three prompts decoded together."""
+    import tempfile
+    from pathlib import Path
+
+    import transformers as tf
+
+    from dms_megatron.inference.batch_engine import BatchEngine
+    from dms_megatron.inference.compressed_cache import CompressedKV
+    from dms_megatron.inference.engine import Request
+    from tests.unit.test_inference_model import _with_dms
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
+    )  # fmt: skip
+    folder = Path(tempfile.mkdtemp())
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    model = _with_dms(folder, "adapter", "head", 4)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (7, 30, 19)]
+    tokens = {}
+    for backend in ("reference", "fused"):
+        engine = BatchEngine(
+            model, num_blocks=200, block_size=4, max_batch=3, prefill_chunk=8, backend=backend
+        )
+        tokens[backend] = [
+            r.tokens for r in engine.generate([Request(p, max_new_tokens=10) for p in prompts])
+        ]
+    logits = {}
+    for backend in ("reference", "fused"):  # the same rows decoded step by step: logits of every step
+        cache = CompressedKV(model, 200, 4, backend=backend)
+        rows = [cache.add_row() for _ in prompts]
+        for row, p in zip(rows, prompts, strict=True):
+            cache.prefill(row, torch.tensor(p))
+        step = torch.tensor([p[-1] for p in prompts])
+        out = []
+        for _ in range(8):
+            cache.reserve()
+            lg = cache.decode(step)
+            out.append(lg.clone())
+            step = lg.argmax(-1)
+        logits[backend] = torch.stack(out)
+    return {
+        "same_tokens": tokens["reference"] == tokens["fused"],
+        "max_logit_error": float((logits["reference"] - logits["fused"]).abs().max()),
+    }
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    report = {
+        "fp32": [case(i, torch.float32) for i in range(n)],
+        "fp16": [case(100 + i, torch.float16) for i in range(2)],
+    }
+    # a stream with no pages and an empty ring: zeros (the engine never has one: the ring holds the new token)
+    none = torch.zeros(1, dtype=torch.long)
+    pool, ring = torch.zeros(1, 4, 16), torch.zeros(1, 3, 16)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    z = ring_paged_decode_attention(torch.randn(1, 2, 16), pool, pool, table, none, ring, ring, none)
+    report["empty_stream_is_zero"] = bool((z == 0).all())
+    report["engine"] = engine_case()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,8 @@ a batch size, which runs eagerly, and the CUDA-graph capture of the second), the
 step (median over the steps after those two, each step as the engine runs it: reserve, decode, tokens
 to the host), prefill tokens/s, peak KV bytes held (tokens held x K+V x head dim x bytes, over all
 layers and KV heads) and the bytes the engine had allocated (pool blocks in use + window rings),
-memory CR, and the paged decode kernel alone (one layer's streams at the final lengths, CUDA events,
-median of 50, launched eagerly).
+memory CR, and the decode attention kernel alone (one layer's streams at the final lengths; with
+``--backend fused`` the ring too; CUDA events, median of 50, launched eagerly).
 """
 
 from __future__ import annotations
@@ -83,11 +83,24 @@ def _kernel_ms(cache, layer: int) -> float | None:
     R, H = cache.rows, cache.H
     q = torch.randn(R * H, cache.g, cache.D, device=cache.k_pool.device, dtype=cache.k_pool.dtype)
     table, lengths = cache.table[layer].view(R * H, -1), cache.paged[layer].view(-1)
+    if cache.fused:  # the fused kernel attends over the ring too: time it with the layer's full rings
+        from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
+
+        ring = (cache.ring_k[layer].view(R * H, cache.W, -1), cache.ring_v[layer].view(R * H, cache.W, -1))
+        full = torch.full_like(lengths, cache.W)
+
+        def attend():
+            ring_paged_decode_attention(q, cache.k_pool, cache.v_pool, table, lengths, *ring, full)
+    else:
+
+        def attend():
+            paged_decode_attention(q, cache.k_pool, cache.v_pool, table, lengths, backend=cache.backend)
+
     times = []
     for i in range(60):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        paged_decode_attention(q, cache.k_pool, cache.v_pool, table, lengths, backend=cache.backend)
+        attend()
         end.record()
         torch.cuda.synchronize()
         if i >= 10:

@@ -12,6 +12,9 @@ Contract: q [S, g, D]; k_pool / v_pool [num_blocks, block_size, D(v)]; block_tab
 lengths [S] (paged tokens); ring_k / ring_v [S, W, D(v)]; ring_lengths [S] (valid ring slots, a prefix)
 -> out [S, g, Dv] fp32, softmax over pages and ring together (0 for a stream with neither).
 
+Its page loop repeats ``paged_decode``'s GPU-checked kernel on purpose: once a GPU run has checked and
+timed this kernel, the split path becomes this kernel with an empty ring, and one of the two goes.
+
 CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests). ``tests/unit/test_fused_decode.py`` holds it equal to
 the unfused reference composition.
 """

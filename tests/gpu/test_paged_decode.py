@@ -37,7 +37,8 @@ def test_triton_matches_reference(dtype, S, g, D, bs) -> None:
     assert torch.isinf(lse[~live]).all() and (out[~live] == 0).all()
 
 
-def test_engine_on_cuda_equals_cpu_reference(tiny) -> None:  # noqa: F811
+@pytest.mark.parametrize("backend", ["triton", "fused"])
+def test_engine_on_cuda_equals_cpu_reference(tiny, backend) -> None:  # noqa: F811
     cpu = _with_dms(tiny[1], "adapter", "head", 4)
     gpu = _with_dms(tiny[1], "adapter", "head", 4)
     gpu.w = {k: v.cuda() for k, v in cpu.w.items()}
@@ -45,7 +46,7 @@ def test_engine_on_cuda_equals_cpu_reference(tiny) -> None:  # noqa: F811
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (3, 17, 40, 90)]
     requests = [Request(p, max_new_tokens=12) for p in prompts]
     a = BatchEngine(cpu, num_blocks=800, block_size=16, max_batch=3).generate(requests)
-    b = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend="triton").generate(requests)
+    b = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend=backend).generate(requests)
     for x, y in zip(a, b, strict=True):
         assert x.error is None and y.error is None
         assert x.tokens == y.tokens
@@ -103,17 +104,3 @@ def test_fused_ring_and_pages_match_the_unfused_path(dtype, S, g, D, W) -> None:
     ring = (torch.softmax(scores, -1) @ rv.float(), torch.logsumexp(scores, -1))
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, merge_attention([paged, ring]), atol=tol, rtol=tol)
-
-
-def test_engine_with_the_fused_kernel_equals_cpu_reference(tiny) -> None:  # noqa: F811
-    cpu = _with_dms(tiny[1], "adapter", "head", 4)
-    gpu = _with_dms(tiny[1], "adapter", "head", 4)
-    gpu.w = {k: v.cuda() for k, v in cpu.w.items()}
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (3, 17, 40, 90)]
-    requests = [Request(p, max_new_tokens=12) for p in prompts]
-    a = BatchEngine(cpu, num_blocks=800, block_size=16, max_batch=3).generate(requests)
-    b = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend="fused").generate(requests)
-    for x, y in zip(a, b, strict=True):
-        assert x.error is None and y.error is None
-        assert x.tokens == y.tokens and x.metrics["tokens_held"] == y.metrics["tokens_held"]

@@ -6,34 +6,22 @@ is left to tests/gpu)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from tests.unit.interpreted import run_interpreted
+
 ROOT = Path(__file__).resolve().parents[2]
 CASES = 10
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    script = Path(__file__).with_name("fused_decode_interpreted.py")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, str(script), str(CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_interpreted("fused_decode_interpreted.py", CASES)
 
 
 def test_fp32_equals_the_unfused_reference(report) -> None:

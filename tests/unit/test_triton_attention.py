@@ -5,16 +5,15 @@ CPU (fp32 and fp16: the interpreter's bf16 matmul is wrong, so bf16 is left to t
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from tests.unit.interpreted import run_interpreted
+
 ROOT = Path(__file__).resolve().parents[2]
 # seeded cases (the interpreter runs ~1-4 s per case): the default tiling, the GPU tilings' shape (5:
 # every window kind, documents and the bias-free mode), and how many of the first are run twice
@@ -24,25 +23,9 @@ REPEATED = 3
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    script = Path(__file__).with_name("triton_interpreted.py")
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(CASES["default_blocks"]),
-            "3",
-            str(CASES["other_blocks"]),
-            str(REPEATED),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
+    return run_interpreted(
+        "triton_interpreted.py", CASES["default_blocks"], 3, CASES["other_blocks"], REPEATED
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("tiling", ["default_blocks", "other_blocks"])

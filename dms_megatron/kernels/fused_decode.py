@@ -1,5 +1,7 @@
-"""DMS decode attention in two launches: the window ring and the paged survivors of every stream in one
-split-K kernel, then one kernel that merges the splits.
+"""Triton decode attention: one split-K kernel (``decode_split_kernel``) over each stream's pages and,
+fused, its window ring, and one kernel that merges the splits. ``paged_decode``'s ``triton`` backend
+runs the same split kernel without the ring (its own merge returns the log-sum-exp too);
+``ring_paged_decode_attention`` is DMS decode attention in two launches.
 
 A stream (one sequence, one KV head) holds its recent tokens in a dense ring of ``W`` slots and its
 older kept tokens in pages (``kernels.paged_decode``). The unfused path runs the paged kernel, then
@@ -11,9 +13,6 @@ is a second kernel.
 Contract: q [S, g, D]; k_pool / v_pool [num_blocks, block_size, D(v)]; block_table [S, max_blocks];
 lengths [S] (paged tokens); ring_k / ring_v [S, W, D(v)]; ring_lengths [S] (valid ring slots, a prefix)
 -> out [S, g, Dv] fp32, softmax over pages and ring together (0 for a stream with neither).
-
-Its page loop repeats ``paged_decode``'s GPU-checked kernel on purpose: once a GPU run has checked and
-timed this kernel, the split path becomes this kernel with an empty ring, and one of the two goes.
 
 CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests). ``tests/unit/test_fused_decode.py`` holds it equal to
 the unfused reference composition.
@@ -44,12 +43,30 @@ def _tile_step(q, k, v, live, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _ring_paged_split(
+def _attend_pages(q, K, V, TABLE, s, lo, hi, table_stride, m_i, l_i, acc, scale, dims, dvs,
+                  BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, TILE: tl.constexpr,
+                  PRECISION: tl.constexpr):  # fmt: skip
+    """Online softmax over the stream's paged tokens ``lo .. hi - 1`` (slots through its block table)."""
+    for start in range(lo, hi, TILE):
+        tok = start + tl.arange(0, TILE)
+        live = tok < hi
+        block = tl.load(TABLE + s * table_stride + tok // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
+        k = tl.load(K + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * DV + dvs[None, :], mask=live[:, None], other=0.0)
+        m_i, l_i, acc = _tile_step(q, k, v, live, m_i, l_i, acc, scale, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def decode_split_kernel(
     Q, K, V, TABLE, LENS, RK, RV, RLENS, ACC, M, L,
     scale, tokens_per_split, table_stride, G, W,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_G: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, HAS_RING: tl.constexpr,
 ):  # fmt: skip
+    """Program (stream, split): a share of the stream's pages, or (``HAS_RING``, the last split) its
+    window ring; writes the split's running max, normaliser and unnormalised output."""
     s = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -60,25 +77,19 @@ def _ring_paged_split(
     m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, DV], tl.float32)
-    if split == n_splits - 1:  # the window ring: a dense prefix of W slots
+    page_splits = n_splits - 1 if HAS_RING else n_splits
+    if split < page_splits:  # a share of the pages
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, tl.load(LENS + s))
+        m_i, l_i, acc = _attend_pages(q, K, V, TABLE, s, lo, hi, table_stride, m_i, l_i, acc, scale,
+                                      dims, dvs, BLOCK_SIZE, D, DV, TILE, PRECISION)  # fmt: skip
+    else:  # the window ring: a dense prefix of W slots
         ring_len = tl.load(RLENS + s)
         for start in range(0, ring_len, TILE):
             tok = start + tl.arange(0, TILE)
             live = tok < ring_len
             k = tl.load(RK + (s * W + tok[:, None]) * D + dims[None, :], mask=live[:, None], other=0.0)
             v = tl.load(RV + (s * W + tok[:, None]) * DV + dvs[None, :], mask=live[:, None], other=0.0)
-            m_i, l_i, acc = _tile_step(q, k, v, live, m_i, l_i, acc, scale, PRECISION)
-    else:  # a share of the pages
-        length = tl.load(LENS + s)
-        lo = split * tokens_per_split
-        hi = tl.minimum(lo + tokens_per_split, length)
-        for start in range(lo, hi, TILE):
-            tok = start + tl.arange(0, TILE)
-            live = tok < hi
-            block = tl.load(TABLE + s * table_stride + tok // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
-            k = tl.load(K + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
-            v = tl.load(V + slot[:, None] * DV + dvs[None, :], mask=live[:, None], other=0.0)
             m_i, l_i, acc = _tile_step(q, k, v, live, m_i, l_i, acc, scale, PRECISION)
     out_row = (s * n_splits + split) * BLOCK_G + rows
     tl.store(M + out_row, m_i)
@@ -106,7 +117,7 @@ def _merge_splits(ACC, M, L, OUT, G, N_SPLITS, BLOCK_G: tl.constexpr, DV: tl.con
     tl.store(OUT + (s * G + rows[:, None]) * DV + dvs[None, :], out, mask=rows[:, None] < G)
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so that the split logic is exercised
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -138,7 +149,7 @@ def ring_paged_decode_attention(
     block_g = max(16, 1 << (G - 1).bit_length())
     max_len = block_table.shape[1] * k_pool.shape[1]
     page_splits = max(
-        1, min(math.ceil(2 * _num_sms(q.device) / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE))
+        1, min(math.ceil(2 * num_sms(q.device) / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE))
     )
     per_split = math.ceil(math.ceil(max_len / page_splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
     splits = page_splits + 1  # + the ring
@@ -148,12 +159,12 @@ def ring_paged_decode_attention(
     out = torch.zeros(S, G, DV, device=q.device, dtype=torch.float32)
     if S == 0:
         return out
-    _ring_paged_split[(S, splits)](
+    decode_split_kernel[(S, splits)](
         q, k_pool, v_pool, _int32(block_table), _int32(lengths),
         ring_k.to(k_pool.dtype).contiguous(), ring_v.to(k_pool.dtype).contiguous(), _int32(ring_lengths),
         acc, m, lsum, scale, per_split, block_table.shape[1], G, W,
         BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
-        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", HAS_RING=True,
     )  # fmt: skip
     _merge_splits[(S,)](acc, m, lsum, out, G, splits, BLOCK_G=block_g, DV=DV)
     return out

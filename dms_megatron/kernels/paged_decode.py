@@ -10,7 +10,8 @@ Contract (every backend):
 ``lse`` lets the caller merge this with attention over other keys (the DMS window ring) exactly
 (``merge_attention``).
 
-Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-decoding kernel, CUDA),
+Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-decoding kernel,
+``fused_decode.decode_split_kernel`` without the ring; CUDA, or CPU under ``TRITON_INTERPRET=1``),
 ``flash_attn`` (``flash_attn_with_kvcache`` with ``block_table``; needs flash-attn installed and a block
 size that is a multiple of 256; untested here, as flash-attn cannot be installed on our machines),
 ``auto``: flash_attn when installed and the block size allows it, else triton on CUDA, else reference.
@@ -88,7 +89,7 @@ def pick_backend(device: torch.device, block_size: int, backend: str = "auto") -
     if backend not in BACKENDS:
         raise ValueError(f"paged decode backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        interpreted = backend == "fused" and os.environ.get("TRITON_INTERPRET") == "1"
+        interpreted = backend in ("triton", "fused") and os.environ.get("TRITON_INTERPRET") == "1"
         if backend != "reference" and device.type != "cuda" and not interpreted:
             raise ValueError(f"paged decode backend {backend!r} needs CUDA tensors")
         if backend == "flash_attn" and block_size % 256:
@@ -146,59 +147,13 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def paged_decode_split(
-        Q, K, V, TABLE, LENS, ACC, M, L,
-        scale, tokens_per_split, table_stride, G,
-        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        BLOCK_G: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        s = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        length = tl.load(LENS + s)
-        lo = split * tokens_per_split
-        hi = tl.minimum(lo + tokens_per_split, length)
-        rows = tl.arange(0, BLOCK_G)
-        dims = tl.arange(0, D)
-        dvs = tl.arange(0, DV)
-        q = tl.load(Q + (s * G + rows[:, None]) * D + dims[None, :], mask=rows[:, None] < G, other=0.0)
-        m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, DV], tl.float32)
-        for start in range(lo, hi, TILE):
-            tok = start + tl.arange(0, TILE)
-            live = tok < hi
-            block = tl.load(TABLE + s * table_stride + tok // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
-            slot = block * BLOCK_SIZE + tok % BLOCK_SIZE
-            k = tl.load(K + slot[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
-            v = tl.load(V + slot[:, None] * DV + dvs[None, :], mask=live[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-            scores = tl.where(live[None, :], scores, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-            m_i = m_new
-        out_row = (s * n_splits + split) * BLOCK_G + rows
-        tl.store(M + out_row, m_i)
-        tl.store(L + out_row, l_i)
-        tl.store(ACC + out_row[:, None] * DV + dvs[None, :], acc)
-
-    return paged_decode_split
-
-
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.int().contiguous()
 
 
 def _triton_decode(q, k_pool, v_pool, block_table, lengths, scale):
+    from dms_megatron.kernels.fused_decode import decode_split_kernel, num_sms
+
     S, G, D = q.shape
     DV = v_pool.shape[-1]
     q = q.to(k_pool.dtype)
@@ -207,18 +162,18 @@ def _triton_decode(q, k_pool, v_pool, block_table, lengths, scale):
     block_g = max(16, 1 << (G - 1).bit_length())
     max_len = block_table.shape[1] * k_pool.shape[1]
     # enough programs to fill the GPU (~2 per SM) when there are few streams (flash-decoding split-K)
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    splits = max(1, min(math.ceil(2 * sms / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE)))
+    splits = max(1, min(math.ceil(2 * num_sms(q.device) / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE)))
     per_split = math.ceil(math.ceil(max_len / splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
     acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
     m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     if S:
-        _kernel()[(S, splits)](
-            q.contiguous(), k_pool, v_pool, _int32(block_table), _int32(lengths),
-            acc, m, lsum, scale, per_split, block_table.shape[1], G,
+        no_ring = lengths.new_zeros(1)
+        decode_split_kernel[(S, splits)](
+            q.contiguous(), k_pool, v_pool, _int32(block_table), _int32(lengths), k_pool, v_pool, no_ring,
+            acc, m, lsum, scale, per_split, block_table.shape[1], G, 0,
             BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
-            PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32",
+            PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", HAS_RING=False,
         )  # fmt: skip
     acc, m, lsum = acc[:, :, :G], m[:, :, :G], lsum[:, :, :G]
     top = m.max(1).values

@@ -84,6 +84,34 @@ def _key_range(q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS: tl.cons
 
 
 @triton.jit
+def _query_tile(Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ: tl.constexpr,
+                G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """Program (query block, batch x head): its rows, their query tile, and the bases of its KV head's
+    keys, values and log-keep bias."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    q_first = tl.program_id(0) * BM
+    offs_m = q_first + tl.arange(0, BM)
+    row_ok = offs_m < T
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + tl.arange(0, D)[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    return (
+        pid_bh,
+        b,
+        h,
+        q_first,
+        offs_m,
+        row_ok,
+        q,
+        K + b * skb + hk * skh,
+        V + b * svb + hk * svh,
+        LK + b * slb + hk * slh,
+    )
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, LK, DS, Out, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
@@ -91,22 +119,12 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // G
-    q_first = pid_m * BM
-    offs_m = q_first + tl.arange(0, BM)
+    pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
+        Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
+    )
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    row_ok = offs_m < T
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    lk_base = LK + b * slb + hk * slh
     q_doc, lo, full_end, hi = _key_range(
         q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
     )
@@ -244,26 +262,16 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // G
-    q_first = pid_m * BM
-    offs_m = q_first + tl.arange(0, BM)
+    pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
+        Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
+    )
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    row_ok = offs_m < T
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     do_ptrs = DO + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :]
     do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    lk_base = LK + b * slb + hk * slh
     q_doc, lo, full_end, hi = _key_range(
         q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
     )

@@ -14,7 +14,7 @@ import interpreter_setup  # noqa: F401  (TRITON_INTERPRET=1 before any kernel ex
 import torch
 
 from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
-from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_reference
+from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention, paged_decode_reference
 
 
 def reference(q, k_pool, v_pool, table, lengths, ring_k, ring_v, ring_lengths) -> torch.Tensor:
@@ -47,10 +47,21 @@ def case(seed: int, dtype: torch.dtype) -> dict:
     args = (q, k_pool, v_pool, blocks, lengths, ring_k, ring_v, ring_lengths)
     got = ring_paged_decode_attention(*args)
     want = reference(*args)
+    # the split path (paged_decode's triton backend: the same kernel without the ring) vs its reference
+    scale = 1.0 / math.sqrt(D)
+    split = paged_decode_attention(q, k_pool, v_pool, blocks, lengths, scale, backend="triton")
+    split_ref = paged_decode_reference(q, k_pool, v_pool, blocks, lengths, scale)
+    live = lengths > 0
+    split_err = max(
+        float((split[0] - split_ref[0]).abs().max()),
+        float((split[1][live] - split_ref[1][live]).abs().max()) if bool(live.any()) else 0.0,
+    )
     return {
         "S": S, "G": G, "D": D, "DV": DV, "block_size": bs, "W": W,
         "lengths": lengths.tolist(), "ring_lengths": ring_lengths.tolist(),
         "max_abs_error": float((got - want).abs().max()),
+        "split_path_max_abs_error": split_err,
+        "split_path_empty_ok": bool(torch.isinf(split[1][~live]).all() and (split[0][~live] == 0).all()),
     }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The fused ring + pages decode kernel equals the unfused reference composition (paged attention, torch
+"""The fused ring + pages decode kernel, and the same kernel without the ring (``paged_decode``'s triton
+backend), equal the unfused reference composition (paged attention, torch
 attention over the window ring, log-sum-exp merge) over seeded streams: empty and long page lists,
 rings from 1 slot to 70, GQA groups 1-5, head dims 16/32, block sizes 4/16; and the batch engine with it
 equals the engine with the reference backend. Run by the Triton interpreter on CPU (fp32 and fp16; bf16
@@ -31,6 +32,8 @@ def test_fp32_equals_the_unfused_reference(report) -> None:
     assert {r["W"] for r in rows} >= {1, 70}
     for r in rows:
         assert r["max_abs_error"] < 1e-5, r
+        # the same kernel without the ring: paged_decode's triton backend (output and log-sum-exp)
+        assert r["split_path_max_abs_error"] < 1e-5 and r["split_path_empty_ok"], r
 
 
 def test_fp16_within_half_precision(report) -> None:

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from tests.unit.interpreted import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = 10
+CASES = 8
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tests.unit.interpreted import run_interpreted
 ROOT = Path(__file__).resolve().parents[2]
 # seeded cases (the interpreter runs ~1-4 s per case): the default tiling, the GPU tilings' shape (5:
 # every window kind, documents and the bias-free mode), and how many of the first are run twice
-CASES = {"default_blocks": 8, "other_blocks": 5}
+CASES = {"default_blocks": 6, "other_blocks": 5}
 REPEATED = 3
 
 

@@ -151,8 +151,13 @@ class DMSSelfAttention(SelfAttention):
         q_freqs, k_freqs = rope if isinstance(rope, tuple) else (rope, rope)
         hidden = args[0] if args else kwargs["hidden_states"]
         total = hidden.shape[0] * hidden.shape[1] * (self.tp_size if self.config.sequence_parallel else 1)
-        positions = packed_positions(kwargs["packed_seq_params"], total)
-        self._token_freqs = (q_freqs[positions], k_freqs[positions])  # [t, 1, 1, d]
+        packed = kwargs["packed_seq_params"]
+        cached = getattr(packed, "_dms_token_freqs", None)  # every layer of a model shares its tables
+        if cached is None or cached[0] is not q_freqs or cached[1] is not k_freqs:
+            positions = packed_positions(packed, total)
+            cached = (q_freqs, k_freqs, (q_freqs[positions], k_freqs[positions]))  # [t, 1, 1, d]
+            packed._dms_token_freqs = cached
+        self._token_freqs = cached[2]
         try:
             return super().forward(*args, rotary_pos_emb=None, **kwargs)
         finally:

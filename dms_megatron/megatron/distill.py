@@ -89,7 +89,7 @@ class DistillationStage(torch.nn.Module):
         return out
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        # profiler regions (torch.profiler; near-free when no profiler runs): benchmarks/profile_step.py
+        # profiler regions (torch.profiler; near-free when no profiler runs): training/step_profile.py
         with torch.profiler.record_function("dms.teacher_forward"):
             teacher_out = self._teacher_forward(*args, **kwargs)
         if not self.pre_process:

@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over a few steps, summarised by named region.
 
-The trainer opens ``torch.profiler.record_function`` ranges (``trainer.STEP_REGIONS``) around reading
+The trainer opens ``torch.profiler.record_function`` ranges (the names below: ``FORWARD_REGIONS``
+inside ``dms.forward_backward``, ``OUTSIDE_REGIONS`` around the rest of the step) around reading
 and packing the batch, the teacher and student forwards, the KD and compression losses, the finite
 check, the optimizer step and the step statistics. The backward runs inside megatron's schedule (and,
 on CUDA, on autograd's device thread, outside those ranges), so it is reported as what is left of the

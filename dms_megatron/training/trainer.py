@@ -25,19 +25,10 @@ from dms_megatron.core.losses import kd_token_mask
 from dms_megatron.training.batches import StepSlice, pack_thd, step_micro_batches
 from dms_megatron.training.setup import Models, connect_schedule
 
-_region = torch.profiler.record_function  # named step regions, read by benchmarks/profile_step.py
-# in step order; the teacher / student forward regions are opened by megatron.distill.DistillationStage
-STEP_REGIONS = (
-    "dms.read_and_pack",
-    "dms.forward_backward",
-    "dms.teacher_forward",
-    "dms.student_forward",
-    "dms.kd_loss",
-    "dms.compression_loss",
-    "dms.nonfinite_check",
-    "dms.optimizer_step",
-    "dms.step_stats",
-)
+# named step regions for torch.profiler (near-free when no profiler runs); their names and how they are
+# summarised: training/step_profile.py (the teacher / student forward regions are opened by
+# megatron.distill.DistillationStage)
+_region = torch.profiler.record_function
 
 log = logging.getLogger(__name__)
 

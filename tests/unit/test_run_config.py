@@ -54,17 +54,17 @@ def test_experiment_presets_compose(name):
 @pytest.mark.parametrize(
     ("name", "recipe"),
     [
-        ("smollm2_cr4", ("adapter", "adapter", 256, 4.4)),
-        ("smollm2_cr8", ("adapter", "adapter", 256, 8.6)),
-        ("smollm2_paper", ("neuron", "full", 256, 8.0)),
+        ("smollm2_cr4", ("adapter", "adapter", 256, 4.4, 2048)),
+        ("smollm2_cr8", ("adapter", "adapter", 256, 8.6, 4096)),
+        ("smollm2_paper", ("neuron", "full", 256, 8.0, 2048)),
     ],
 )
 def test_smollm2_recipes_target_memory_at_8k(name, recipe):
     """The one-GPU presets aim at a memory CR at 8K tokens (reachable with their window); the paper
     recipe starts with the channel fade and ramps only after it."""
     cfg = _compose(f"experiment={name}")
-    assert (cfg.dms.variant, cfg.train.mode, cfg.dms.window, cfg.dms.target_cr) == recipe
-    assert cfg.dms.cr_context == 8192 and cfg.data.seq_length == 2048
+    got = (cfg.dms.variant, cfg.train.mode, cfg.dms.window, cfg.dms.target_cr, cfg.data.seq_length)
+    assert got == recipe and cfg.dms.cr_context == 8192
     schedule = cfg.dms.schedule
     end = schedule.delay_steps + cfg.dms.cr_ramp_steps
     assert end <= cfg.train.steps and schedule.cr(end) == recipe[3]

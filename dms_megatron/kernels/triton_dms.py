@@ -42,10 +42,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @triton.jit
 def _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS: tl.constexpr,
-                   HAS_DOCS: tl.constexpr):  # fmt: skip
+                   HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """Base-2 scores of a block near the diagonal: causal, the bias only beyond the window, other
     documents and columns past T at -inf."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     age = offs_m[:, None] - offs_n[None, :]
     if HAS_BIAS:
         s += tl.where(age > window, bias[None, :], 0.0)
@@ -56,13 +56,17 @@ def _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, 
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc, v):
+def _softmax_step(s, m_i, l_i, acc, v, PRECISION: tl.constexpr):
     """One key block of the online softmax: running max, normaliser and output accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return (
+        m_new,
+        l_i * alpha + tl.sum(p, axis=1),
+        acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION),
+    )
 
 
 @triton.jit
@@ -118,6 +122,7 @@ def _fwd_kernel(
     T, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
@@ -135,13 +140,13 @@ def _fwd_kernel(
     for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
         if HAS_DOCS:
             s = tl.where(offs_n[None, :] >= q_doc[:, None], s, float("-inf"))
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
-        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
@@ -149,9 +154,11 @@ def _fwd_kernel(
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
-        s = _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS)
+        s = _masked_scores(
+            q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS, PRECISION
+        )
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
-        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(
@@ -169,6 +176,7 @@ def _bwd_dkdv_kernel(
     T, window, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -209,7 +217,7 @@ def _bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             age = offs_m[:, None] - offs_n[None, :]
             outside = age > window
             if HAS_BIAS:
@@ -219,10 +227,10 @@ def _bwd_dkdv_kernel(
                 q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
                 ok = ok & (offs_n[None, :] >= q_doc[:, None])
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
             if HAS_BIAS:
                 dlk += tl.sum(tl.where(outside, ds, 0.0), axis=0)
         for start in range(mask_end, q_hi, BM):
@@ -232,7 +240,7 @@ def _bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_BIAS:
                 s += bias[None, :]
             p = tl.exp2(s - lse[:, None])
@@ -240,10 +248,10 @@ def _bwd_dkdv_kernel(
                 q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
                 p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
             p = tl.where(col_ok[None, :], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
             if HAS_BIAS:
                 dlk += tl.sum(ds, axis=0)
     kv_off = (b * HKV + hk) * T
@@ -261,6 +269,7 @@ def _bwd_dq_kernel(
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
@@ -281,15 +290,15 @@ def _bwd_dq_kernel(
         offs_n = start + offs_n0
         k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         if HAS_DOCS:
             p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
@@ -298,11 +307,13 @@ def _bwd_dq_kernel(
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
-        s = _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS)
+        s = _masked_scores(
+            q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS, PRECISION
+        )
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(
         DQ + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
@@ -318,6 +329,12 @@ def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
     if max(d, dv) <= 128:
         return {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}
     return {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"); Triton's default for them, TF32, was ~1e-3 off the
+    float64 reference on an H200. 16-bit inputs ignore it."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -357,6 +374,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, out, lse, *strides, *_strides(out), *lk_strides, ds_stride,
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
+            PRECISION=_precision(q),
             BM=BM, BN=BN,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
@@ -380,7 +398,9 @@ class _DMSAttentionTriton(torch.autograd.Function):
         dk = torch.empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
         dv = torch.empty(B, HKV, T, DV, dtype=v.dtype, device=v.device)
         dlk = torch.empty(B, HKV, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
-        flags = dict(D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None)
+        flags = dict(
+            D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
+        )
         BM, BN = blocks["dkdv"]
         _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,

@@ -13,7 +13,10 @@ from dms_megatron.kernels import dms_attention
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+    """Relative error, measured against at least an RMS of 1e-2: a gradient that is zero in exact
+    arithmetic (dQ, dK with one key per query: the softmax is constant) leaves only rounding."""
+    floor = 1e-2 * b.numel() ** 0.5
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=floor))
 
 
 def _case(seed: int) -> dict:

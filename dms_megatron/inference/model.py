@@ -206,7 +206,11 @@ def dense_last_logits(model: DMSCausalLM, ids: torch.Tensor) -> torch.Tensor:
     for layer in range(model.arch.num_layers):
         q, k, v, _ = model.attention_inputs(layer, h, pos)
         q, k, v = (x.view(B, T, -1, model.d).transpose(1, 2) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # KV heads repeated for their query groups: with ``enable_gqa`` an fp32 pass falls back to the
+        # math kernel, which materialises [B, Hq, T, T] scores (34 GiB for 20 prompts of 7K tokens)
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         h = model.finish_layer(layer, h, out.transpose(1, 2).reshape(B * T, -1).to(h.dtype))
     return model.head(h.view(B, T, -1)[:, -1])
 

@@ -7,10 +7,12 @@ evaluate`` on the same machine):
 
 1. train: the recipes in ``RUNS`` train side by side until they finish or ``--train-seconds`` pass
    (SIGTERM: each saves a checkpoint; an unfinished run is evaluated at its last step, reported so);
-2. evaluate: each run is exported; ``launch/evaluate.py`` measures, in parallel processes,
+2. evaluate: each run is exported; ``launch/evaluate.py`` measures, one process after another (side
+   by side on one GPU they starved each other: 170 s to load the checkpoints instead of 6 s),
    (a) teacher, the ``--matched`` DMS models and every baseline at each one's KV memory (perplexity /
    KL at 2K/4K/8K, with fixed-CR sweep rows for the Pareto plot), (b) pass-key retrieval of the same
-   policies (10 trials per length and filler, classic and text haystacks, 2K/4K/7K; each baseline row
+   policies (10 trials per length, 2K/4K/7K, one process per length, so a deadline keeps the shorter
+   lengths; ``--filler``: the classic haystack by default, the text one or both; each baseline row
    holds the memory the DMS model held on that prompt), (c) the other runs (teacher and DMS only);
 3. ``study.md`` / ``study.json`` (one row per run: command, steps, KD, memory CR, KL, ppl, pass-key),
    ``quality_cr<N>.json`` per matched run (the evaluate.py results restricted to that model; the run's
@@ -61,6 +63,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     "cr8_adapter_w256": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.8, 130, 180)]),
     "cr8_adapter_w256_t86": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 150, 220)]),
     "cr8_adapter_w64": (8.0, [*ADAPTER, "dms.window=64", *_cr(8, 100, 120)]),
+    "cr4_adapter_w256_long": (4.0, [*ADAPTER, "dms.window=256", *_cr(4.4, 200, 300)]),
     # twice the steps at a gentler ramp; the same on 4K-token sequences (as many tokens per step)
     "cr8_adapter_w256_long": (8.0, [*ADAPTER, "dms.window=256", *_cr(8.6, 290, 370)]),
     "cr8_adapter_w256_seq4k": (
@@ -95,11 +98,17 @@ RUNS: dict[str, tuple[float, list[str]]] = {
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
-# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_t86
-DEFAULT_RUNS = ["cr4_adapter_w256", "cr8_adapter_w256_long", "cr8_adapter_w256_seq4k"]
+# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_seq4k
+DEFAULT_RUNS = [
+    "cr4_adapter_w256_long",
+    "cr8_adapter_w256_long",
+    "cr8_adapter_w256_seq4k",
+    "cr8_adapter_full_seq4k",
+]
 DEFAULT_MATCHED = DEFAULT_RUNS
 PPL = ["--ppl-lengths", "2048", "4096", "8192"]
-PASSKEY = ["--passkey-lengths", "2048", "4096", "7168", "--passkey-trials", "10", "--filler", "both"]
+PASSKEY_LENGTHS = ["2048", "4096", "7168"]  # one evaluation process per length, side by side
+PASSKEY = ["--passkey-trials", "10"]
 LONGEST = 8192
 SMOKE: list[str] = []
 SMOKE_TRAIN = [  # --smoke: tiny steps and texts, to check the pipeline on a CPU
@@ -238,6 +247,22 @@ def _only(results: dict, name: str) -> dict:
     }
 
 
+def _merged(parts: list[dict | None]) -> dict | None:
+    """evaluate.py results of several processes over the same checkpoints as one: every task, every
+    phase's wall time (None where none measured anything)."""
+    parts = [r for r in parts if r is not None]
+    if not parts:
+        return None
+    tasks: dict = {}
+    for r in parts:  # the first process's table of a task wins (pass-key runs also measure a short ppl)
+        tasks |= {k: v for k, v in r["tasks"].items() if k not in tasks}
+    merged = parts[0] | {"tasks": tasks}
+    merged["timing"] = {}
+    for r in parts:
+        merged["timing"] |= {k: v for k, v in r.get("timing", {}).items() if k not in merged["timing"]}
+    return merged
+
+
 def _row(name: str, quality: dict | None, passkey: dict | None) -> dict:
     metrics = [json.loads(x) for x in (_run_dir(name) / "metrics.jsonl").read_text().splitlines()]
     row: dict = {
@@ -289,25 +314,30 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
 
     baselines = ["streaming_llm", "tova", "h2o"]
     sweep = ["--sweep-crs", "2", "4", "8", "16"] if args.sweep else []
-    short, big = ["--ppl-lengths", PPL[1]], ["--max-rows", "192"]  # 2 fillers x 10 trials x 9 rows
-    evals = {}
+    short, big = PPL[:2], ["--max-rows", "192"]  # the shortest perplexity; 10 trials x 19 rows
+    jobs: dict[str, list[str]] = {}  # run one after another: side by side they starve each other
     if matched:
-        evals["equal_memory"] = evaluate(
-            "equal_memory",
-            [*models(matched), "--policies", "teacher", "dms", *baselines, *PPL, "--passkey-lengths", *sweep],
-            args.out,
-        )
-    if matched and args.passkey:
-        evals["passkey"] = evaluate(
-            "passkey",
-            [*models(matched), "--policies", "teacher", "dms", *baselines, *short, *PASSKEY, *big],
-            args.out,
-        )
+        jobs["equal_memory"] = [
+            *models(matched), "--policies", "teacher", "dms", *baselines, *PPL, "--passkey-lengths", *sweep
+        ]  # fmt: skip
+    passkey = [*PASSKEY, "--filler", args.filler]
+    for length in PASSKEY_LENGTHS if matched and args.passkey else []:
+        jobs[f"passkey_{length}"] = [
+            *models(matched), "--policies", "teacher", "dms", *baselines, *short, *passkey, *big,
+            "--passkey-lengths", length,
+        ]  # fmt: skip
     if others:
-        evals["others"] = evaluate(
-            "others", [*models(others), "--policies", "teacher", "dms", *PPL, *PASSKEY], args.out
-        )
-    done = wait(evals, clock)
+        jobs["others"] = [
+            *models(others), "--policies", "teacher", "dms", *PPL, *passkey, "--passkey-lengths",
+            *PASSKEY_LENGTHS,
+        ]  # fmt: skip
+    done: dict[str, dict | None] = {}
+    for tag, job in jobs.items():
+        if clock.left() < 30:
+            clock.stamp(f"eval {tag}: skipped, the deadline is near")
+            continue
+        done |= wait({tag: evaluate(tag, job, args.out)}, clock)
+    done["passkey"] = _merged([done.pop(f"passkey_{n}", None) for n in PASSKEY_LENGTHS])
     quality = {n: done.get("equal_memory") if n in matched else done.get("others") for n in names}
     keys = {n: done.get("passkey") if n in matched else done.get("others") for n in names}
     rows = [_row(n, quality[n], keys[n]) for n in names]
@@ -316,14 +346,13 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
     print((args.out / "study.md").read_text())
     for n in matched:  # one evaluate.py JSON per matched checkpoint: perplexity/KL and pass-key merged
         parts = [done.get("equal_memory"), done.get("passkey")]
-        parts = [_only(r, n) for r in parts if r is not None]
-        if parts:
-            merged = parts[0] | {"tasks": {k: v for r in parts for k, v in r["tasks"].items()}}
-            merged["timing"] = {k: v for r in parts for k, v in r["timing"].items()}
+        merged = _merged([_only(r, n) for r in parts if r is not None])
+        if merged is not None:
             targets = [RUNS[m][0] for m in matched]
             tag = f"cr{RUNS[n][0]:g}" if targets.count(RUNS[n][0]) == 1 else n
             (args.out / f"quality_{tag}.json").write_text(json.dumps(merged, indent=2) + "\n")
-    results = [args.out / t / "results.json" for t in ("equal_memory", "passkey", "others")]
+    tags = ["equal_memory", *(f"passkey_{n}" for n in PASSKEY_LENGTHS), "others"]
+    results = [args.out / t / "results.json" for t in tags]
     results = [str(p) for p in results if p.is_file()]
     if results:
         cmd = [sys.executable, "launch/evaluate.py", "plot", *results, "--out", str(args.out / "pareto.png")]
@@ -331,7 +360,7 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
 
 
 def main() -> None:
-    global SMOKE, LONGEST, PPL, PASSKEY
+    global SMOKE, LONGEST, PPL, PASSKEY, PASSKEY_LENGTHS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--deadline", type=float, default=560, help="seconds this call may use")
@@ -349,12 +378,18 @@ def main() -> None:
     ap.add_argument(
         "--sweep", action=argparse.BooleanOptionalAction, default=True, help="fixed-CR baseline rows (Pareto)"
     )
+    ap.add_argument(
+        "--filler",
+        default="classic",
+        choices=["classic", "text", "both"],
+        help="pass-key haystack (the text one separates nothing at 135M: the teacher finds 0/10)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny steps and texts: check the pipeline on a CPU")
     args = ap.parse_args()
     if args.smoke:
         SMOKE, LONGEST = SMOKE_TRAIN, 512
         PPL = ["--ppl-lengths", "256", "512"]
-        PASSKEY = ["--passkey-lengths", "256", "--passkey-trials", "2", "--filler", "both"]
+        PASSKEY_LENGTHS, PASSKEY = ["256"], ["--passkey-trials", "2"]
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.deadline)
     if args.phase in ("all", "train"):

@@ -5,9 +5,15 @@
 STASH=${STASH:-/tmp/dms_stash}
 mkdir -p "$STASH"
 
-setup() {
-    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/*.whl
-    tar -xzf .carry/antlr4_pkg.tar.gz -C /tmp/site
+setup() {  # the wheels come from .carry, or from the stash an earlier call of this machine filled
+    local wheels=.carry
+    if [ -d .carry ]; then
+        mkdir -p "$STASH/carry" && cp .carry/* "$STASH/carry/"
+    else
+        wheels=$STASH/carry
+    fi
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl
+    tar -xzf "$wheels/antlr4_pkg.tar.gz" -C /tmp/site
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 }

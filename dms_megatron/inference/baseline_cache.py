@@ -103,6 +103,10 @@ class BaselineKV:
                 cr_t = torch.tensor(float(cr), device=dev, dtype=torch.float64)
                 rows.append(torch.clamp(torch.ceil(seen / cr_t), min=min_keep).long())
         self.budget = torch.stack(rows)  # [R, T] (storage order)
+        # A budget that grows by at most one token a step (every CR rule and every equal-memory schedule
+        # does) keeps H2O's recent tokens a suffix of the positions: the recent window is then the last
+        # max(1, budget // 2) positions seen, with no sort of the held positions at each step.
+        self._recent_is_suffix = bool((self.budget[:, 1:] <= self.budget[:, :-1] + 1).all())
         # slots that can be in use while token t is added: min(t + 1, max budget before t + 1)
         most = self.budget.max(0).values.cummax(0).values.tolist()
         self._in_use = [min(t + 1, (most[t - 1] if t else 0) + 1) for t in range(max_len)]
@@ -213,8 +217,11 @@ class BaselineKV:
                 acc.masked_fill_(newest[a:b], 0.0)  # the newest token's slot starts afresh
                 acc += weight[a:b].double()
                 recent = torch.clamp(budget[a:b] // 2, min=1)[:, None, None]
-                by_age = torch.where(h, p, -1).sort(-1, descending=True).values  # newest held first
-                limit = by_age.gather(-1, (recent - 1).clamp(max=width - 1).expand(*h.shape[:2], 1))
+                if self._recent_is_suffix:  # the recent held tokens are the positions t - recent + 1 .. t
+                    limit = self.t - recent + 1
+                else:
+                    by_age = torch.where(h, p, -1).sort(-1, descending=True).values  # newest held first
+                    limit = by_age.gather(-1, (recent - 1).clamp(max=width - 1).expand(*h.shape[:2], 1))
                 cand = h & (p < limit)  # at least `recent` held tokens are newer
                 cand = torch.where(cand.any(-1, keepdim=True), cand, h & ~newest[a:b])
                 score = acc.masked_fill(~cand, math.inf)

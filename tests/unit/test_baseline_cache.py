@@ -65,6 +65,27 @@ def test_budget_schedule_rows(tiny) -> None:  # noqa: F811
     assert fast.memory_cr()[1] == pytest.approx(3.0, rel=0.1)
 
 
+def test_h2o_recent_window_without_a_sort_equals_the_sorted_rule(tiny) -> None:  # noqa: F811
+    """Budgets that grow by at most one token a step keep H2O's recent tokens the last positions seen,
+    so the fast rule (no sort) holds exactly what the sorted rule holds, also for a budget that falls
+    and rises again; a schedule that jumps keeps the sort."""
+    model = DMSCausalLM.from_pretrained(tiny[1])
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(10))
+    wave = torch.tensor([min(t // 2 + 4, 16, max(8, 40 - t)) + max(0, t - 45) for t in range(60)])
+    rows = [("h2o", 3.0), ("h2o", 1.5), ("h2o", None), ("tova", 2.0)]
+    budgets = torch.stack([wave, wave, wave, wave])
+    fast = BaselineKV(model, rows, max_len=60, min_keep=4, budgets=budgets)
+    slow = BaselineKV(model, rows, max_len=60, min_keep=4, budgets=budgets)
+    slow._recent_is_suffix = False
+    assert fast._recent_is_suffix
+    for tok in ids.tolist():
+        assert torch.equal(fast.decode(torch.full((4,), tok)), slow.decode(torch.full((4,), tok)))
+        assert torch.equal(fast.held_mask, slow.held_mask)
+    jump = torch.full((1, 60), 4)
+    jump[:, 30:] = 20
+    assert not BaselineKV(model, [("h2o", None)], max_len=60, budgets=jump)._recent_is_suffix
+
+
 def test_bad_arguments(tiny) -> None:  # noqa: F811
     model = DMSCausalLM.from_pretrained(tiny[1])
     with pytest.raises(ValueError, match="unknown baseline"):

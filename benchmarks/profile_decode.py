@@ -1,21 +1,52 @@
 """Where a decode step of the batched engine spends its time (torch profiler, CUDA), on random
-SmolLM2-135M-shaped weights: ``python benchmarks/profile_decode.py [--context N] [--batch B]``."""
+SmolLM2-135M-shaped weights: ``python benchmarks/profile_decode.py [--context N] [--batch B]``.
+
+``--count-ops`` (CPU or CUDA, eager): the non-view torch ops of one decode step, by the function of
+ours that issued them; on CUDA also the kernels launched per step. A kernel-fusion change shows up here
+first: ``python benchmarks/profile_decode.py --device cpu --context 512 --batch 2 --count-ops``."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+VIEWS = {"view", "unsqueeze", "squeeze", "select", "permute", "t", "transpose", "slice", "expand", "alias"}
+VIEWS |= {"_unsafe_view", "reshape", "as_strided", "detach", "split", "unbind", "split_with_sizes"}
+
+
+def count_ops(step) -> tuple[Counter, Counter]:
+    """Non-view torch ops of one call of ``step``: by op name, and by the dms_megatron function that
+    issued them (the innermost frame in our package)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    by_op, by_site = Counter(), Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in VIEWS:
+                ours = [f for f in traceback.extract_stack() if "dms_megatron" in f.filename]
+                site = f"{ours[-1].filename.split('dms_megatron/')[-1]}:{ours[-1].name}" if ours else "other"
+                by_op[name] += 1
+                by_site[site] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        step()
+    return by_op, by_site
 
 
 def main() -> None:
     import torch
+    from decode_bench import random_smollm2
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.decode_bench import random_smollm2
     from dms_megatron.inference.compressed_cache import CompressedKV
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -24,11 +55,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--count-ops", action="store_true", help="ops (and CUDA kernels) per decode step")
     ap.add_argument(
         "--baseline-rows", type=int, default=0, help="also time BaselineKV steps with this many rows"
     )
+    ap.add_argument("--backend", default="auto", help="CompressedKV decode backend: auto, triton, fused, ...")
     args = ap.parse_args()
-    model = random_smollm2("cuda")
+    dev = args.device
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    model = random_smollm2(dev)
     if args.baseline_rows:
         from dms_megatron.inference.baseline_cache import BaselineKV
 
@@ -36,23 +72,24 @@ def main() -> None:
         base.dms = None
         rows = [("tova", 4.0), ("h2o", 8.0), ("streaming_llm", 4.0)] * args.baseline_rows
         bkv = BaselineKV(base, rows[: args.baseline_rows], max_len=args.context + 8)
-        toks = torch.zeros(args.baseline_rows, dtype=torch.long, device="cuda")
+        toks = torch.zeros(args.baseline_rows, dtype=torch.long, device=dev)
         for _ in range(3):
             bkv.decode(toks)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             bkv.decode(toks)
-        torch.cuda.synchronize()
+        sync()
         ms = (time.perf_counter() - t0) / args.steps * 1000
         print(f"baseline step: {ms:.2f} ms ({args.baseline_rows} rows, max_len {args.context})")
     cache = CompressedKV(
         model,
         num_blocks=args.batch * 90 * (args.context // 16 + 4),
         block_size=16,
-        cuda_graphs=not args.no_graphs,
+        cuda_graphs=not (args.no_graphs or args.count_ops),  # counting needs the eager step
+        backend=args.backend,
     )
-    ids = torch.randint(0, 49152, (args.context + 64,), device="cuda")
+    ids = torch.randint(0, 49152, (args.context + 64,), device=dev)
     for _ in range(args.batch):
         row = cache.add_row()
         cache.prefill(row, ids[: args.context - 64])  # room for the decode steps
@@ -65,12 +102,23 @@ def main() -> None:
 
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    if args.count_ops:
+        by_op, by_site = count_ops(step)
+        print(f"torch ops per decode step (non-view, eager, backend {cache.backend}): {sum(by_op.values())}")
+        print("by function:", ", ".join(f"{k} {v}" for k, v in by_site.most_common()))
+        print("by op:", ", ".join(f"{k} {v}" for k, v in by_op.most_common(25)))
+        if dev == "cuda":
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+            kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+            print(f"CUDA kernels per decode step (eager): {kernels}")
+        return
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     print(f"decode step: {(time.perf_counter() - t0) / args.steps * 1000:.2f} ms (batch {args.batch})")
-    if args.no_profile:
+    if args.no_profile or dev != "cuda":
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -37,6 +37,9 @@ attention)
     # retrofit_quality_study.sh serve)
     python3 -m pytest tests/gpu/test_triton_attention.py -v -s > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"
+    # the bf16 case whose dK was 0.13 off on 2026-12-04, under several tilings / pipelining settings
+    timeout 120 python3 tests/gpu/test_triton_attention.py 9 bf16 > "$OUT/dk_diagnosis.log" 2>&1 || true
+    cat "$OUT/dk_diagnosis.log"
     python3 benchmarks/attention_bench.py --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
     tail -70 "$OUT/attention_bench.log"
     ;;

@@ -321,14 +321,25 @@ def _bwd_dq_kernel(
     )
 
 
+# Diagnostics only (benchmarks/triton_attention_check.py): per kernel ("fwd", "dkdv", "dq"), launch
+# options that replace the defaults: "blocks" (query block, key block) and Triton's num_warps / num_stages.
+LAUNCH_OVERRIDES: dict[str, dict] = {}
+
+
 def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
     """(query block, key block) of each kernel: the forward, dK/dV (a key block visits query blocks) and
     dQ (a query block visits key blocks)."""
     if interpret:
-        return {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
-    if max(d, dv) <= 128:
-        return {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}
-    return {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+        blocks = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
+    elif max(d, dv) <= 128:
+        blocks = {"fwd": (128, 64), "dkdv": (32, 128), "dq": (128, 32)}
+    else:
+        blocks = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
+    return blocks | {k: o["blocks"] for k, o in LAUNCH_OVERRIDES.items() if "blocks" in o}
+
+
+def _options(kernel: str) -> dict:
+    return {k: v for k, v in LAUNCH_OVERRIDES.get(kernel, {}).items() if k != "blocks"}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -375,7 +386,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN,
+            BM=BM, BN=BN, **_options("fwd"),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -406,14 +417,14 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, HKV=HKV, G=G, BM=BM, BN=BN, **flags,
+            HQ=HQ, HKV=HKV, G=G, BM=BM, BN=BN, **flags, **_options("dkdv"),
         )  # fmt: skip
         BM, BN = blocks["dq"]
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, dout, lse, delta, dq,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags,
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options("dq"),
         )  # fmt: skip
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 

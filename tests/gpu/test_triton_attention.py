@@ -82,3 +82,38 @@ def test_triton_close_to_flex_at_the_32b_tp8_shape():
     flex = _run(case, torch.bfloat16, "flex", 3)
     errs = [_rel(a, b) for a, b in zip(fast, flex, strict=True)]
     assert max(errs) < 3e-2, errs
+
+
+def diagnose(seed: int, dtype: torch.dtype) -> None:
+    """Print each gradient's error of one reference case under several launch settings, and the keys
+    with dK's largest errors: which tiling or pipelining setting a wrong result depends on, and where."""
+    from dms_megatron.kernels import triton_dms
+
+    case = _case(seed)
+    ref = _run(case, dtype, "reference", seed)
+    print(case, dtype)
+    settings = {
+        "default": {},
+        "dkdv num_stages=1": {"dkdv": {"num_stages": 1}},
+        "dkdv num_warps=8": {"dkdv": {"num_warps": 8}},
+        "dkdv blocks 64x64": {"dkdv": {"blocks": (64, 64)}},
+        "dkdv blocks 16x128": {"dkdv": {"blocks": (16, 128)}},
+    }
+    names = ["out", "dq", "dk", "dv", "devict_logits"]
+    for label, overrides in settings.items():
+        triton_dms.LAUNCH_OVERRIDES.clear()
+        triton_dms.LAUNCH_OVERRIDES.update(overrides)
+        fast = _run(case, dtype, "triton", seed)
+        errs = {n: f"{_rel(a, b):.1e}" for n, a, b in zip(names, fast, ref, strict=False)}
+        per_key = (fast[2].double() - ref[2].double()).norm(dim=-1)  # [B, Hkv, T]
+        worst = per_key.flatten().topk(min(5, per_key.numel())).indices
+        where = [tuple(int(i) for i in torch.unravel_index(w, per_key.shape)) for w in worst]
+        print(f"{label:>20}: {errs}; dK's largest errors at (b, kv head, key) {where}")
+    triton_dms.LAUNCH_OVERRIDES.clear()
+
+
+if __name__ == "__main__":  # python tests/gpu/test_triton_attention.py SEED [bf16|fp32]
+    import sys
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    diagnose(int(sys.argv[1]), dtypes[sys.argv[2] if len(sys.argv) > 2 else "bf16"])

@@ -194,7 +194,7 @@ class CompressedKV:
         if self.fused:
             from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
         for layer in range(self.L):
-            q, k, v, logits = m.attention_inputs(layer, h, pos)
+            q, k, v, logits = m.attention_inputs(layer, h, pos, fused=self.fused)
             flag = self.ring_flag[layer]
             if logits is not None:  # the new token's decision flags its predecessor
                 prev = (pos - 1) % W
@@ -215,9 +215,9 @@ class CompressedKV:
                 ).view(R, H, g, -1)  # fmt: skip
             else:
                 out = self._paged_and_ring(layer, q, qs, ring_valid)
-            h = m.finish_layer(layer, h, out.reshape(R, -1).to(h.dtype))
+            h = m.finish_layer(layer, h, out.reshape(R, -1).to(h.dtype), fused=self.fused)
         self.seen += 1
-        return m.head(h)
+        return m.head(h, fused=self.fused)
 
     def _paged_and_ring(
         self, layer: int, q: torch.Tensor, qs: torch.Tensor, ring_valid: torch.Tensor

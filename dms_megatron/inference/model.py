@@ -33,6 +33,14 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+def _norm(x: torch.Tensor, w: torch.Tensor, eps: float, fused: bool) -> torch.Tensor:
+    if fused:
+        from dms_megatron.kernels.fused_elementwise import rms_norm
+
+        return rms_norm(x, w, eps)
+    return _rms(x, w, eps)
+
+
 def _rope_table(theta: float, d: int, n: int, device: torch.device, dtype: torch.dtype):
     """HF-style rotate-half RoPE ``cos, sin [n, d]`` (angles in float64, then cast like HF)."""
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
@@ -112,23 +120,25 @@ class DMSCausalLM:
         return F.linear(x, self._p(layer, name + ".weight"), bias)
 
     def attention_inputs(
-        self, layer: int, h: torch.Tensor, pos: torch.Tensor
+        self, layer: int, h: torch.Tensor, pos: torch.Tensor, fused: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``h [T, d]`` (pre-norm residual) -> q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` (RoPE applied),
-        eviction logits ``[T, Hkv]`` (None without DMS)."""
+        eviction logits ``[T, Hkv]`` (None without DMS). ``fused``: norms and RoPE as one Triton kernel
+        each (``kernels.fused_elementwise``; CUDA, the same rounding)."""
         a, eps = self.arch, self.arch.norm_eps
-        x = _rms(h, self._p(layer, "input_layernorm.weight"), eps)
+        x = _norm(h, self._p(layer, "input_layernorm.weight"), eps, fused)
         q = self._linear(x, layer, "self_attn.q_proj").view(-1, self.hq, self.d)
         k = self._linear(x, layer, "self_attn.k_proj").view(-1, self.hkv, self.d)
         v = self._linear(x, layer, "self_attn.v_proj").view(-1, self.hkv, self.d)
         if a.qk_norm:
-            q = _rms(q, self._p(layer, "self_attn.q_norm.weight"), eps)
-            k = _rms(k, self._p(layer, "self_attn.k_norm.weight"), eps)
+            q = _norm(q, self._p(layer, "self_attn.q_norm.weight"), eps, fused)
+            k = _norm(k, self._p(layer, "self_attn.k_norm.weight"), eps, fused)
         logits = None
         if self.dms is not None:
             raw = None
             if self.dms.variant == "adapter":
-                z = _rms(h, self._p(layer, "self_attn.dms_proj_alpha_norm.weight"), self.dms.adapter_eps)
+                w_alpha = self._p(layer, "self_attn.dms_proj_alpha_norm.weight")
+                z = _norm(h, w_alpha, self.dms.adapter_eps, fused)
                 raw = F.linear(z, self._p(layer, "self_attn.dms_proj_alpha.weight"))
             logits = eviction_logits(self.dms, q, self.hkv, raw)
         neuron = self.dms is not None and self.dms.variant == "neuron"
@@ -138,20 +148,27 @@ class DMSCausalLM:
         if key not in self._rope:
             self._rope[key] = _rope_table(a.rope_theta, self.d, a.max_position_embeddings, q.device, q.dtype)
         cos, sin = (t[pos] for t in self._rope[key])
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if fused:
+            from dms_megatron.kernels.fused_elementwise import rotary
+
+            q, k = rotary(q, k, cos, sin)
+        else:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if neuron:
             q = zero_neuron(q, self.hkv)  # RoPE rotated channel D/2-1 into D-1
         return q, k, v, logits
 
-    def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def finish_layer(
+        self, layer: int, h: torch.Tensor, attn: torch.Tensor, fused: bool = False
+    ) -> torch.Tensor:
         """Residual + o_proj, then the gated MLP block. ``attn [T, Hq * D]``."""
         h = h + self._linear(attn, layer, "self_attn.o_proj")
-        x = _rms(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps)
+        x = _norm(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps, fused)
         gate, up = self._linear(x, layer, "mlp.gate_proj"), self._linear(x, layer, "mlp.up_proj")
         return h + self._linear(F.silu(gate) * up, layer, "mlp.down_proj")
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        x = _rms(h, self.w["model.norm.weight"], self.arch.norm_eps)
+    def head(self, h: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        x = _norm(h, self.w["model.norm.weight"], self.arch.norm_eps, fused)
         out = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
         return F.linear(x, out).float()
 

@@ -1,6 +1,7 @@
 """Triton paged decode kernel == the torch reference (bf16 and fp32, empty / short / long streams, group
-sizes 1-8), the fused ring + pages kernel == the unfused path, and the batched engine on CUDA (split
-and fused kernels) == the same engine's CPU reference path (greedy tokens)."""
+sizes 1-8), the fused ring + pages kernel == the unfused path, the fused RMSNorm / RoPE == the torch
+functions, and the batched engine on CUDA (split and fused kernels) == the same engine's CPU reference
+path (greedy tokens)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,29 @@ def test_fused_ring_and_pages_match_the_unfused_path(dtype, S, g, D, W) -> None:
     ring = (torch.softmax(scores, -1) @ rv.float(), torch.logsumexp(scores, -1))
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, merge_attention([paged, ring]), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_norm_and_rotary_equal_the_model_functions(dtype) -> None:
+    """The fused decode path's one-kernel RMSNorm and RoPE == the inference model's torch functions on
+    the GPU: RoPE bit-exact in bf16 (each product rounded as torch rounds it), RMSNorm within one bf16
+    unit in the last place (its sum of squares runs in another order)."""
+    from dms_megatron.inference.model import _rms, _rope_table, _rotate
+    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = (torch.randn(64, 576, device="cuda", generator=gen) * 3).to(dtype)
+    w = (1 + torch.randn(576, device="cuda", generator=gen) * 0.1).to(dtype)
+    err = (rms_norm(x, w, 1e-5).float() - _rms(x, w, 1e-5).float()).abs().max().item()
+    assert err <= (3e-2 if dtype == torch.bfloat16 else 1e-5), err
+    cos, sin = _rope_table(100000.0, 64, 8192, torch.device("cuda"), dtype)
+    pos = torch.randint(0, 8192, (64,), device="cuda", generator=gen)
+    q = torch.randn(64, 9, 64, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(64, 3, 64, device="cuda", generator=gen).to(dtype)
+    gq, gk = rotary(q, k, cos[pos], sin[pos])
+    want_q, want_k = _rotate(q, cos[pos], sin[pos]), _rotate(k, cos[pos], sin[pos])
+    if dtype == torch.bfloat16:
+        assert torch.equal(gq, want_q) and torch.equal(gk, want_k)
+    else:
+        torch.testing.assert_close(gq, want_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gk, want_k, atol=1e-6, rtol=1e-6)

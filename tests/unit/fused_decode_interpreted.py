@@ -1,6 +1,7 @@
 """Runs the fused ring + pages decode kernel (``kernels.fused_decode``) under the Triton interpreter on
 CPU and prints, as JSON, its largest error against the unfused reference composition (paged reference,
-torch attention over the ring, ``merge_attention``) for seeded cases; started by
+torch attention over the ring, ``merge_attention``) for seeded cases, and the errors of the one-kernel
+RMSNorm / RoPE (``kernels.fused_elementwise``) against the model's torch functions; started by
 ``test_fused_decode.py`` in a fresh interpreter."""
 
 from __future__ import annotations
@@ -116,6 +117,30 @@ def engine_case() -> dict:
     }
 
 
+def elementwise_case(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict:
+    """The one-kernel RMSNorm and RoPE (``kernels.fused_elementwise``) against the torch compositions of
+    the inference model: hidden sizes on and off a power of two, a 3-D input (the q/k norms of Qwen3)."""
+    from dms_megatron.inference.model import _rms, _rope_table, _rotate
+    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary
+
+    gen = torch.Generator().manual_seed(11)
+    errs = {}
+    for shape in [(5, 576), (3, 64), (4, 3, 16)]:
+        x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        w = (1 + torch.randn(shape[-1], generator=gen) * 0.1).to(weight_dtype)
+        got, want = rms_norm(x, w, 1e-5), _rms(x, w, 1e-5)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        errs[f"rms_norm {shape}"] = float((got.double() - want.double()).abs().max())
+    cos, sin = _rope_table(10000.0, 64, 128, torch.device("cpu"), dtype)
+    pos = torch.tensor([0, 5, 127])
+    q = torch.randn(3, 6, 64, generator=gen).to(dtype)
+    k = torch.randn(3, 2, 64, generator=gen).to(dtype)
+    gq, gk = rotary(q, k, cos[pos], sin[pos])
+    errs["rotary q"] = float((gq.double() - _rotate(q, cos[pos], sin[pos]).double()).abs().max())
+    errs["rotary k"] = float((gk.double() - _rotate(k, cos[pos], sin[pos]).double()).abs().max())
+    return errs
+
+
 def main() -> None:
     n = int(sys.argv[1])
     report = {
@@ -129,6 +154,11 @@ def main() -> None:
     z = ring_paged_decode_attention(torch.randn(1, 2, 16), pool, pool, table, none, ring, ring, none)
     report["empty_stream_is_zero"] = bool((z == 0).all())
     report["engine"] = engine_case()
+    report["elementwise"] = {
+        "fp32": elementwise_case(torch.float32, torch.float32),
+        "fp16": elementwise_case(torch.float16, torch.float16),
+        "fp16 x, fp32 weight": elementwise_case(torch.float16, torch.float32),
+    }
     print(json.dumps(report))
 
 

@@ -2,8 +2,9 @@
 backend), equal the unfused reference composition (paged attention, torch
 attention over the window ring, log-sum-exp merge) over seeded streams: empty and long page lists,
 rings from 1 slot to 70, GQA groups 1-5, head dims 16/32, block sizes 4/16; and the batch engine with it
-equals the engine with the reference backend. Run by the Triton interpreter on CPU (fp32 and fp16; bf16
-is left to tests/gpu)."""
+(its decode step then also runs the one-kernel RMSNorm and RoPE of ``kernels.fused_elementwise``,
+checked against the torch functions here too) equals the engine with the reference backend. Run by
+the Triton interpreter on CPU (fp32 and fp16; bf16 is left to tests/gpu)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ def test_engine_with_the_fused_kernel_equals_the_reference_backend(report) -> No
     logits at every decode step (1e-4) as the reference backend, on a tiny DMS Llama."""
     assert report["engine"]["same_tokens"]
     assert report["engine"]["max_logit_error"] < 1e-4, report["engine"]
+
+
+def test_fused_norm_and_rotary_equal_the_torch_functions(report) -> None:
+    """One-kernel RMSNorm and RoPE (the fused decode path) == the inference model's torch functions:
+    fp32 to rounding (the sum of squares in another order), 16-bit within one unit in the last place
+    (each intermediate rounded as torch rounds it)."""
+    errs = report["elementwise"]
+    assert all(e < 1e-5 for e in errs["fp32"].values()), errs["fp32"]
+    for key in ("fp16", "fp16 x, fp32 weight"):
+        assert errs[key]["rotary q"] == 0.0 and errs[key]["rotary k"] == 0.0, errs[key]
+        assert all(e <= 4e-3 for e in errs[key].values()), errs[key]  # values up to ~4: 1 ulp
 
 
 def test_empty_stream_gives_zeros(report) -> None:

@@ -1,0 +1,98 @@
+"""One-kernel RMSNorm and rotary embedding for the decode step (Triton), each rounding as the torch
+composition it replaces does, op by op, so 16-bit results equal it:
+
+* ``rms_norm(x, w, eps)``: ``(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) * w`` (the
+  Llama / Qwen RMSNorm of transformers: normalised in fp32, cast back, then scaled) in one launch
+  instead of ~7 kernels;
+* ``rotary(q, k, cos, sin)``: the rotate-half RoPE ``x * cos + cat(-x2, x1) * sin`` of q ``[T, Hq, D]``
+  and k ``[T, Hkv, D]`` together, one launch instead of ~10.
+
+On CPU they run only under ``TRITON_INTERPRET=1`` (tests); the inference model uses them on the
+``fused`` decode path (``CompressedKV(backend="fused")``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # cast back to the input dtype, as HF does
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * sy + cols, (xn * w).to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rotary_kernel(Q, K, QO, KO, COS, SIN, sqt, sqh, skt, skh, sct, HQ: tl.constexpr, HALF: tl.constexpr,
+                   ROUND: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    lo = tl.arange(0, HALF)
+    is_q = h < HQ
+    src = tl.where(is_q, Q + t * sqt + h * sqh, K + t * skt + (h - HQ) * skh)
+    dst = tl.where(is_q, QO + t * sqt + h * sqh, KO + t * skt + (h - HQ) * skh)
+    x1 = tl.load(src + lo).to(tl.float32)
+    x2 = tl.load(src + HALF + lo).to(tl.float32)
+    c1 = tl.load(COS + t * sct + lo).to(tl.float32)
+    c2 = tl.load(COS + t * sct + HALF + lo).to(tl.float32)
+    s1 = tl.load(SIN + t * sct + lo).to(tl.float32)
+    s2 = tl.load(SIN + t * sct + HALF + lo).to(tl.float32)
+    a1, b1 = x1 * c1, -x2 * s1
+    a2, b2 = x2 * c2, x1 * s2
+    if ROUND:  # 16-bit: each product rounded before the sum, as the torch ops are
+        a1, b1 = a1.to(Q.dtype.element_ty).to(tl.float32), b1.to(Q.dtype.element_ty).to(tl.float32)
+        a2, b2 = a2.to(Q.dtype.element_ty).to(tl.float32), b2.to(Q.dtype.element_ty).to(tl.float32)
+    tl.store(dst + lo, (a1 + b1).to(QO.dtype.element_ty))
+    tl.store(dst + HALF + lo, (a2 + b2).to(QO.dtype.element_ty))
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the fused elementwise kernels need CUDA tensors (TRITON_INTERPRET=1: on CPU)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading shape), output in ``x.dtype`` promoted with
+    ``weight.dtype``; see the module docstring."""
+    _check_device(x)
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, weight.contiguous(), out, d, rows.stride(0), out.stride(0), float(eps),
+            BLOCK=triton.next_power_of_2(d),
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], d)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` (same dtype) with ``cos, sin [T, D]``
+    of the tokens' positions, in one launch; see the module docstring."""
+    _check_device(q)
+    T, HQ, D = q.shape
+    if k.dtype != q.dtype or k.shape[0] != T or k.shape[2] != D or D % 2 or D & (D - 1):
+        raise ValueError(f"rotary needs q, k of one dtype and a power-of-two head dim: {q.shape}, {k.shape}")
+    q, k = q.contiguous(), k.contiguous()  # views of a projection's output already are
+    cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    if T:
+        _rotary_kernel[(T, HQ + k.shape[1])](
+            q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            HQ=HQ, HALF=D // 2, ROUND=q.dtype != torch.float32,
+        )  # fmt: skip
+    return qo, ko

@@ -191,18 +191,19 @@ class CompressedKV:
         h = m.w["model.embed_tokens.weight"][tokens]
         ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W] after the write
         ring_len = (pos + 1).clamp(max=W).repeat_interleave(H)  # [R * H]: valid slots, a prefix
+        # the same for every layer: the predecessor's slot, whether there is one, whether a token leaves
+        prev, has_prev, leaving = (pos - 1) % W, (pos >= 1)[:, None], (pos >= W)[:, None]
         if self.fused:
             from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
         for layer in range(self.L):
             q, k, v, logits = m.attention_inputs(layer, h, pos, fused=self.fused)
             flag = self.ring_flag[layer]
             if logits is not None:  # the new token's decision flags its predecessor
-                prev = (pos - 1) % W
-                flag[rows, :, prev] |= evicts(logits) & (pos >= 1)[:, None]
+                flag[rows, :, prev] |= evicts(logits) & has_prev
             # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
-            kept = ~flag[rows, :, slot] & (pos >= W)[:, None]  # [R, H]
+            kept = ~flag[rows, :, slot] & leaving  # [R, H]
             self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
-            self.paged[layer] += kept.int()
+            self.paged[layer] += kept
             self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
             self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
             flag[rows, :, slot] = torch.zeros_like(kept)

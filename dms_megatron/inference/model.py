@@ -123,8 +123,9 @@ class DMSCausalLM:
         self, layer: int, h: torch.Tensor, pos: torch.Tensor, fused: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``h [T, d]`` (pre-norm residual) -> q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` (RoPE applied),
-        eviction logits ``[T, Hkv]`` (None without DMS). ``fused``: norms and RoPE as one Triton kernel
-        each (``kernels.fused_elementwise``; CUDA, the same rounding)."""
+        eviction logits ``[T, Hkv]`` (None without DMS). ``fused`` (here, in ``finish_layer`` and
+        ``head``): norms, RoPE and the MLP's gate as one Triton kernel each
+        (``kernels.fused_elementwise``; CUDA, the same rounding)."""
         a, eps = self.arch, self.arch.norm_eps
         x = _norm(h, self._p(layer, "input_layernorm.weight"), eps, fused)
         q = self._linear(x, layer, "self_attn.q_proj").view(-1, self.hq, self.d)
@@ -165,6 +166,10 @@ class DMSCausalLM:
         h = h + self._linear(attn, layer, "self_attn.o_proj")
         x = _norm(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps, fused)
         gate, up = self._linear(x, layer, "mlp.gate_proj"), self._linear(x, layer, "mlp.up_proj")
+        if fused:
+            from dms_megatron.kernels.fused_elementwise import silu_mul
+
+            return h + self._linear(silu_mul(gate, up), layer, "mlp.down_proj")
         return h + self._linear(F.silu(gate) * up, layer, "mlp.down_proj")
 
     def head(self, h: torch.Tensor, fused: bool = False) -> torch.Tensor:

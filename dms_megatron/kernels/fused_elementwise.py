@@ -5,7 +5,8 @@ composition it replaces does, op by op, so 16-bit results equal it:
   Llama / Qwen RMSNorm of transformers: normalised in fp32, cast back, then scaled) in one launch
   instead of ~7 kernels;
 * ``rotary(q, k, cos, sin)``: the rotate-half RoPE ``x * cos + cat(-x2, x1) * sin`` of q ``[T, Hq, D]``
-  and k ``[T, Hkv, D]`` together, one launch instead of ~10.
+  and k ``[T, Hkv, D]`` together, one launch instead of ~10;
+* ``silu_mul(gate, up)``: the gated MLP's ``silu(gate) * up``, one launch instead of two.
 
 On CPU they run only under ``TRITON_INTERPRET=1`` (tests); the inference model uses them on the
 ``fused`` decode path (``CompressedKV(backend="fused")``).
@@ -56,6 +57,18 @@ def _rotary_kernel(Q, K, QO, KO, COS, SIN, sqt, sqh, skt, skh, sct, HQ: tl.const
     tl.store(dst + HALF + lo, (a2 + b2).to(QO.dtype.element_ty))
 
 
+@triton.jit
+def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    s = g / (1.0 + tl.exp(-g))
+    if ROUND:  # 16-bit: silu's result rounded before the product, as torch's two ops do
+        s = s.to(G.dtype.element_ty).to(tl.float32)
+    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (s * u).to(Y.dtype.element_ty), mask=ok)
+
+
 def _check_device(x: torch.Tensor) -> None:
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the fused elementwise kernels need CUDA tensors (TRITON_INTERPRET=1: on CPU)")
@@ -96,3 +109,17 @@ def rotary(
             HQ=HQ, HALF=D // 2, ROUND=q.dtype != torch.float32,
         )  # fmt: skip
     return qo, ko
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (same shape and dtype) in one launch; see the module docstring."""
+    _check_device(gate)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul needs gate and up of one shape and dtype: {gate.shape}, {up.shape}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        round_16 = gate.dtype != torch.float32
+        _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024, ROUND=round_16)
+    return out

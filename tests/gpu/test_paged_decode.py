@@ -108,12 +108,12 @@ def test_fused_ring_and_pages_match_the_unfused_path(dtype, S, g, D, W) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_norm_and_rotary_equal_the_model_functions(dtype) -> None:
-    """The fused decode path's one-kernel RMSNorm and RoPE == the inference model's torch functions on
-    the GPU: RoPE bit-exact in bf16 (each product rounded as torch rounds it), RMSNorm within one bf16
-    unit in the last place (its sum of squares runs in another order)."""
+def test_fused_norm_rotary_and_gate_equal_the_model_functions(dtype) -> None:
+    """The fused decode path's one-kernel RMSNorm, RoPE and SiLU gate == the inference model's torch
+    functions on the GPU: RoPE bit-exact in bf16 (each product rounded as torch rounds it), RMSNorm and
+    the gate within one bf16 unit in the last place (another summation order, another exp)."""
     from dms_megatron.inference.model import _rms, _rope_table, _rotate
-    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary
+    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary, silu_mul
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = (torch.randn(64, 576, device="cuda", generator=gen) * 3).to(dtype)
@@ -131,3 +131,8 @@ def test_fused_norm_and_rotary_equal_the_model_functions(dtype) -> None:
     else:
         torch.testing.assert_close(gq, want_q, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(gk, want_k, atol=1e-6, rtol=1e-6)
+    gate = (torch.randn(64, 1536, device="cuda", generator=gen) * 4).to(dtype)
+    up = torch.randn(64, 1536, device="cuda", generator=gen).to(dtype)
+    want = torch.nn.functional.silu(gate) * up
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5  # one bf16 ulp of the product's scale
+    assert ((silu_mul(gate, up).float() - want.float()).abs() / want.float().abs().clamp(min=1)).max() <= tol

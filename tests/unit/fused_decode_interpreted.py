@@ -118,10 +118,11 @@ def engine_case() -> dict:
 
 
 def elementwise_case(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict:
-    """The one-kernel RMSNorm and RoPE (``kernels.fused_elementwise``) against the torch compositions of
-    the inference model: hidden sizes on and off a power of two, a 3-D input (the q/k norms of Qwen3)."""
+    """The one-kernel RMSNorm, RoPE and SiLU gate (``kernels.fused_elementwise``) against the torch
+    compositions of the inference model: hidden sizes on and off a power of two, a 3-D input (the q/k
+    norms of Qwen3)."""
     from dms_megatron.inference.model import _rms, _rope_table, _rotate
-    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary
+    from dms_megatron.kernels.fused_elementwise import rms_norm, rotary, silu_mul
 
     gen = torch.Generator().manual_seed(11)
     errs = {}
@@ -138,6 +139,10 @@ def elementwise_case(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict:
     gq, gk = rotary(q, k, cos[pos], sin[pos])
     errs["rotary q"] = float((gq.double() - _rotate(q, cos[pos], sin[pos]).double()).abs().max())
     errs["rotary k"] = float((gk.double() - _rotate(k, cos[pos], sin[pos]).double()).abs().max())
+    gate = (torch.randn(7, 300, generator=gen) * 4).to(dtype)
+    up = torch.randn(7, 300, generator=gen).to(dtype)
+    got = silu_mul(gate, up)
+    errs["silu_mul"] = float((got.double() - (torch.nn.functional.silu(gate) * up).double()).abs().max())
     return errs
 
 

@@ -49,10 +49,10 @@ def test_engine_with_the_fused_kernel_equals_the_reference_backend(report) -> No
     assert report["engine"]["max_logit_error"] < 1e-4, report["engine"]
 
 
-def test_fused_norm_and_rotary_equal_the_torch_functions(report) -> None:
-    """One-kernel RMSNorm and RoPE (the fused decode path) == the inference model's torch functions:
-    fp32 to rounding (the sum of squares in another order), 16-bit within one unit in the last place
-    (each intermediate rounded as torch rounds it)."""
+def test_fused_norm_rotary_and_gate_equal_the_torch_functions(report) -> None:
+    """One-kernel RMSNorm, RoPE and SiLU gate (the fused decode path) == the inference model's torch
+    functions: fp32 to rounding (the sum of squares in another order), 16-bit within one unit in the
+    last place (each intermediate rounded as torch rounds it), RoPE bit-exact."""
     errs = report["elementwise"]
     assert all(e < 1e-5 for e in errs["fp32"].values()), errs["fp32"]
     for key in ("fp16", "fp16 x, fp32 weight"):

@@ -55,16 +55,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
 
+# linears of one layer that read the same input: one GEMM each group on the fused decode path
+MERGED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
 class DMSCausalLM:
     """Weights + the per-layer math shared by the dense oracle and the cached decoder."""
 
     def __init__(
         self, arch: ModelArch, weights: dict[str, torch.Tensor], dms: DMSBlock | Mapping[str, Any] | None
     ) -> None:
-        self.arch, self.w = arch, weights
+        self.arch = arch
+        self.w = weights
         self.dms = dms
         self.hq, self.hkv, self.d = arch.num_attention_heads, arch.num_query_groups, arch.head_dim
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def w(self) -> dict[str, torch.Tensor]:
+        """The weights by HF name. Assigning a new dict (another device or dtype) merges its projections
+        again (``_merge_projections``)."""
+        return self._w
+
+    @w.setter
+    def w(self, weights: dict[str, torch.Tensor]) -> None:
+        self._w = weights
+        self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
+        self._merge_projections()
 
     @property
     def dms(self) -> DMSBlock | None:
@@ -119,6 +136,40 @@ class DMSCausalLM:
         bias = self.w.get(f"model.layers.{layer}.{name}.bias")
         return F.linear(x, self._p(layer, name + ".weight"), bias)
 
+    def _merge_projections(self) -> None:
+        """Per layer, the q/k/v and gate/up weights (and biases) in one tensor each, the separate names
+        kept as views of it (no second copy): the fused decode path runs one GEMM per group. Done when
+        the weights are set, before anything (a CUDA graph) can hold the separate tensors."""
+        for layer in range(self.arch.num_layers):
+            for names in MERGED:
+                keys = [f"model.layers.{layer}.{n}" for n in names]
+                if not all(k + ".weight" in self.w for k in keys):
+                    continue
+                parts = [self.w[k + ".weight"] for k in keys]
+                sizes = [t.shape[0] for t in parts]
+                weight = torch.cat(parts)
+                biases = [self.w.get(k + ".bias") for k in keys]
+                bias = None
+                if any(b is not None for b in biases):
+                    zero = [weight.new_zeros(n) for n in sizes]
+                    bias = torch.cat([b if b is not None else z for b, z in zip(biases, zero, strict=True)])
+                    for k, b, view in zip(keys, biases, bias.split(sizes), strict=True):
+                        if b is not None:
+                            self.w[k + ".bias"] = view
+                for k, view in zip(keys, weight.split(sizes), strict=True):
+                    self.w[k + ".weight"] = view
+                self._merged[(layer, names)] = (weight, bias, sizes)
+
+    def _project(
+        self, x: torch.Tensor, layer: int, names: tuple[str, ...], fused: bool
+    ) -> list[torch.Tensor]:
+        """``x`` through the linears ``names`` of one layer; ``fused``: one GEMM over their merged
+        weights, its output split per name (strided views)."""
+        if not fused or (layer, names) not in self._merged:
+            return [self._linear(x, layer, n) for n in names]
+        weight, bias, sizes = self._merged[(layer, names)]
+        return list(F.linear(x, weight, bias).split(sizes, -1))
+
     def attention_inputs(
         self, layer: int, h: torch.Tensor, pos: torch.Tensor, fused: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -128,9 +179,8 @@ class DMSCausalLM:
         (``kernels.fused_elementwise``; CUDA, the same rounding)."""
         a, eps = self.arch, self.arch.norm_eps
         x = _norm(h, self._p(layer, "input_layernorm.weight"), eps, fused)
-        q = self._linear(x, layer, "self_attn.q_proj").view(-1, self.hq, self.d)
-        k = self._linear(x, layer, "self_attn.k_proj").view(-1, self.hkv, self.d)
-        v = self._linear(x, layer, "self_attn.v_proj").view(-1, self.hkv, self.d)
+        q, k, v = self._project(x, layer, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), fused)
+        q, k, v = q.view(-1, self.hq, self.d), k.view(-1, self.hkv, self.d), v.view(-1, self.hkv, self.d)
         if a.qk_norm:
             q = _norm(q, self._p(layer, "self_attn.q_norm.weight"), eps, fused)
             k = _norm(k, self._p(layer, "self_attn.k_norm.weight"), eps, fused)
@@ -165,7 +215,7 @@ class DMSCausalLM:
         """Residual + o_proj, then the gated MLP block. ``attn [T, Hq * D]``."""
         h = h + self._linear(attn, layer, "self_attn.o_proj")
         x = _norm(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps, fused)
-        gate, up = self._linear(x, layer, "mlp.gate_proj"), self._linear(x, layer, "mlp.up_proj")
+        gate, up = self._project(x, layer, ("mlp.gate_proj", "mlp.up_proj"), fused)
         if fused:
             from dms_megatron.kernels.fused_elementwise import silu_mul
 

@@ -34,14 +34,14 @@ def _rms_norm_kernel(X, W, Y, n_cols, sx, sy, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rotary_kernel(Q, K, QO, KO, COS, SIN, sqt, sqh, skt, skh, sct, HQ: tl.constexpr, HALF: tl.constexpr,
-                   ROUND: tl.constexpr):  # fmt: skip
+def _rotary_kernel(Q, K, QO, KO, COS, SIN, sqt, sqh, skt, skh, sqot, sqoh, skot, skoh, sct,
+                   HQ: tl.constexpr, HALF: tl.constexpr, ROUND: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
     h = tl.program_id(1)
     lo = tl.arange(0, HALF)
     is_q = h < HQ
     src = tl.where(is_q, Q + t * sqt + h * sqh, K + t * skt + (h - HQ) * skh)
-    dst = tl.where(is_q, QO + t * sqt + h * sqh, KO + t * skt + (h - HQ) * skh)
+    dst = tl.where(is_q, QO + t * sqot + h * sqoh, KO + t * skot + (h - HQ) * skoh)
     x1 = tl.load(src + lo).to(tl.float32)
     x2 = tl.load(src + HALF + lo).to(tl.float32)
     c1 = tl.load(COS + t * sct + lo).to(tl.float32)
@@ -58,15 +58,16 @@ def _rotary_kernel(Q, K, QO, KO, COS, SIN, sqt, sqh, skt, skh, sct, HQ: tl.const
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(G, U, Y, n, sg, su, sy, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + row * sg + offs, mask=ok, other=0.0).to(tl.float32)
     s = g / (1.0 + tl.exp(-g))
     if ROUND:  # 16-bit: silu's result rounded before the product, as torch's two ops do
         s = s.to(G.dtype.element_ty).to(tl.float32)
-    u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (s * u).to(Y.dtype.element_ty), mask=ok)
+    u = tl.load(U + row * su + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * sy + offs, (s * u).to(Y.dtype.element_ty), mask=ok)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -100,26 +101,31 @@ def rotary(
     T, HQ, D = q.shape
     if k.dtype != q.dtype or k.shape[0] != T or k.shape[2] != D or D % 2 or D & (D - 1):
         raise ValueError(f"rotary needs q, k of one dtype and a power-of-two head dim: {q.shape}, {k.shape}")
-    q, k = q.contiguous(), k.contiguous()  # views of a projection's output already are
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))  # any other strides are read
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T:
         _rotary_kernel[(T, HQ + k.shape[1])](
-            q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0),
             HQ=HQ, HALF=D // 2, ROUND=q.dtype != torch.float32,
         )  # fmt: skip
     return qo, ko
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (same shape and dtype) in one launch; see the module docstring."""
+    """``silu(gate) * up`` of ``[T, N]`` inputs (same shape and dtype; rows may be strided, e.g. the
+    halves of one merged projection) in one launch; see the module docstring."""
     _check_device(gate)
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"silu_mul needs gate and up of one shape and dtype: {gate.shape}, {up.shape}")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        round_16 = gate.dtype != torch.float32
-        _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024, ROUND=round_16)
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() != 2:
+        raise ValueError(f"silu_mul needs 2-D gate and up of one shape and dtype: {gate.shape}, {up.shape}")
+    gate, up = (x if x.stride(-1) == 1 else x.contiguous() for x in (gate, up))
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    T, n = gate.shape
+    if T and n:
+        _silu_mul_kernel[(T, triton.cdiv(n, 1024))](
+            gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
+            BLOCK=1024, ROUND=gate.dtype != torch.float32,
+        )  # fmt: skip
     return out

@@ -240,8 +240,9 @@ class CompressedKV:
         """Write ``k, v [R, H, D]`` into each stream's next page slot (not yet counted as held)."""
         n = self.paged[layer].long()
         block = self.table[layer].gather(-1, (n // self.bs)[..., None])[..., 0].long()
-        self.k_pool[block, n % self.bs] = k.to(self.k_pool.dtype)
-        self.v_pool[block, n % self.bs] = v.to(self.v_pool.dtype)
+        offset = n % self.bs
+        self.k_pool[block, offset] = k.to(self.k_pool.dtype)
+        self.v_pool[block, offset] = v.to(self.v_pool.dtype)
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.no_grad()

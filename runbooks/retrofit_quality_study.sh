@@ -10,8 +10,9 @@
 #   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
 #        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
-#        # exports are on the machine): the decode GPU tests, then benchmarks/serve_bench.py on each
-#        # exported run (default smollm2_cr8 smollm2_cr4) with the split and the fused decode kernels
+#        # exports are on the machine): the decode GPU tests, kernels per decode step (split vs fused),
+#        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
+#        # the split and the fused decode kernels
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
@@ -73,6 +74,11 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
     record_gpu
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_decode.py > "$OUT/gpu_tests.log" 2>&1 || true
     tail -3 "$OUT/gpu_tests.log"
+    for backend in triton fused; do  # kernels per eager decode step (random SmolLM2 weights, 2K context)
+        timeout 120 python3 benchmarks/profile_decode.py --context 2048 --batch 1 --count-ops \
+            --backend "$backend" > "$OUT/kernels_$backend.log" 2>&1 || true
+        grep -h "per decode step" "$OUT/kernels_$backend.log" || tail -3 "$OUT/kernels_$backend.log"
+    done
     RUNS=("${STUDY_ARGS[@]}")
     [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
     for run in "${RUNS[@]}"; do

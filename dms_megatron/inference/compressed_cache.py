@@ -203,7 +203,7 @@ class CompressedKV:
             # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
             kept = ~flag[rows, :, slot] & leaving  # [R, H]
             self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
-            self.paged[layer] += kept
+            self.paged[layer].add_(kept)  # in place: no copy back into the stacked tensor
             self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
             self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
             flag[rows, :, slot] = torch.zeros_like(kept)

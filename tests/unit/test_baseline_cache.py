@@ -68,10 +68,11 @@ def test_budget_schedule_rows(tiny) -> None:  # noqa: F811
 def test_h2o_recent_window_without_a_sort_equals_the_sorted_rule(tiny) -> None:  # noqa: F811
     """Budgets that grow by at most one token a step keep H2O's recent tokens the last positions seen,
     so the fast rule (no sort) holds exactly what the sorted rule holds, also for a budget that falls
-    and rises again; a schedule that jumps keeps the sort."""
+    (slowly or at once) and rises again; a schedule that jumps up keeps the sort."""
     model = DMSCausalLM.from_pretrained(tiny[1])
     ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(10))
-    wave = torch.tensor([min(t // 2 + 4, 16, max(8, 40 - t)) + max(0, t - 45) for t in range(60)])
+    # up by one token every other step, down by one a step, a sudden drop, then up by one a step
+    wave = torch.tensor([min(t // 2 + 4, 16, max(8, 40 - t)) for t in range(46)] + list(range(4, 18)))
     rows = [("h2o", 3.0), ("h2o", 1.5), ("h2o", None), ("tova", 2.0)]
     budgets = torch.stack([wave, wave, wave, wave])
     fast = BaselineKV(model, rows, max_len=60, min_keep=4, budgets=budgets)

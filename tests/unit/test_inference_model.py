@@ -44,6 +44,32 @@ def test_no_dms_matches_transformers(tiny) -> None:
     assert decisions == []
 
 
+def test_merged_projections_equal_the_separate_linears(tiny) -> None:
+    """Each layer's q/k/v and gate/up weights live in one tensor (the separate names are views of it);
+    one GEMM over it, split, equals the separate linears, biases included (Qwen2 has them on q/k/v only);
+    reassigning the weights (another dtype) merges them again."""
+    from dms_megatron.inference.model import MERGED
+
+    _, path = tiny
+    model = DMSCausalLM.from_pretrained(path)
+    gen = torch.Generator().manual_seed(4)
+    weights = dict(model.w)
+    for name, n in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+        weights[f"model.layers.1.self_attn.{name}.bias"] = torch.randn(n, generator=gen)
+    model.w = weights
+    x = torch.randn(5, 64, generator=gen)
+    for names in MERGED:
+        merged = model._project(x, 1, names, fused=True)
+        separate = model._project(x, 1, names, fused=False)
+        for a, b in zip(merged, separate, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    qkv = model._merged[(1, MERGED[0])][0]
+    q = model.w["model.layers.1.self_attn.q_proj.weight"]
+    assert q.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()  # a view, not a copy
+    model.w = {k: v.double() for k, v in model.w.items()}
+    assert all(w.dtype == torch.float64 for w, _, _ in model._merged.values())
+
+
 def test_batched_teacher_pass_equals_the_oracle(tiny) -> None:
     """``dense_last_logits`` (batched rows, torch's fused causal attention) == the oracle's last logits
     per row; it refuses a model with eviction."""

@@ -55,7 +55,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
 
-# linears of one layer that read the same input: one GEMM each group on the fused decode path
+# linears of one layer that read the same input (q/k/v; gate/up): one GEMM each on the fused decode path
 MERGED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
@@ -179,7 +179,7 @@ class DMSCausalLM:
         (``kernels.fused_elementwise``; CUDA, the same rounding)."""
         a, eps = self.arch, self.arch.norm_eps
         x = _norm(h, self._p(layer, "input_layernorm.weight"), eps, fused)
-        q, k, v = self._project(x, layer, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), fused)
+        q, k, v = self._project(x, layer, MERGED[0], fused)
         q, k, v = q.view(-1, self.hq, self.d), k.view(-1, self.hkv, self.d), v.view(-1, self.hkv, self.d)
         if a.qk_norm:
             q = _norm(q, self._p(layer, "self_attn.q_norm.weight"), eps, fused)
@@ -215,7 +215,7 @@ class DMSCausalLM:
         """Residual + o_proj, then the gated MLP block. ``attn [T, Hq * D]``."""
         h = h + self._linear(attn, layer, "self_attn.o_proj")
         x = _norm(h, self._p(layer, "post_attention_layernorm.weight"), self.arch.norm_eps, fused)
-        gate, up = self._project(x, layer, ("mlp.gate_proj", "mlp.up_proj"), fused)
+        gate, up = self._project(x, layer, MERGED[1], fused)
         if fused:
             from dms_megatron.kernels.fused_elementwise import silu_mul
 

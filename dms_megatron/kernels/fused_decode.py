@@ -21,13 +21,13 @@ the unfused reference composition.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from dms_megatron.kernels.paged_decode import TOKENS_PER_TILE, _int32, _sm_count
+from dms_megatron.kernels.triton_device import require_triton_device
 
 
 @triton.jit
@@ -138,8 +138,7 @@ def ring_paged_decode_attention(
     module docstring. Two kernel launches."""
     S, G, D = q.shape
     DV, W = v_pool.shape[-1], ring_k.shape[1]
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the fused decode kernel needs CUDA tensors (TRITON_INTERPRET=1: CPU, tests only)")
+    require_triton_device(q, "the fused decode kernel")
     if D & (D - 1) or DV & (DV - 1) or D < 16:
         raise ValueError(f"the fused decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     if ring_k.shape[0] != S or ring_v.shape[:2] != ring_k.shape[:2] or ring_lengths.shape != (S,):

@@ -14,11 +14,11 @@ On CPU they run only under ``TRITON_INTERPRET=1`` (tests); the inference model u
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from dms_megatron.kernels.triton_device import require_triton_device
 
 
 @triton.jit
@@ -70,15 +70,10 @@ def _silu_mul_kernel(G, U, Y, n, sg, su, sy, BLOCK: tl.constexpr, ROUND: tl.cons
     tl.store(Y + row * sy + offs, (s * u).to(Y.dtype.element_ty), mask=ok)
 
 
-def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the fused elementwise kernels need CUDA tensors (TRITON_INTERPRET=1: on CPU)")
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape), output in ``x.dtype`` promoted with
     ``weight.dtype``; see the module docstring."""
-    _check_device(x)
+    require_triton_device(x, "rms_norm")
     d = x.shape[-1]
     rows = x.reshape(-1, d)
     if rows.stride(-1) != 1:
@@ -97,7 +92,7 @@ def rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE of ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` (same dtype) with ``cos, sin [T, D]``
     of the tokens' positions, in one launch; see the module docstring."""
-    _check_device(q)
+    require_triton_device(q, "rotary")
     T, HQ, D = q.shape
     if k.dtype != q.dtype or k.shape[0] != T or k.shape[2] != D or D % 2 or D & (D - 1):
         raise ValueError(f"rotary needs q, k of one dtype and a power-of-two head dim: {q.shape}, {k.shape}")
@@ -117,7 +112,7 @@ def rotary(
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``[T, N]`` inputs (same shape and dtype; rows may be strided, e.g. the
     halves of one merged projection) in one launch; see the module docstring."""
-    _check_device(gate)
+    require_triton_device(gate, "silu_mul")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() != 2:
         raise ValueError(f"silu_mul needs 2-D gate and up of one shape and dtype: {gate.shape}, {up.shape}")
     gate, up = (x if x.stride(-1) == 1 else x.contiguous() for x in (gate, up))

@@ -28,13 +28,13 @@ Inputs in bf16 / fp16 (or fp32), accumulation in fp32. Head dims: powers of two 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from dms_megatron.core.shift import check_doc_ids
+from dms_megatron.kernels.triton_device import require_triton_device
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -489,11 +489,7 @@ def dms_attention_triton(
             f"the triton backend takes head dims {SUPPORTED_HEAD_DIMS} and bf16/fp16/fp32, got "
             f"D={D}, Dv={v.shape[-1]}, {q.dtype}"
         )
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "the triton backend needs CUDA tensors (TRITON_INTERPRET=1 runs it on CPU, for tests only); "
-            "use attention_backend='reference' on CPU"
-        )
+    require_triton_device(q, "the triton backend", "; use attention_backend='reference' on CPU")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     if log_keep is not None:

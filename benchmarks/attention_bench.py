@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {KERNELS}")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--out", default=None, help="JSON file for the rows and the run's metadata")
+    ap.add_argument(
+        "--deadline", type=float, default=None, help="seconds: no shape starts after this (rows so far kept)"
+    )
     args = ap.parse_args()
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
@@ -151,16 +154,22 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
     rows: list[dict] = []
+    start = time.time()
     for T in (int(x) for x in args.seqs.split(",")):
         for shape in args.shapes.split(","):
+            if args.deadline is not None and time.time() - start > args.deadline:
+                print(f"skipped {shape} T={T}: past the deadline", file=sys.stderr, flush=True)
+                meta.setdefault("skipped", []).append(f"{shape} T={T}")
+                continue
             Hq, Hkv, D = (int(x) for x in shape.split("x"))
-            rows += time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention)
-            print(f"timed {shape} T={T}", file=sys.stderr, flush=True)
-    add_ratios(rows)
+            new = time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention)
+            add_ratios(new)
+            rows += new
+            print(table(new).split("\n", 1)[1], f"   [{time.time() - start:.0f} s]", flush=True)
+            if args.out:  # after every shape: a run cut by a time limit keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(table(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 #   bash runbooks/retrofit_quality_study.sh evaluate  # carry nothing (right after study: same machine)
 #   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
 #        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
+#   bash runbooks/retrofit_quality_study.sh decode    # carry .carry (or after stash): the decode GPU
+#        # tests and the kernels per decode step, random weights (no training needed)
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
 #        # exports are on the machine): the decode GPU tests, kernels per decode step (split vs fused),
 #        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
@@ -23,7 +25,7 @@
 # pieces; data/prose.*: English prose (Debian's python3.11-doc and part of linux-doc-6.1), tokenised
 # here by scripts/fetch_prose.py. Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: stash | study | evaluate | one | serve}
+PHASE=${1:?phase: stash | study | evaluate | one | decode | serve}
 shift
 STUDY_ARGS=("$@")  # passed to quality_study.py, e.g. --runs cr4_adapter_w256 cr8_adapter_w64
 OUT=${OUT:-/tmp/gpu_out}
@@ -40,6 +42,18 @@ restore() {  # what earlier calls left in the stash
     mkdir -p assets data
     [ -f assets/shakespeare.txt ] || cp "$STASH/shakespeare.txt" assets/
     if [ -f data/prose.bin ]; then cp data/prose.* "$STASH"/; else cp "$STASH"/prose.* data/; fi
+}
+
+decode_checks() {  # the decode GPU tests (DECODE_TEST_K: a pytest -k selection); kernels per eager
+    # decode step (random SmolLM2 weights, 2K context)
+    timeout -k 5 "${DECODE_TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_paged_decode.py ${DECODE_TEST_K:+-k "$DECODE_TEST_K"} > "$OUT/gpu_tests.log" 2>&1 || true
+    tail -3 "$OUT/gpu_tests.log"
+    for backend in triton fused; do
+        timeout -k 5 120 python3 benchmarks/profile_decode.py --context 2048 --batch 1 --count-ops \
+            --backend "$backend" > "$OUT/kernels_$backend.log" 2>&1 || true
+        grep -h "per decode step" "$OUT/kernels_$backend.log" || tail -3 "$OUT/kernels_$backend.log"
+    done
 }
 
 case "$PHASE" in
@@ -69,16 +83,15 @@ one)  # one recipe trained alone, then its equal-memory perplexity / KL table, i
     timeout -k 5 "$(left 545)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
         --deadline "$(left 535)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
     ;;
+decode)  # needs no trained weights: the decode GPU tests, kernels per decode step (split vs fused)
+    setup
+    record_gpu
+    decode_checks
+    ;;
 serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs eviction off
     setup
     record_gpu
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_decode.py > "$OUT/gpu_tests.log" 2>&1 || true
-    tail -3 "$OUT/gpu_tests.log"
-    for backend in triton fused; do  # kernels per eager decode step (random SmolLM2 weights, 2K context)
-        timeout 120 python3 benchmarks/profile_decode.py --context 2048 --batch 1 --count-ops \
-            --backend "$backend" > "$OUT/kernels_$backend.log" 2>&1 || true
-        grep -h "per decode step" "$OUT/kernels_$backend.log" || tail -3 "$OUT/kernels_$backend.log"
-    done
+    decode_checks
     RUNS=("${STUDY_ARGS[@]}")
     [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
     for run in "${RUNS[@]}"; do

@@ -34,14 +34,22 @@ case "$PHASE" in
 attention)
     start_runbook attention
     # the training kernel's GPU tests only (all of tests/gpu took 257 s on an H200; the decode ones run in
-    # retrofit_quality_study.sh serve)
-    python3 -m pytest tests/gpu/test_triton_attention.py -v -s > "$OUT/gpu_tests.log" 2>&1 || true
+    # retrofit_quality_study.sh serve / decode); every part time-boxed so that one call holds them all
+    timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_attention.py -v -s > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"
-    # the bf16 case whose dK was 0.13 off on 2026-12-04, under several tilings / pipelining settings
-    timeout 120 python3 tests/gpu/test_triton_attention.py 9 bf16 > "$OUT/dk_diagnosis.log" 2>&1 || true
+    # every shape and length: the fused kernel against SDPA (default and flash)
+    timeout -k 5 130 python3 benchmarks/attention_bench.py --kernels sdpa_default,sdpa_flash,dms_triton \
+        --deadline 100 --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
+    tail -16 "$OUT/attention_bench.log"
+    # the bf16 case whose dK was 0.13 off on 2026-12-04, under several tilings / pipelining settings and
+    # through FlexAttention in the same precision
+    timeout -k 5 50 python3 tests/gpu/test_triton_attention.py 9 bf16 > "$OUT/dk_diagnosis.log" 2>&1 || true
     cat "$OUT/dk_diagnosis.log"
-    python3 benchmarks/attention_bench.py --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1
-    tail -70 "$OUT/attention_bench.log"
+    # FlexAttention (it compiles per shape, ~10-30 s each) at the 32B-at-TP=8 and 8B shapes, 8K
+    timeout -k 5 "${FLEX_SECONDS:-60}" python3 benchmarks/attention_bench.py --seqs 8192 \
+        --shapes 5x1x128,32x8x128 --kernels sdpa_default,dms_triton,dms_flex,flex_causal \
+        --out "$OUT/attention_bench_flex.json" > "$OUT/attention_bench_flex.log" 2>&1 || true
+    tail -10 "$OUT/attention_bench_flex.log"
     ;;
 layer32b)
     start_runbook layer32b

@@ -1,0 +1,46 @@
+"""The recipe study's choice of which runs get the (slow) pass-key evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("quality_study", ROOT / "benchmarks" / "quality_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(rows: dict[str, tuple[float, float]], length: int = 8192) -> dict:
+    table = {"teacher": {"perplexity": 30.0}}
+    table |= {f"dms:{n}": {"memory_cr": cr, "kl_to_teacher": kl} for n, (cr, kl) in rows.items()}
+    return {"tasks": {f"perplexity_{length}": table}}
+
+
+def test_winner_per_target_is_the_lowest_kl_that_reaches_the_target(study):
+    rows = {
+        "cr4_adapter_w256_long": (4.7, 0.018),
+        "cr4_adapter_w256": (4.29, 0.017),
+        "cr8_adapter_w256_seq8k": (8.2, 0.030),
+        "cr8_adapter_full_seq8k": (7.9, 0.020),  # lower KL, but short of CR 8: not chosen
+        "cr8_adapter_seq4k_lr5e-4": (8.1, 0.033),
+    }
+    assert study.winners(_results(rows), list(rows)) == ["cr4_adapter_w256", "cr8_adapter_w256_seq8k"]
+
+
+def test_without_a_run_at_the_target_the_most_compressed_is_chosen(study):
+    rows = {"cr8_adapter_w256_seq8k": (7.6, 0.030), "cr8_adapter_full_seq8k": (7.9, 0.040)}
+    assert study.winners(_results(rows), list(rows)) == ["cr8_adapter_full_seq8k"]
+
+
+def test_without_measurements_every_run_is_kept(study):
+    names = ["cr4_adapter_w256_long", "cr8_adapter_w256_seq8k"]
+    assert study.winners(None, names) == names
+    assert study.winners(_results({"cr4_adapter_w256_long": (4.7, 0.018)}, length=2048), names) == names

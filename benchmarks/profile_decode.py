@@ -71,17 +71,27 @@ def main() -> None:
         base = copy.copy(model)
         base.dms = None
         rows = [("tova", 4.0), ("h2o", 8.0), ("streaming_llm", 4.0)] * args.baseline_rows
-        bkv = BaselineKV(base, rows[: args.baseline_rows], max_len=args.context + 8)
-        toks = torch.zeros(args.baseline_rows, dtype=torch.long, device=dev)
-        for _ in range(3):
-            bkv.decode(toks)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            bkv.decode(toks)
-        sync()
-        ms = (time.perf_counter() - t0) / args.steps * 1000
-        print(f"baseline step: {ms:.2f} ms ({args.baseline_rows} rows, max_len {args.context})")
+        for graphs in (True, False):  # the evaluation's CUDA-graph step, then eager (kernels counted)
+            bkv = BaselineKV(base, rows[: args.baseline_rows], max_len=args.context + 8, cuda_graphs=graphs)
+            toks = torch.zeros(args.baseline_rows, dtype=torch.long, device=dev)
+            for _ in range(3):
+                bkv.decode(toks)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                bkv.decode(toks)
+            sync()
+            ms = (time.perf_counter() - t0) / args.steps * 1000
+            kind = "CUDA graph" if graphs and dev == "cuda" else "eager"
+            print(f"baseline step ({kind}): {ms:.2f} ms ({args.baseline_rows} rows, max_len {args.context})")
+            if dev == "cuda" and not graphs:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    bkv.decode(toks)
+                    sync()
+                gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+                busy = sum(e.device_time for e in gpu) / 1000
+                print(f"baseline step (eager): {len(gpu)} CUDA kernels, {busy:.2f} ms of kernel time")
+            del bkv
     cache = CompressedKV(
         model,
         num_blocks=args.batch * 90 * (args.context // 16 + 4),

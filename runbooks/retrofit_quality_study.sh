@@ -54,6 +54,10 @@ decode_checks() {  # the decode GPU tests (DECODE_TEST_K: a pytest -k selection)
             --backend "$backend" > "$OUT/kernels_$backend.log" 2>&1 || true
         grep -h "per decode step" "$OUT/kernels_$backend.log" || tail -3 "$OUT/kernels_$backend.log"
     done
+    # the evaluation's baseline step (60 lockstep rows as a 10-trial pass-key at 7K): graph vs eager
+    timeout -k 5 90 python3 benchmarks/profile_decode.py --context 7168 --baseline-rows 60 --steps 20 \
+        --no-profile > "$OUT/baseline_step.log" 2>&1 || true
+    grep -h "baseline step" "$OUT/baseline_step.log" || tail -3 "$OUT/baseline_step.log"
 }
 
 case "$PHASE" in

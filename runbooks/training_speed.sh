@@ -19,6 +19,13 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 source runbooks/common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
 
+boxed() {  # seconds, then a command: run it under that time limit; 0 seconds skips it
+    local seconds=$1
+    shift
+    [ "$seconds" -gt 0 ] || { echo "skipped: $*"; return 0; }
+    timeout -k 5 "$seconds" "$@"
+}
+
 step_pair() {  # name, then step_throughput arguments: one run per attention backend
     local name=$1
     shift
@@ -35,18 +42,19 @@ attention)
     start_runbook attention
     # the training kernel's GPU tests only (all of tests/gpu took 257 s on an H200; the decode ones run in
     # retrofit_quality_study.sh serve / decode); every part time-boxed so that one call holds them all
-    timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_attention.py -v -s > "$OUT/gpu_tests.log" 2>&1 || true
+    # (TEST_SECONDS, BENCH_SECONDS, DIAG_SECONDS, FLEX_SECONDS; 0 skips a part)
+    boxed "${TEST_SECONDS:-150}" python3 -m pytest tests/gpu/test_triton_attention.py -v -s > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"
     # every shape and length: the fused kernel against SDPA (default and flash)
-    timeout -k 5 130 python3 benchmarks/attention_bench.py --kernels sdpa_default,sdpa_flash,dms_triton \
-        --deadline 100 --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
+    boxed "${BENCH_SECONDS:-130}" python3 benchmarks/attention_bench.py --deadline $((${BENCH_SECONDS:-130} - 30)) \
+        --kernels sdpa_default,sdpa_flash,dms_triton --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
     tail -16 "$OUT/attention_bench.log"
     # the bf16 case whose dK was 0.13 off on 2026-12-04, under several tilings / pipelining settings and
     # through FlexAttention in the same precision
-    timeout -k 5 50 python3 tests/gpu/test_triton_attention.py 9 bf16 > "$OUT/dk_diagnosis.log" 2>&1 || true
+    boxed "${DIAG_SECONDS:-50}" python3 tests/gpu/test_triton_attention.py 9 bf16 > "$OUT/dk_diagnosis.log" 2>&1 || true
     cat "$OUT/dk_diagnosis.log"
     # FlexAttention (it compiles per shape, ~10-30 s each) at the 32B-at-TP=8 and 8B shapes, 8K
-    timeout -k 5 "${FLEX_SECONDS:-60}" python3 benchmarks/attention_bench.py --seqs 8192 \
+    boxed "${FLEX_SECONDS:-60}" python3 benchmarks/attention_bench.py --seqs 8192 \
         --shapes 5x1x128,32x8x128 --kernels sdpa_default,dms_triton,dms_flex,flex_causal \
         --out "$OUT/attention_bench_flex.json" > "$OUT/attention_bench_flex.log" 2>&1 || true
     tail -10 "$OUT/attention_bench_flex.log"

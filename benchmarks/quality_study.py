@@ -294,6 +294,10 @@ def _row(name: str, quality: dict | None, passkey: dict | None) -> dict:
         "kd_last": metrics[-1]["loss/kd"],
         "train_memory_cr_8k": metrics[-1].get("cr/memory"),
     }
+    if quality is not None and name not in quality.get("checkpoints", {name: None}):
+        quality = None  # measured other checkpoints only (e.g. the pass-key of the winners)
+    if passkey is not None and name not in passkey.get("checkpoints", {name: None}):
+        passkey = None
     if quality is not None:
         ppl = quality["tasks"][f"perplexity_{LONGEST}"]
         dms = ppl.get(f"dms:{name}", ppl.get("dms"))
@@ -367,7 +371,7 @@ def _evaluate_all(args: argparse.Namespace, clock: Clock) -> None:
     print((args.out / "study.md").read_text())
     for n in matched:  # one evaluate.py JSON per matched checkpoint: perplexity/KL and pass-key merged
         parts = [done.get("equal_memory"), done.get("passkey")]
-        merged = _merged([_only(r, n) for r in parts if r is not None])
+        merged = _merged([_only(r, n) for r in parts if r is not None and n in r["checkpoints"]])
         if merged is not None:
             targets = [RUNS[m][0] for m in matched]
             tag = f"cr{RUNS[n][0]:g}" if targets.count(RUNS[n][0]) == 1 else n

@@ -2,6 +2,7 @@
 
     python scripts/lock.py            # or: make lock
     python scripts/lock.py --compare  # how the running environment differs from constraints.txt
+    python scripts/lock.py --keep     # add what pyproject.toml newly needs, every existing pin unchanged
 
 ``constraints.txt`` pins every package, direct and indirect, that ``pip install -e ".[dev,assets]"``
 installs: pip resolves the ranges of ``pyproject.toml`` (plus ``LOCK_PINS``) to the newest versions the
@@ -18,7 +19,9 @@ differs from the main lock. ``make test-transformers-oldest`` installs them (``-
 
 The locks are for Linux x86_64 and Python 3.12 (CI and the GPU machines). Regenerate them after a change
 of ``pyproject.toml`` or ``LOCK_PINS``, or to move to newer releases on purpose (``make test-latest``
-shows first what newer releases would do).
+shows first what newer releases would do). ``--keep`` resolves with the current locks as constraints, so a
+new dependency (and what it pulls in) is added at the newest release that fits while every package
+already locked keeps its version.
 """
 
 from __future__ import annotations
@@ -53,12 +56,17 @@ def oldest_transformers() -> str:
     return found[1]
 
 
-def resolve(*extra: str) -> dict[str, str]:
-    """``{normalised name: version}`` of everything pip would install for the project plus ``extra``."""
+def resolve(*extra: str, keep: dict[str, str] | None = None) -> dict[str, str]:
+    """``{normalised name: version}`` of everything pip would install for the project plus ``extra``;
+    ``keep``: versions pip must use for those packages (constraints)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
         resolve_only = ["--dry-run", "--ignore-installed", "--report", str(report)]
+        if keep:
+            held = Path(tmp) / "keep.txt"
+            held.write_text("".join(f"{name}=={version}\n" for name, version in keep.items()))
+            resolve_only += ["-c", str(held)]
         cmd = [*pip, *resolve_only, "-e", f".[{EXTRAS}]", *TOOLS, *LOCK_PINS, *extra]
         subprocess.run(cmd, cwd=ROOT, check=True)
         items = json.loads(report.read_text())["install"]
@@ -100,14 +108,22 @@ def compare() -> int:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--compare"]:
+    args = sys.argv[1:]
+    if args == ["--compare"]:
         raise SystemExit(compare())
+    if args not in ([], ["--keep"]):
+        raise SystemExit("usage: python scripts/lock.py [--compare | --keep]")
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if python != "3.12":
         raise SystemExit(f"lock with Python 3.12 (the project's interpreter), not {python}")
-    main_pins = resolve()
+    held = held_oldest = None
+    if args == ["--keep"]:
+        held = read_lock(MAIN_LOCK)
+        overlaid = read_lock(OLDEST_LOCK)  # free in the oldest resolution: it picks them again
+        held_oldest = {n: v for n, v in held.items() if n not in overlaid}
+    main_pins = resolve(keep=held)
     oldest = oldest_transformers()
-    oldest_pins = resolve(f"transformers=={oldest}")
+    oldest_pins = resolve(f"transformers=={oldest}", keep=held_oldest)
     overlay = {n: v for n, v in oldest_pins.items() if main_pins.get(n) != v}
     if overlay.get("transformers") != oldest:
         raise SystemExit(f"the oldest resolution did not pick transformers {oldest}: {overlay}")

@@ -1,14 +1,18 @@
 """Where a decode step of the batched engine spends its time (torch profiler, CUDA), on random
 SmolLM2-135M-shaped weights: ``python benchmarks/profile_decode.py [--context N] [--batch B]``.
 
-``--count-ops`` (CPU or CUDA, eager): the non-view torch ops of one decode step, by the function of
-ours that issued them; on CUDA also the kernels launched per step. A kernel-fusion change shows up here
-first: ``python benchmarks/profile_decode.py --device cpu --context 512 --batch 2 --count-ops``."""
+``--count-ops`` (CPU or CUDA, eager): the non-view torch ops and Triton launches of one decode step, by
+the function of ours that issued them; on CUDA also the kernels launched per step. A kernel-fusion
+change shows up here first, also on CPU (the Triton kernels under the interpreter):
+``TRITON_INTERPRET=1 python benchmarks/profile_decode.py --device cpu --context 512 --batch 2 --count-ops
+--backend fused``."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 import traceback
 from collections import Counter
@@ -21,27 +25,56 @@ VIEWS |= {"_unsafe_view", "reshape", "as_strided", "detach", "split", "unbind", 
 
 def count_ops(step) -> tuple[Counter, Counter]:
     """Non-view torch ops of one call of ``step``: by op name, and by the dms_megatron function that
-    issued them (the innermost frame in our package)."""
+    issued them (the innermost frame in our package). A Triton kernel launch counts as one op
+    (``triton:<kernel>``); the torch ops the Triton interpreter runs inside a kernel are not counted, so
+    the count on CPU matches the launches a GPU would see."""
+    import contextlib
+
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
     from torch.utils._python_dispatch import TorchDispatchMode
 
     by_op, by_site = Counter(), Counter()
+    inside = [0]
+
+    def site() -> str:
+        ours = [f for f in traceback.extract_stack() if "dms_megatron" in f.filename]
+        return f"{ours[-1].filename.split('dms_megatron/')[-1]}:{ours[-1].name}" if ours else "other"
 
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name not in VIEWS:
-                ours = [f for f in traceback.extract_stack() if "dms_megatron" in f.filename]
-                site = f"{ours[-1].filename.split('dms_megatron/')[-1]}:{ours[-1].name}" if ours else "other"
+            if name not in VIEWS and not inside[0]:
                 by_op[name] += 1
-                by_site[site] += 1
+                by_site[site()] += 1
             return func(*args, **(kwargs or {}))
 
-    with _Count():
-        step()
+    def counted(run):
+        def launch(self, *args, **kwargs):
+            if not kwargs.get("warmup") and not inside[0]:
+                by_op[f"triton:{getattr(self, '__name__', None) or self.fn.__name__}"] += 1
+                by_site[site()] += 1
+            inside[0] += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        return launch
+
+    with contextlib.ExitStack() as undo:
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            undo.callback(setattr, cls, "run", cls.run)
+            cls.run = counted(cls.run)
+        with _Count():
+            step()
     return by_op, by_site
 
 
 def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the Triton kernels on CPU: the tests' interpreter fix
+        sys.path.insert(0, str(ROOT))
+        import tests.unit.interpreter_setup  # noqa: F401
     import torch
     from decode_bench import random_smollm2
     from torch.autograd import DeviceType
@@ -114,7 +147,12 @@ def main() -> None:
         step()
     if args.count_ops:
         by_op, by_site = count_ops(step)
-        print(f"torch ops per decode step (non-view, eager, backend {cache.backend}): {sum(by_op.values())}")
+        launches = sum(v for k, v in by_op.items() if k.startswith("triton:"))
+        total = sum(by_op.values())
+        print(
+            f"ops per decode step (eager, backend {cache.backend}): {total} = {total - launches} torch ops "
+            f"(non-view) + {launches} Triton launches"
+        )
         print("by function:", ", ".join(f"{k} {v}" for k, v in by_site.most_common()))
         print("by op:", ", ".join(f"{k} {v}" for k, v in by_op.most_common(25)))
         if dev == "cuda":

@@ -185,28 +185,25 @@ class CompressedKV:
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         m, R, H, W, g = self.model, self.rows, self.H, self.W, self.g
-        rows = torch.arange(R, device=tokens.device)
         pos = self.seen
-        slot = pos % W
         h = m.w["model.embed_tokens.weight"][tokens]
-        ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W] after the write
-        ring_len = (pos + 1).clamp(max=W).repeat_interleave(H)  # [R * H]: valid slots, a prefix
-        # the same for every layer: the predecessor's slot, whether there is one, whether a token leaves
-        prev, has_prev, leaving = (pos - 1) % W, (pos >= 1)[:, None], (pos >= W)[:, None]
         if self.fused:
             from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
+            from dms_megatron.kernels.ring_commit import commit_decode_token
+
+            ring_len = (pos + 1).clamp(max=W).repeat_interleave(H)  # [R * H]: valid slots, a prefix
+        else:  # the same for every layer: valid ring slots after the write; what _commit moves
+            ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W]
+            moves = self._moves()
         for layer in range(self.L):
             q, k, v, logits = m.attention_inputs(layer, h, pos, fused=self.fused)
-            flag = self.ring_flag[layer]
-            if logits is not None:  # the new token's decision flags its predecessor
-                flag[rows, :, prev] |= evicts(logits) & has_prev
-            # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
-            kept = ~flag[rows, :, slot] & leaving  # [R, H]
-            self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
-            self.paged[layer].add_(kept)  # in place: no copy back into the stacked tensor
-            self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
-            self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
-            flag[rows, :, slot] = torch.zeros_like(kept)
+            if self.fused:  # the cache update below as one kernel
+                commit_decode_token(
+                    k, v, logits, pos, self.ring_k[layer], self.ring_v[layer], self.ring_flag[layer],
+                    self.table[layer], self.paged[layer], self.k_pool, self.v_pool,
+                )  # fmt: skip
+            else:
+                self._commit(layer, k, v, logits, *moves)
             qs = q.view(R * H, g, self.D).to(self.k_pool.dtype)
             if self.fused:  # pages and ring in one kernel, then one merge kernel
                 out = ring_paged_decode_attention(
@@ -219,6 +216,31 @@ class CompressedKV:
             h = m.finish_layer(layer, h, out.reshape(R, -1).to(h.dtype), fused=self.fused)
         self.seen += 1
         return m.head(h, fused=self.fused)
+
+    def _moves(self) -> tuple[torch.Tensor, ...]:
+        """For the next decode step's ``_commit`` (the same for every layer): rows, each row's ring slot,
+        its predecessor's slot, whether it has a predecessor, whether a token leaves the window."""
+        pos, W = self.seen, self.W
+        rows = torch.arange(self.rows, device=pos.device)
+        return rows, pos % W, (pos - 1) % W, (pos >= 1)[:, None], (pos >= W)[:, None]
+
+    def _commit(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor | None,
+        rows: torch.Tensor, slot: torch.Tensor, prev: torch.Tensor, has_prev: torch.Tensor,
+        leaving: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """The new token (``k, v [R, H, D]``, decisions ``logits [R, H]``) enters each row's ring at
+        ``slot``; the token it replaces leaves the window (the torch path of ``kernels.ring_commit``)."""
+        flag = self.ring_flag[layer]
+        if logits is not None:  # the new token's decision flags its predecessor
+            flag[rows, :, prev] |= evicts(logits) & has_prev
+        # the token leaving the window: kept -> next page slot (always reserved), flagged -> dropped
+        kept = ~flag[rows, :, slot] & leaving  # [R, H]
+        self._write_page(layer, self.ring_k[layer][rows, :, slot], self.ring_v[layer][rows, :, slot])
+        self.paged[layer].add_(kept)  # in place: no copy back into the stacked tensor
+        self.ring_k[layer][rows, :, slot] = k.to(self.ring_k.dtype)
+        self.ring_v[layer][rows, :, slot] = v.to(self.ring_v.dtype)
+        flag[rows, :, slot] = torch.zeros_like(kept)
 
     def _paged_and_ring(
         self, layer: int, q: torch.Tensor, qs: torch.Tensor, ring_valid: torch.Tensor

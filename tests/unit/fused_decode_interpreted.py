@@ -66,17 +66,13 @@ def case(seed: int, dtype: torch.dtype) -> dict:
     }  # fmt: skip
 
 
-def engine_case() -> dict:
-    """The batch engine with the fused kernel against the same engine with the reference backend: a tiny
-    adapter-variant Llama (window 4), two prompts decoded together."""
+def tiny_dms_llama(window: int):
+    """A tiny adapter-variant DMS Llama (3 layers, 4 query / 2 KV heads, head dim 16)."""
     import tempfile
     from pathlib import Path
 
     import transformers as tf
 
-    from dms_megatron.inference.batch_engine import BatchEngine
-    from dms_megatron.inference.compressed_cache import CompressedKV
-    from dms_megatron.inference.engine import Request
     from tests.unit.test_inference_model import _with_dms
 
     torch.manual_seed(0)
@@ -86,7 +82,61 @@ def engine_case() -> dict:
     )  # fmt: skip
     folder = Path(tempfile.mkdtemp())
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    model = _with_dms(folder, "adapter", "head", 4)
+    return _with_dms(folder, "adapter", "head", window)
+
+
+def commit_cases(model, seeds: range) -> list[dict]:
+    """The decode commit kernel (``kernels.ring_commit``) against ``CompressedKV``'s torch path on random
+    cache states (positions before, at and past the ring size, random flags, page counts and pools, with
+    and without decisions): every state tensor must come out bit-identical."""
+    from dms_megatron.inference.compressed_cache import CompressedKV
+    from dms_megatron.kernels.ring_commit import commit_decode_token
+
+    names = ("ring_k", "ring_v", "ring_flag", "table", "paged", "k_pool", "v_pool")
+    rows = []
+    for seed in seeds:
+        rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+        cache = CompressedKV(model, num_blocks=96, block_size=4)
+        R = rng.randint(1, 4)
+        for _ in range(R):
+            cache.add_row()
+        W, H, D = cache.W, cache.H, cache.D
+        seen = [rng.choice([0, 1, W - 1, W, W + rng.randint(1, 40)]) for _ in range(R)]
+        cache.seen.copy_(torch.tensor(seen))
+        cache.ring_k.copy_(torch.randn(cache.ring_k.shape, generator=gen))
+        cache.ring_v.copy_(torch.randn(cache.ring_v.shape, generator=gen))
+        cache.ring_flag.copy_(torch.rand(cache.ring_flag.shape, generator=gen) < 0.5)
+        cache.paged.copy_(torch.randint(0, 13, cache.paged.shape, generator=gen, dtype=torch.int32))
+        cache.reserve()  # a block for every stream's next page slot, as the engine does before a step
+        cache.k_pool.copy_(torch.randn(cache.k_pool.shape, generator=gen))
+        cache.v_pool.copy_(torch.randn(cache.v_pool.shape, generator=gen))
+        layer = rng.randrange(cache.L)
+        k, v = torch.randn(R, H, D, generator=gen), torch.randn(R, H, D, generator=gen)
+        logits = None if seed % 3 == 0 else torch.randn(R, H, generator=gen)
+        before = {n: getattr(cache, n).clone() for n in names}
+        cache._commit(layer, k, v, logits, *cache._moves())
+        want = {n: getattr(cache, n).clone() for n in names}
+        for n in names:
+            getattr(cache, n).copy_(before[n])
+        commit_decode_token(
+            k, v, logits, cache.seen, cache.ring_k[layer], cache.ring_v[layer], cache.ring_flag[layer],
+            cache.table[layer], cache.paged[layer], cache.k_pool, cache.v_pool,
+        )  # fmt: skip
+        rows.append({
+            "seed": seed, "W": W, "rows": R, "logits": logits is not None, "seen": cache.seen.tolist(),
+            "changed": sorted(n for n in names if not torch.equal(before[n], want[n])),
+            "mismatch": sorted(n for n in names if not torch.equal(getattr(cache, n), want[n])),
+        })  # fmt: skip
+    return rows
+
+
+def engine_case(model) -> dict:
+    """The batch engine with the fused kernels against the same engine with the reference backend: a tiny
+    adapter-variant Llama (window 4), two prompts decoded together."""
+    from dms_megatron.inference.batch_engine import BatchEngine
+    from dms_megatron.inference.compressed_cache import CompressedKV
+    from dms_megatron.inference.engine import Request
+
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (6, 17)]
     tokens = {}
@@ -158,7 +208,9 @@ def main() -> None:
     table = torch.zeros(1, 1, dtype=torch.int32)
     z = ring_paged_decode_attention(torch.randn(1, 2, 16), pool, pool, table, none, ring, ring, none)
     report["empty_stream_is_zero"] = bool((z == 0).all())
-    report["engine"] = engine_case()
+    model = tiny_dms_llama(4)
+    report["engine"] = engine_case(model)
+    report["commit"] = commit_cases(model, range(6)) + commit_cases(tiny_dms_llama(0), range(6, 10))
     report["elementwise"] = {
         "fp32": elementwise_case(torch.float32, torch.float32),
         "fp16": elementwise_case(torch.float16, torch.float16),

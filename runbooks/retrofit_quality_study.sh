@@ -14,7 +14,8 @@
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
 #        # exports are on the machine): the decode GPU tests, kernels per decode step (split vs fused),
 #        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
-#        # the split and the fused decode kernels
+#        # the split and the fused decode kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
+#        # SERVE_BACKENDS="fused" runs one decode backend)
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
@@ -103,11 +104,11 @@ decode)  # needs no trained weights: the decode GPU tests, kernels per decode st
 serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs eviction off
     setup
     record_gpu
-    decode_checks
+    [ "${DECODE_CHECKS:-1}" = 1 ] && decode_checks  # DECODE_CHECKS=0: the serving runs only
     RUNS=("${STUDY_ARGS[@]}")
     [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
     for run in "${RUNS[@]}"; do
-        for backend in triton fused; do
+        for backend in ${SERVE_BACKENDS:-triton fused}; do
             timeout -k 5 130 python3 benchmarks/serve_bench.py --model "exports/study/$run" \
                 --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib 8 32 \
                 --requests 96 --max-batch 128 --equal-batch 32 --backend "$backend" \

@@ -16,10 +16,14 @@ Kernels (one program per (block, head)):
 - forward: online softmax over key blocks; blocks entirely older than the window take the bias
   unconditionally, only the blocks near the diagonal evaluate the window/causal/document masks.
   Stores the base-2 log-sum-exp per query for the backward.
-- backward dK / dV / d(log_keep): one program per (key block, KV head) loops over the query heads of
-  its GQA group and over the query blocks that can see its keys, so the group's contributions to a KV
-  head and to its bias are summed in one fixed order: no atomics, bitwise reproducible.
+- backward dK / dV / d(log_keep): one program per (key block, query head) over the query blocks that
+  can see its keys; with GQA each query head writes its own fp32 share and the group's shares are then
+  summed in a fixed order (``sum`` over the group axis): no atomics, bitwise reproducible, and G times
+  more programs than one per KV head (5/1 heads at TP=8 left most of an H100's SMs idle).
 - backward dQ: one program per (query block, query head) over its key blocks.
+
+Query-block programs start with the last block (the one with the most key blocks), so the longest
+programs run first and the short ones fill the tail.
 
 Inputs in bf16 / fp16 (or fp32), accumulation in fp32. Head dims: powers of two from 16 to 256.
 ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (slowly): the unit tests check them that way.
@@ -96,7 +100,7 @@ def _query_tile(Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ:
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // G
-    q_first = tl.program_id(0) * BM
+    q_first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BM  # the longest (last) query block first
     offs_m = q_first + tl.arange(0, BM)
     row_ok = offs_m < T
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqt + tl.arange(0, D)[None, :]
@@ -174,14 +178,17 @@ def _bwd_dkdv_kernel(
     Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV_, DLK,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
     T, window, qk_scale, scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """One key block's dK / dV / d(log_keep) share from one query head, stored at row (b, h) of
+    [B, HQ, T, ...] (the outputs themselves when G == 1)."""
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // HKV
-    hk = pid_bk % HKV
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
     k_first = pid_n * BN
     offs_n = k_first + tl.arange(0, BN)
     offs_m0 = tl.arange(0, BM)
@@ -205,61 +212,58 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
     dlk = tl.zeros([BN], tl.float32)
-    for j in range(G):
-        h = hk * G + j
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sob + h * soh
-        row_base = (b * HQ + h) * T
-        for start in range(k_first, mask_end, BM):
-            offs_m = start + offs_m0
-            row_ok = offs_m < T
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            age = offs_m[:, None] - offs_n[None, :]
-            outside = age > window
-            if HAS_BIAS:
-                s += tl.where(outside, bias[None, :], 0.0)
-            ok = (age >= 0) & col_ok[None, :]
-            if HAS_DOCS:
-                q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-                ok = ok & (offs_n[None, :] >= q_doc[:, None])
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            if HAS_BIAS:
-                dlk += tl.sum(tl.where(outside, ds, 0.0), axis=0)
-        for start in range(mask_end, q_hi, BM):
-            offs_m = start + offs_m0
-            row_ok = offs_m < q_hi
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if HAS_BIAS:
-                s += bias[None, :]
-            p = tl.exp2(s - lse[:, None])
-            if HAS_DOCS:
-                q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-                p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
-            p = tl.where(col_ok[None, :], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            if HAS_BIAS:
-                dlk += tl.sum(ds, axis=0)
-    kv_off = (b * HKV + hk) * T
-    rows = (kv_off + offs_n)[:, None]
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sob + h * soh
+    row_base = pid_bh * T
+    for start in range(k_first, mask_end, BM):
+        offs_m = start + offs_m0
+        row_ok = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        age = offs_m[:, None] - offs_n[None, :]
+        outside = age > window
+        if HAS_BIAS:
+            s += tl.where(outside, bias[None, :], 0.0)
+        ok = (age >= 0) & col_ok[None, :]
+        if HAS_DOCS:
+            q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+            ok = ok & (offs_n[None, :] >= q_doc[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if HAS_BIAS:
+            dlk += tl.sum(tl.where(outside, ds, 0.0), axis=0)
+    for start in range(mask_end, q_hi, BM):
+        offs_m = start + offs_m0
+        row_ok = offs_m < q_hi
+        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += bias[None, :]
+        p = tl.exp2(s - lse[:, None])
+        if HAS_DOCS:
+            q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
+            p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if HAS_BIAS:
+            dlk += tl.sum(ds, axis=0)
+    rows = (row_base + offs_n)[:, None]
     tl.store(DK + rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV_ + rows * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None])
     if HAS_BIAS:
-        tl.store(DLK + kv_off + offs_n, dlk, mask=col_ok)
+        tl.store(DLK + row_base + offs_n, dlk, mask=col_ok)
 
 
 @triton.jit
@@ -408,19 +412,26 @@ class _DMSAttentionTriton(torch.autograd.Function):
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
         de = doc_end if doc_end is not None else ds
         dq = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
-        dk = torch.empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
-        dv = torch.empty(B, HKV, T, DV, dtype=v.dtype, device=v.device)
-        dlk = torch.empty(B, HKV, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
+        # one share per query head (fp32 when a GQA group's shares are summed after the kernel)
+        share = torch.float32 if G > 1 else None
+        dk = torch.empty(B, HQ, T, D, dtype=share or k.dtype, device=k.device)
+        dv = torch.empty(B, HQ, T, DV, dtype=share or v.dtype, device=v.device)
+        dlk = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
         flags = dict(
             D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
         )
         BM, BN = blocks["dkdv"]
-        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HKV)](
+        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HQ)](
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, HKV=HKV, G=G, BM=BM, BN=BN, **flags, **_options("dkdv"),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options("dkdv"),
         )  # fmt: skip
+        if G > 1:  # the group's shares, summed in a fixed order
+            dk = dk.view(B, HKV, G, T, D).sum(2).to(k.dtype)
+            dv = dv.view(B, HKV, G, T, DV).sum(2).to(v.dtype)
+            if log_keep is not None:
+                dlk = dlk.view(B, HKV, G, T).sum(2)
         BM, BN = blocks["dq"]
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, dout, lse, delta, dq,

@@ -73,7 +73,7 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
 
 def main(argv: list[str] | None = None) -> None:
     import torch
-    from decode_bench import add_model_arguments, load_model_and_ids, run_one
+    from decode_bench import add_model_arguments, load_model_and_ids
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
@@ -91,20 +91,30 @@ def main(argv: list[str] | None = None) -> None:
     model, ids = load_model_and_ids(
         args, max(args.prompt_lengths) + args.new_tokens, getattr(torch, args.dtype)
     )
+    report = benchmark(model, ids, args)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
+    """Every (prompt length, budget, mode) run and the equal-batch pairs of ``main`` on a loaded model."""
+    import torch
+    from decode_bench import run_one
+
     dms_block = model.dms
     report: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(sys.argv),
-        "model": args.model or "random-smollm2",
+        "model": getattr(args, "model", None) or "random-smollm2",
         "dms": None if dms_block is None else dataclasses.asdict(dms_block),
         "runs": [],
         "equal_batch": [],
     }
+    context = model.arch.max_position_embeddings
     for mode in ("dms", "dense"):  # warm-up: Triton compilation and lazy CUDA state outside the timings
         model.dms = dms_block if mode == "dms" else None
-        run_one(model, [ids[:256]], 4, args.block_size, args.backend)
-    context = model.arch.max_position_embeddings
+        run_one(model, [ids[: min(256, context - 8)]], 4, args.block_size, args.backend)  # + 6 timed steps
     for length in args.prompt_lengths:
         if length + args.new_tokens > context:
             report["runs"].append(
@@ -151,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), flush=True)
                 report["equal_batch"].append(row)
     model.dms = dms_block
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

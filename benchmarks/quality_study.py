@@ -86,6 +86,9 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     # 8K sequences held out 7.74x / 7.14x where training projected 8.42 / 8.03 (2026-12-05): every weight
     # trained gave the lowest KL (0.026, 0.39x H2O), so the same at a training target ~13% higher
     "cr8_full_seq8k_t92": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.2, 240, 300)]),
+    # t92 reached 8.79 on the training text at step 300 (2026-12-05; held-out text evicts ~10% less):
+    # a training target of 10 to hold >= 8x on held-out text
+    "cr8_full_seq8k_t10": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 240, 300)]),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [
@@ -104,9 +107,8 @@ RUNS: dict[str, tuple[float, list[str]]] = {
 }
 # the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_seq4k
 DEFAULT_RUNS = [
-    "cr4_adapter_w256_long",  # its 4K / 7K pass-key is still unmeasured
-    "cr8_full_seq8k_t92",
-    "cr8_adapter_seq4k_lr5e-4",
+    "cr4_adapter_w256_long",
+    "cr8_full_seq8k_t10",
 ]
 DEFAULT_MATCHED = DEFAULT_RUNS
 PPL = ["--ppl-lengths", "2048", "4096", "8192"]
@@ -415,6 +417,9 @@ def main() -> None:
     )
     ap.add_argument("--ppl-lengths", nargs="+", default=None, help="perplexity / KL lengths (2K 4K 8K)")
     ap.add_argument(
+        "--passkey-lengths", nargs="+", default=None, help="pass-key prompt lengths, in this order (2K 4K 7K)"
+    )
+    ap.add_argument(
         "--sweep", action=argparse.BooleanOptionalAction, default=True, help="fixed-CR baseline rows (Pareto)"
     )
     ap.add_argument(
@@ -432,6 +437,8 @@ def main() -> None:
     if args.ppl_lengths:
         PPL = ["--ppl-lengths", *args.ppl_lengths]
         LONGEST = int(args.ppl_lengths[-1])
+    if args.passkey_lengths:
+        PASSKEY_LENGTHS = list(args.passkey_lengths)
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.deadline)
     if args.phase in ("all", "train"):

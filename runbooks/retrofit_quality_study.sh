@@ -8,7 +8,8 @@
 #                                                  #       data/prose.idx data/prose.json
 #   bash runbooks/retrofit_quality_study.sh evaluate  # carry nothing (right after study: same machine)
 #   bash runbooks/retrofit_quality_study.sh one --runs NAME --matched NAME   # instead of study+evaluate:
-#        # carry as study; one recipe alone, then its perplexity / KL at equal memory (no pass-key)
+#        # carry as study; one recipe alone, then its perplexity / KL at equal memory (PASSKEY=1: and
+#        # its pass-key, e.g. --passkey-lengths 7168 4096)
 #   bash runbooks/retrofit_quality_study.sh decode    # carry .carry (or after stash): the decode GPU
 #        # tests and the kernels per decode step, random weights (no training needed)
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
@@ -93,8 +94,10 @@ one)  # one recipe trained alone, then its equal-memory perplexity / KL table, i
     record_gpu
     python3 benchmarks/quality_study.py --out "$WORK" --phase train --deadline "$(left 570)" \
         --train-seconds "$(left 430)" "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/study.log"
+    passkey=--no-passkey
+    [ "${PASSKEY:-0}" = 1 ] && passkey=--passkey  # PASSKEY=1: the pass-key too (--passkey-lengths picks)
     timeout -k 5 "$(left 545)" python3 benchmarks/quality_study.py --out "$WORK" --phase evaluate \
-        --deadline "$(left 535)" --no-passkey --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
+        --deadline "$(left 535)" "$passkey" --no-sweep "${STUDY_ARGS[@]}" 2>&1 | tee "$OUT/evaluate.log"
     ;;
 decode)  # needs no trained weights: the decode GPU tests, kernels per decode step (split vs fused)
     setup

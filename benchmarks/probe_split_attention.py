@@ -1,0 +1,155 @@
+"""Building blocks of a DMS attention split into two library attentions (CUDA), timed one by one.
+
+The DMS score adds a per-key bias only to keys older than the window. Split at the window, the old part
+is a causal attention shifted by window + 1 whose bias fits in extra q / k channels (head dim D + 8), and
+the band is a sliding-window attention without bias; the two merge by log-sum-exp. Whether that beats
+the fused Triton kernel depends on what the libraries do with those shapes; this measures it:
+
+- ``sdpa_default``: SDPA causal at head dim D (PyTorch's own backend choice), the reference;
+- ``cudnn_D`` / ``cudnn_D+8``: the cuDNN attention op (causal, log-sum-exp returned) at D and D + 8,
+  forward and forward + backward (its backward op called on the forward's output and log-sum-exp);
+- ``flash_D+8``: FlashAttention-2 (PyTorch's) causal at D + 8;
+- ``flash_band``: FlashAttention-2 sliding window (left = window, right = 0) at D.
+
+    python benchmarks/probe_split_attention.py --shapes 5x1x128,32x8x128 --seqs 8192 --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _cudnn(q, k, v, scale):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, True, False, scale=scale
+    )
+    return out
+
+
+def _cudnn_fb(q, k, v, g, scale):
+    o, lse, cq, ck, mq, mk, seed, offset, _ = _cudnn(q, k, v, scale)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        g, q, k, v, o, lse, seed, offset, None, cq, ck, mq, mk, 0.0, True, scale=scale
+    )
+
+
+def _flash(q, k, v, scale, left):
+    """FlashAttention-2 on [B, T, H, D]: causal, ``left`` keys back (-1: all)."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
+        scale=scale, window_size_left=left, window_size_right=0,
+    )  # fmt: skip
+
+
+def _flash_fb(q, k, v, g, scale, left):
+    o, lse, rng, unused, _ = _flash(q, k, v, scale, left)
+    return torch.ops.aten._flash_attention_backward(
+        g, q, k, v, o, lse, None, None, q.shape[1], k.shape[1], 0.0, True, rng, unused,
+        scale=scale, window_size_left=left, window_size_right=0,
+    )  # fmt: skip
+
+
+def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench) -> list[dict]:
+    dev, dt = "cuda", torch.bfloat16
+    scale = D**-0.5
+    rows = []
+
+    def bhtd(h, d):
+        return torch.randn(1, h, T, d, device=dev, dtype=dt)
+
+    def timed(name, fwd, fb):
+        row = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "part": name}
+        try:
+            fwd()
+            fb()
+            torch.cuda.synchronize()
+            row["fwd_ms"] = do_bench(fwd)
+            row["fwd_bwd_ms"] = do_bench(fb)
+        except Exception as exc:  # an unsupported shape is a result: recorded
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    q, k, v, g = bhtd(Hq, D), bhtd(Hkv, D), bhtd(Hkv, D), bhtd(Hq, D)
+    qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def sdpa_fb():
+        F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=True).backward(g)
+
+    timed(
+        "sdpa_default",
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        sdpa_fb,
+    )
+    G = Hq // Hkv
+    for d in (D, D + 8):
+        qd, gd = bhtd(Hq, d), bhtd(Hq, d)
+        kd, vd = bhtd(Hkv, d), bhtd(Hkv, d)
+        for label, kk, vv in (
+            ("gqa", kd, vd),
+            ("expanded", kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)),
+        ):
+            if label == "gqa" and G == 1:
+                continue
+            timed(
+                f"cudnn_{d}_{label}",
+                lambda qd=qd, kk=kk, vv=vv: _cudnn(qd, kk, vv, scale),
+                lambda qd=qd, kk=kk, vv=vv, gd=gd: _cudnn_fb(qd, kk, vv, gd, scale),
+            )
+        t = [x.transpose(1, 2) for x in (qd, kd, vd, gd)]  # [B, T, H, d] views
+        timed(
+            f"flash_{d}",
+            lambda t=t: _flash(t[0], t[1], t[2], scale, -1),
+            lambda t=t: _flash_fb(t[0], t[1], t[2], t[3], scale, -1),
+        )
+    t = [x.transpose(1, 2) for x in (q, k, v, g)]
+    timed(
+        "flash_band",
+        lambda: _flash(t[0], t[1], t[2], scale, window),
+        lambda: _flash_fb(t[0], t[1], t[2], t[3], scale, window),
+    )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="5x1x128,32x8x128,9x3x64", help="Hq x Hkv x D, comma separated")
+    ap.add_argument("--seqs", default="8192", help="sequence lengths, comma separated")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_split_attention.py needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    def bench(fn):
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+    head = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "window": args.window,
+    }
+    print(json.dumps(head), flush=True)
+    rows = []
+    for T in (int(s) for s in args.seqs.split(",")):
+        for shape in args.shapes.split(","):
+            Hq, Hkv, D = (int(x) for x in shape.split("x"))
+            rows += probe(Hq, Hkv, D, T, args.window, bench)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({**head, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

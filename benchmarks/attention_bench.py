@@ -1,8 +1,10 @@
 """Forward and forward+backward time of the DMS attention kernels vs PyTorch SDPA causal attention (CUDA).
 
-Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_flex`` (FlexAttention with
-the DMS bias), ``flex_causal`` (FlexAttention without the bias), ``sdpa_default`` (SDPA, its own backend
-choice) and ``sdpa_flash`` (SDPA restricted to its flash backend). Per-rank shapes (Hq, Hkv, D):
+Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_split`` (cuDNN over the
+old keys + FlashAttention-2 band, merged; ``dms_split_flash``: FlashAttention-2 for both),
+``dms_flex`` (FlexAttention with the DMS bias), ``flex_causal`` (FlexAttention without the bias),
+``sdpa_default`` (SDPA, its own backend choice) and ``sdpa_flash`` (SDPA restricted to its flash
+backend). Per-rank shapes (Hq, Hkv, D):
 (5, 1, 128) R1-Distill-Qwen-32B at TP=8, (4, 1, 128) Qwen3-32B-like at TP=8, (32, 8, 128) 8B at TP=1,
 (9, 3, 64) SmolLM2-135M; T in 4K, 8K, 32K by default. bf16 inputs; the DMS bias gets a gradient.
 Median of ``triton.testing.do_bench`` (CUDA events). Prints a table (ratios to ``sdpa_default``) and
@@ -24,7 +26,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("sdpa_default", "sdpa_flash", "dms_triton", "dms_flex", "flex_causal")
+KERNELS = (
+    "sdpa_default",
+    "sdpa_flash",
+    "dms_triton",
+    "dms_split",
+    "dms_split_flash",
+    "dms_flex",
+    "flex_causal",
+)
 SHAPES = "5x1x128,4x1x128,32x8x128,9x3x64"
 
 
@@ -47,6 +57,17 @@ def _kernel_fns(name: str, q, k, v, relaxed, window: int, dms_attention) -> Call
         return flash
     if name == "dms_triton":
         return lambda: dms_attention(q, k, v, relaxed, window, backend="triton")
+    if name == "dms_split":
+        return lambda: dms_attention(q, k, v, relaxed, window, backend="split")
+    if name == "dms_split_flash":  # the split with FlashAttention-2 for the old keys too
+
+        def split_flash():
+            from dms_megatron.core.shift import shifted_log_keep
+            from dms_megatron.kernels.split_attention import dms_attention_split
+
+            return dms_attention_split(q, k, v, shifted_log_keep(relaxed), window, old_engine="flash")
+
+        return split_flash
     if name == "dms_flex":
         return lambda: dms_attention(q, k, v, relaxed, window, backend="flex")
     if name == "flex_causal":

@@ -21,14 +21,14 @@ from dms_megatron.runtime import TORCH_DTYPES
 Variant = Literal["neuron", "adapter"]
 DecisionsPer = Literal["head", "layer"]
 CompressionLossForm = Literal["global", "per_layer"]
-AttentionBackend = Literal["auto", "reference", "flex", "triton"]
+AttentionBackend = Literal["auto", "reference", "flex", "triton", "split"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "variant": ("neuron", "adapter"),
     "decisions_per": ("head", "layer"),
     "kl_direction": KL_DIRECTIONS,
     "compression_loss": ("global", "per_layer"),
-    "attention_backend": ("auto", "reference", "flex", "triton"),
+    "attention_backend": ("auto", "reference", "flex", "triton", "split"),
 }
 
 
@@ -67,7 +67,9 @@ class DMSConfig:
         begins. 0: the paper's start (channel removed and read as a logit from step 0).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
         CUDA), ``triton`` (the fused Triton kernel, CUDA; checked on CPU by the Triton interpreter, not
-        yet timed or checked on a GPU, hence opt-in), ``auto`` (flex on CUDA tensors, reference otherwise).
+        yet timed or checked on a GPU, hence opt-in), ``split`` (cuDNN over the keys older than the
+        window + FlashAttention-2's sliding window, merged by log-sum-exp; CUDA, no documents: those go
+        to triton), ``auto`` (flex on CUDA tensors, reference otherwise).
     """
 
     variant: Variant = "neuron"

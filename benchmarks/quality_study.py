@@ -105,7 +105,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
-# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256 / cr8_adapter_w256_seq4k
+# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256_long / cr8_adapter_w256_seq4k
 DEFAULT_RUNS = [
     "cr4_adapter_w256_long",
     "cr8_full_seq8k_t10",

@@ -68,8 +68,9 @@ class DMSConfig:
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
         CUDA), ``triton`` (the fused Triton kernel, CUDA; opt-in: timed on an H100 it is slower than
         flex), ``split`` (cuDNN over the keys older than the window + FlashAttention-2's sliding
-        window, merged by log-sum-exp; CUDA, documents go to triton; opt-in: exact on CPU with a torch
-        stand-in, not yet run on a GPU), ``auto`` (flex on CUDA tensors, reference otherwise).
+        window, merged by log-sum-exp; packed documents through FA2's variable-length form; CUDA;
+        opt-in: correct on an H100 but 2.4-11x SDPA), ``auto`` (flex on CUDA tensors, reference
+        otherwise).
     """
 
     variant: Variant = "neuron"

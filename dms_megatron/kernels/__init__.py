@@ -6,8 +6,8 @@
 ``split``: cuDNN attention over the keys older than the window (bias in extra channels) plus
 FlashAttention-2's sliding window, merged by log-sum-exp (``kernels.split_attention``; CUDA, bf16 / fp16,
 D == Dv in 64 / 128; packed documents through FlashAttention-2's variable-length form; other inputs go to
-the Triton kernel; the teacher to SDPA, or FlashAttention-2 over documents; opt-in until a GPU run has
-checked and timed it).
+the Triton kernel; the teacher to SDPA, or FlashAttention-2 over documents; opt-in: correct on an H100
+but 2.4-11x SDPA forward + backward, docs/benchmarks.md).
 ``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel becomes the CUDA default once a
 GPU run has checked it against the reference and timed it against flex and SDPA.
 """

@@ -62,3 +62,28 @@ def test_every_run_builds_a_valid_retrofit_config(study):
                 last[key] = value
             cfg = compose("retrofit", overrides=[f"{k}={v}" for k, v in last.items()])
             RetrofitConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_the_cr4_preset_is_the_measured_study_run(study):
+    """``experiment=smollm2_cr4`` trains what ``cr4_adapter_w256_long`` measured (docs/benchmarks.md):
+    the same recipe, schedule, batch and learning rates (save / logging settings aside)."""
+    from hydra import compose, initialize_config_dir
+
+    def last(overrides):
+        out = {}
+        for o in overrides:
+            key, value = o.split("=", 1)
+            out[key] = value
+        return [f"{k}={v}" for k, v in out.items()]
+
+    keys = [
+        ("dms", "variant"), ("dms", "window"), ("dms", "target_cr"), ("dms", "cr_context"),
+        ("dms", "cr_ramp_steps"), ("train", "mode"), ("train", "steps"), ("train", "lr"),
+        ("train", "min_lr"), ("train", "warmup_steps"), ("data", "seq_length"), ("data", "prefixes"),
+        ("parallel", "micro_batch_size"), ("parallel", "global_batch_size"),
+    ]  # fmt: skip
+    with initialize_config_dir(str(ROOT / "dms_megatron" / "configs"), version_base=None):
+        measured = compose("retrofit", overrides=last(study._overrides("cr4_adapter_w256_long")))
+        preset = compose("retrofit", overrides=["experiment=smollm2_cr4"])
+    for group, key in keys:
+        assert preset[group][key] == measured[group][key], (group, key)

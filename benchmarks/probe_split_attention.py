@@ -10,6 +10,10 @@ the fused Triton kernel depends on what the libraries do with those shapes; this
   forward and forward + backward (its backward op called on the forward's output and log-sum-exp);
 - ``flash_D+8``: FlashAttention-2 (PyTorch's) causal at D + 8;
 - ``flash_band``: FlashAttention-2 sliding window (left = window, right = 0) at D;
+- ``cudnn_D_keybias``: the cuDNN op at head dim D, causal, with a per-key additive bias ``[B, H, 1, T]``
+  broadcast over the queries (stride 0), the way the old part could carry the DMS bias without extra
+  channels: forward and forward + backward, its error against a float64 reference at 512 tokens, and the
+  peak memory over the inputs (a materialised ``[T, T]`` bias would show there);
 - ``flash_varlen_D+8`` / ``cudnn_varlen_D+8``: the old part over packed documents of ``--doc-length``
   tokens ([total, H, d] with cumulative lengths): FlashAttention-2's variable-length form (what the split
   uses with documents) and the cuDNN op's (``_cudnn_attention_forward`` / ``_backward`` with
@@ -92,9 +96,23 @@ def _varlen_rows(Hq: int, Hkv: int, d: int, T: int, doc_length: int, scale: floa
     def cudnn_fb():
         o, lse, cq, ck, mq, mk, seed, offset, _ = cudnn()
         return torch.ops.aten._cudnn_attention_backward(
-            g, q, kx, vx, o, lse, seed, offset, torch.empty(0, device=dev, dtype=dt), cq, ck, mq, mk,
-            0.0, True, scale=scale,
-        )  # fmt: skip
+            g,
+            q,
+            kx,
+            vx,
+            o,
+            lse,
+            seed,
+            offset,
+            None,
+            cq,
+            ck,
+            mq,
+            mk,
+            0.0,
+            True,
+            scale=scale,
+        )  # fmt: skip  (None: no bias; an empty tensor counts as a bias and fails, 2026-12-06)
 
     extra = {}
     try:
@@ -110,6 +128,41 @@ def _varlen_rows(Hq: int, Hkv: int, d: int, T: int, doc_length: int, scale: floa
         extra = {"cudnn_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     print(json.dumps({"Hq": Hq, "Hkv": Hkv, "d": d, "T": T, "doc_length": doc_length, **extra}), flush=True)
     timed(f"cudnn_varlen_{d}", cudnn, cudnn_fb, extra)
+
+
+def _keybias(q, k, v, bias, scale):
+    """cuDNN causal attention with a per-key bias [B, H, 1, T] broadcast over the queries."""
+    full = bias.expand(-1, -1, q.shape[2], -1)
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    return op(q, k, v, full, True, 0.0, True, False, scale=scale)
+
+
+def _keybias_fb(q, k, v, bias, g, scale):
+    o, lse, cq, ck, mq, mk, seed, offset, _ = _keybias(q, k, v, bias, scale)
+    full = bias.expand(-1, -1, q.shape[2], -1)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        g, q, k, v, o, lse, seed, offset, full, cq, ck, mq, mk, 0.0, True, scale=scale
+    )
+
+
+def _keybias_error(H: int, D: int, scale: float) -> dict:
+    """Output and dQ / dK / dV of the key-bias call against float64 at 512 tokens (relative max error)."""
+    T, dev = 512, "cuda"
+    q, k, v, g = (torch.randn(1, H, T, D, device=dev, dtype=torch.float64) for _ in range(4))
+    bias = torch.randn(1, H, 1, T, device=dev, dtype=torch.float64) * 3
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    s = torch.einsum("bhtd,bhsd->bhts", leaves[0], leaves[1]) * scale + bias
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=dev).tril(), float("-inf"))
+    ref_out = torch.softmax(s, -1) @ leaves[2]
+    ref = [ref_out.detach(), *torch.autograd.grad(ref_out, leaves, g)]
+    lo = [x.to(torch.bfloat16) for x in (q, k, v)]
+    b16 = bias.to(torch.bfloat16)
+    out = _keybias(*lo, b16, scale)[0]
+    grads = _keybias_fb(*lo, b16, g.to(torch.bfloat16), scale)
+    errs = {}
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads[:3]], ref, strict=True):
+        errs[name] = float((got.double() - want).abs().max() / want.abs().max())
+    return errs
 
 
 def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: int = 2048) -> list[dict]:
@@ -170,6 +223,25 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: 
         "flash_band",
         lambda: _flash(t[0], t[1], t[2], scale, window),
         lambda: _flash_fb(t[0], t[1], t[2], t[3], scale, window),
+    )
+    kx, vx = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    bias = torch.randn(1, Hq, 1, T, device=dev, dtype=dt)
+    extra: dict = {}
+    try:
+        extra["error_vs_float64_T512"] = _keybias_error(Hq, D, scale)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _keybias_fb(q, kx, vx, bias, g, scale)
+        torch.cuda.synchronize()
+        extra["peak_mib_over_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except Exception as exc:
+        extra["keybias_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    timed(
+        f"cudnn_{D}_keybias",
+        lambda: _keybias(q, kx, vx, bias, scale),
+        lambda: _keybias_fb(q, kx, vx, bias, g, scale),
+        extra,
     )
     _varlen_rows(Hq, Hkv, D + 8, T, doc_length, scale, timed)
     return rows

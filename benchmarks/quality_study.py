@@ -89,6 +89,11 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     # t92 reached 8.79 on the training text at step 300 (2026-12-05; held-out text evicts ~10% less):
     # a training target of 10 to hold >= 8x on held-out text
     "cr8_full_seq8k_t10": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 240, 300)]),
+    # t10 held 8.64x out (2026-12-06) at KL 0.41x H2O's but lost the 7K pass-key (2/10, teacher 6): a
+    # gentler, longer ramp to the same target, and the target cut towards the 8x actually needed (9.4)
+    # over the longer schedule; each takes about two 10-minute calls (the study resumes a cut run)
+    "cr8_full_seq8k_t10_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 400, 500)]),
+    "cr8_full_seq8k_t94_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.4, 400, 500)]),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [

@@ -46,8 +46,8 @@ def dms_attention(
         if split_attention.supported(q, v, doc_ids):
             from dms_megatron.core.shift import shifted_log_keep
 
-            log_keep = shifted_log_keep(relaxed.float(), doc_ids)
-            return split_attention.dms_attention_split(q, k, v, log_keep, window, scale, doc_ids)
+            bias = shifted_log_keep(relaxed.float(), doc_ids)
+            return split_attention.dms_attention_split(q, k, v, bias, window, scale, doc_ids)
     if backend == "split":  # the teacher (no bias): causal attention of SDPA, or FA2 over documents
         from dms_megatron.kernels import split_attention
 

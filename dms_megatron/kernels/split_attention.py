@@ -259,9 +259,9 @@ def _plan(B: int, T: int, W: int, doc_ids: torch.Tensor | None) -> _Plan:
         some = T > W
         return _Plan(False, None, slice(W, None) if some else None, slice(0, T - W) if some else None, None)
     layout = doc_layout(doc_ids, B, T, W)
-    some = layout.rows.numel() > 0
-    rows = layout.rows if some else None
-    return _Plan(True, layout.band, rows, rows - W if some else None, layout.old if some else None)
+    if layout.rows.numel() == 0:  # every document inside the band: no old part
+        return _Plan(True, layout.band, None, None, None)
+    return _Plan(True, layout.band, layout.rows, layout.rows - W, layout.old)
 
 
 def _flat(x: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:

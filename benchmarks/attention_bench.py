@@ -51,13 +51,9 @@ def _causal_flops(Hq: int, T: int, D: int, backward: bool) -> float:
 def packed_doc_ids(T: int, doc_length: int, device: str = "cuda") -> torch.Tensor:
     """[T] ids of documents of ``doc_length`` tokens (the last one shorter), with the host copy the
     batch packer attaches (so the split lays them out without a device sync)."""
-    from dms_megatron.kernels.split_attention import HOST_DOC_IDS
+    from dms_megatron.kernels.split_attention import with_host_copy
 
-    host = torch.arange(T) // max(1, doc_length)
-    ids = host.to(device)
-    if ids is not host:
-        setattr(ids, HOST_DOC_IDS, host)
-    return ids
+    return with_host_copy(torch.arange(T) // max(1, doc_length), device)
 
 
 def _kernel_fns(

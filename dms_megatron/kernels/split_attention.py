@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dms_megatron.core.shift import check_doc_ids
+
 EXTRA = 8  # channels added to the old part's head dim (two carry the bias; a multiple of 8 for the libraries)
 SUPPORTED_HEAD_DIMS = (64, 128)
 BIAS_FLOOR = -1000.0  # log_keep below this is clamped (exp(-1000) == 0 in fp32): keeps hi / lo finite
@@ -71,6 +73,15 @@ class DocLayout:
     old: Segments
 
 
+def with_host_copy(doc_ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``doc_ids`` (a CPU tensor) on ``device``, carrying the CPU copy (``HOST_DOC_IDS``) from which
+    ``doc_layout`` lays out the documents without a device-to-host copy."""
+    moved = doc_ids.to(device)
+    if moved is not doc_ids:
+        setattr(moved, HOST_DOC_IDS, doc_ids)
+    return moved
+
+
 def doc_layout(doc_ids: torch.Tensor, batch: int, length: int, W: int) -> DocLayout:
     """The layout of ``doc_ids`` (``[T]`` or ``[B, T]``; each run of equal ids one document) for a
     band of ``W`` keys, cached on the tensor per ``W``."""
@@ -78,13 +89,9 @@ def doc_layout(doc_ids: torch.Tensor, batch: int, length: int, W: int) -> DocLay
     if cache is not None and W in cache:
         return cache[W]
     host = getattr(doc_ids, HOST_DOC_IDS, None)
-    host = (doc_ids if host is None else host).detach().to("cpu", torch.long)
-    if host.dim() == 1:
-        host = host.unsqueeze(0)
-    if host.shape[-1] != length or host.shape[0] not in (1, batch):
-        raise ValueError(f"doc_ids must be [T] or [B, T] with B={batch}, T={length}; got {tuple(host.shape)}")
+    host = check_doc_ids((doc_ids if host is None else host).detach().cpu(), batch, length)
     lengths = []
-    for row in host.expand(batch, length):
+    for row in host.long():
         ids, counts = torch.unique_consecutive(row, return_counts=True)
         if ids.unique().numel() != ids.numel():
             raise ValueError("the split attention needs each document in one run of equal doc_ids")
@@ -254,7 +261,11 @@ class _Plan:
     old: Segments | None
 
 
-def _plan(B: int, T: int, W: int, doc_ids: torch.Tensor | None) -> _Plan:
+def _plan(B: int, T: int, W: int | None, doc_ids: torch.Tensor | None) -> _Plan:
+    """``W = None``: causal attention only (the band covers every earlier key), no old part."""
+    if W is None:
+        band = None if doc_ids is None else doc_layout(doc_ids, B, T, T + 1).band
+        return _Plan(doc_ids is not None, band, None, None, None)
     if doc_ids is None:
         some = T > W
         return _Plan(False, None, slice(W, None) if some else None, slice(0, T - W) if some else None, None)
@@ -293,10 +304,14 @@ def _old_inputs(q, k, v, log_keep, q_rows: Rows, k_rows: Rows, scale: float):
 
 
 class _SplitAttention(torch.autograd.Function):
+    """``log_keep = None``: plain causal attention (the teacher), the band engine over every key."""
+
     @staticmethod
     def forward(ctx, q, k, v, log_keep, doc_ids, window, scale, old_engine, band_engine):
         B, D = q.shape[0], q.shape[3]
-        plan = _plan(B, q.shape[2], window + 1, doc_ids)
+        if log_keep is None:
+            window = -1
+        plan = _plan(B, q.shape[2], None if log_keep is None else window + 1, doc_ids)
         q, k, v, log_keep = (_flat(x, plan) for x in (q, k, v, log_keep))
         out_b, lse_b = _ENGINES[band_engine][0](q, k, v, scale, window, plan.band)
         out, lse = out_b.to(q.dtype), _wide(lse_b)
@@ -326,6 +341,8 @@ class _SplitAttention(torch.autograd.Function):
         dout = _flat(dout, plan).contiguous()
         band_grads = _ENGINES[band_engine][1](dout, q, k, v, out, lse, scale, window, plan.band)
         dq, dk, dv = (x.to(q.dtype) for x in band_grads)
+        if log_keep is None:
+            return (*(_unflat(x, plan, B) for x in (dq, dk, dv)), None, None, None, None, None, None)
         dlk = torch.zeros(log_keep.shape, dtype=_wide(log_keep).dtype, device=q.device)
         if plan.q_rows is not None:
             rows, keys = plan.q_rows, plan.k_rows
@@ -344,29 +361,6 @@ class _SplitAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-class _CausalOverDocuments(torch.autograd.Function):
-    """Plain causal attention within documents (the teacher): one variable-length library call."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, doc_ids, scale, engine):
-        B = q.shape[0]
-        plan = _plan(B, q.shape[2], q.shape[2] + 1, doc_ids)  # the band's segments only
-        q, k, v = (_flat(x, plan) for x in (q, k, v))
-        out, lse = _ENGINES[engine][0](q, k, v, scale, -1, plan.band)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, _wide(lse))
-        ctx.plan, ctx.batch, ctx.scale, ctx.engine = plan, B, scale, engine
-        return _unflat(out, plan, B)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan, B = ctx.plan, ctx.batch
-        dout = _flat(dout, plan).contiguous()
-        grads = _ENGINES[ctx.engine][1](dout, q, k, v, out, lse, ctx.scale, -1, plan.band)
-        return (*(_unflat(x.to(q.dtype), plan, B) for x in grads), None, None, None)
-
-
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -382,7 +376,7 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _CausalOverDocuments.apply(q, k, v, doc_ids, scale, engine)
+    return _SplitAttention.apply(q, k, v, None, doc_ids, -1, scale, engine, engine)
 
 
 def supported(q: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> bool:

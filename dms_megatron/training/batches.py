@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dms_megatron.kernels.split_attention import HOST_DOC_IDS
+from dms_megatron.kernels.split_attention import with_host_copy
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,8 @@ def pack_thd(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
     )
     # built here on the host, so the attention layers need no device sync to derive them
-    params._dms_doc_ids = doc_ids.to(device)
-    # and the host copy, from which the split attention lays out its document runs without a sync
-    if params._dms_doc_ids is not doc_ids:
-        setattr(params._dms_doc_ids, HOST_DOC_IDS, doc_ids)
+    # with the host copy, from which the split attention lays out its document runs without a sync
+    params._dms_doc_ids = with_host_copy(doc_ids, device)
     params._dms_positions = flat_pos.to(device)
     return {
         "input_ids": tokens.reshape(1, -1).to(device),

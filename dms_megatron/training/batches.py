@@ -55,23 +55,43 @@ def build_gpt_dataset(
 
     if not prefixes:
         raise ValueError("data.prefixes is empty: preprocess text with launch/preprocess.py first")
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=([str(p) for p in prefixes], None if weights is None else [float(w) for w in weights]),
-        split="100,0,0",
-        path_to_cache=str(Path(cache_dir) / data_fingerprint(prefixes)),
-        tokenizer=_TokenIds(vocab_size, eos_token_id),
-        reset_position_ids=True,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+
+    def build(blend_weights: list[float] | None) -> Any:
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=seq_length,
+            blend=([str(p) for p in prefixes], blend_weights),
+            split="100,0,0",
+            path_to_cache=str(Path(cache_dir) / data_fingerprint(prefixes)),
+            tokenizer=_TokenIds(vocab_size, eos_token_id),
+            reset_position_ids=True,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config)
+        return builder.build()[0]
+
+    train = build(None if weights is None else [float(w) for w in weights])
+    if weights is None and len(prefixes) > 1 and (train is None or len(train) < num_samples):
+        # unweighted, megatron blends one epoch of each dataset; when that is too few samples, weights by
+        # size (the same mixture) make each dataset repeat over as many epochs as needed
+        sizes = [_token_count(p) for p in prefixes]
+        log.info(
+            "%d samples need more than one epoch of %s: blended by size %s", num_samples, prefixes, sizes
+        )
+        train = build([float(n) for n in sizes])
     if train is None or len(train) < num_samples:
         got = 0 if train is None else len(train)
         raise ValueError(f"the dataset gives {got} samples, {num_samples} needed")
     return train
+
+
+def _token_count(prefix: str | Path) -> int:
+    """Tokens in a megatron indexed dataset (``prefix``.bin / .idx)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return int(IndexedDataset(str(prefix)).sequence_lengths.sum())
 
 
 def data_fingerprint(prefixes: list[str]) -> str:

@@ -40,6 +40,17 @@ def test_blend_draws_from_both_datasets_by_weight(tmp_path) -> None:
     assert len({p.name for p in (tmp_path / "cache").iterdir()} - before) == 1
 
 
+def test_an_unweighted_blend_repeats_its_datasets_when_one_epoch_is_short(tmp_path) -> None:
+    a, b = _dataset(tmp_path, "a", 10, 40), _dataset(tmp_path, "b", 50, 90, n_docs=180)
+    one_epoch = len(build_gpt_dataset([a, b], None, 16, 4, 0, 96, 2, tmp_path / "cache"))
+    ds = build_gpt_dataset([a, b], None, 16, 3 * one_epoch, 0, 96, 2, tmp_path / "cache")
+    assert len(ds) >= 3 * one_epoch
+    tokens = torch.stack([ds[i]["tokens"] for i in range(3 * one_epoch)])
+    from_a = ((tokens >= 10) & (tokens < 40)).sum().item()
+    from_b = ((tokens >= 50) & (tokens < 90)).sum().item()
+    assert 2.0 < from_b / from_a < 4.5  # mixed by size: b holds about three times a's tokens
+
+
 def test_step_slices_cover_each_global_batch_once() -> None:
     seen = []
     for rank in range(2):

@@ -91,7 +91,8 @@ def _token_count(prefix: str | Path) -> int:
     """Tokens in a megatron indexed dataset (``prefix``.bin / .idx)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    return int(IndexedDataset(str(prefix)).sequence_lengths.sum())
+    dataset = IndexedDataset(str(prefix))  # held while summing: its lengths are a view of its mmap
+    return int(dataset.sequence_lengths.sum())
 
 
 def data_fingerprint(prefixes: list[str]) -> str:

@@ -42,7 +42,9 @@ TEXT = "assets/shakespeare.txt"
 COMMON = [
     "experiment=smollm2_cr8",
     "data.prefixes=[data/stdlib,data/prose]",
-    "train.save_interval=25",
+    # a full-model save costs ~6.4 s (H100, 2026-12-06: 15 saves were 96 s of a 376-step run of 0.52-s
+    # steps); the study's time limit stops a run with SIGTERM, which saves a checkpoint anyway
+    "train.save_interval=100",
     "logging.console=false",
     "dms.cr_context=8192",
 ]
@@ -91,7 +93,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     "cr8_full_seq8k_t10": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 240, 300)]),
     # t10 held 8.64x out (2026-12-06) at KL 0.41x H2O's but lost the 7K pass-key (2/10, teacher 6): a
     # gentler, longer ramp to the same target, and the target cut towards the 8x actually needed (9.4)
-    # over the longer schedule; each takes about two 10-minute calls (the study resumes a cut run)
+    # over the longer schedule; alone, 500 steps of 0.52 s + 5 saves fit one study call (a cut run resumes)
     "cr8_full_seq8k_t10_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 400, 500)]),
     "cr8_full_seq8k_t94_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.4, 400, 500)]),
     "cr8_adapter_seq4k_lr5e-4": (

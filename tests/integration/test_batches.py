@@ -8,6 +8,7 @@ import torch
 
 from dms_megatron.training.batches import (
     StepSlice,
+    _token_count,
     build_gpt_dataset,
     doc_starts,
     pack_thd,
@@ -49,6 +50,11 @@ def test_an_unweighted_blend_repeats_its_datasets_when_one_epoch_is_short(tmp_pa
     from_a = ((tokens >= 10) & (tokens < 40)).sum().item()
     from_b = ((tokens >= 50) & (tokens < 90)).sum().item()
     assert 2.0 < from_b / from_a < 4.5  # mixed by size: b holds about three times a's tokens
+
+
+def test_token_count_reads_the_index(tmp_path) -> None:
+    info = write_token_documents(tmp_path / "c", [list(range(10, 10 + n)) for n in range(3, 60)], 96, 2, "c")
+    assert _token_count(tmp_path / "c") == info.num_tokens == sum(n + 1 for n in range(3, 60))
 
 
 def test_step_slices_cover_each_global_batch_once() -> None:

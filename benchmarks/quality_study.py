@@ -95,6 +95,8 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     # gentler, longer ramp to the same target, and the target cut towards the 8x actually needed (9.4)
     # over the longer schedule; alone, 500 steps of 0.52 s + 5 saves fit one study call (a cut run resumes)
     "cr8_full_seq8k_t10_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(10.0, 400, 500)]),
+    # 2026-12-06 (483-485 of 500 steps, side by side): t94 held 8.91x out, KL 0.36x H2O, pass-key 10/10/5
+    # at 2K/4K/7K (teacher 10/10/6); t10 9.18x, KL 0.38x
     "cr8_full_seq8k_t94_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.4, 400, 500)]),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,

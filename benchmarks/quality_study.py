@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "assets/smollm2-135m-instruct"
 TEXT = "assets/shakespeare.txt"
 COMMON = [
-    "experiment=smollm2_cr8",
+    "experiment=smollm2_cr4",  # every run sets what differs from this preset
     "data.prefixes=[data/stdlib,data/prose]",
     # a full-model save costs ~6.4 s (H100, 2026-12-06: 15 saves were 96 s of a 376-step run of 0.52-s
     # steps); the study's time limit stops a run with SIGTERM, which saves a checkpoint anyway
@@ -114,7 +114,7 @@ RUNS: dict[str, tuple[float, list[str]]] = {
         [*NEURON, "train.lr=5e-5", "train.min_lr=2.5e-5", "dms.window=256", *_cr(4.4, 90, 150)],
     ),
 }
-# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256_long / cr8_adapter_w256_seq4k
+# the presets smollm2_cr4 / smollm2_cr8 are cr4_adapter_w256_long / cr8_full_seq8k_t94_long
 DEFAULT_RUNS = [
     "cr4_adapter_w256_long",
     "cr8_full_seq8k_t10",

@@ -43,7 +43,7 @@ INVALID = [
     (["dms.target_cr=16", "dms.window=512"], r"dms\.target_cr=16", None),  # the window alone exceeds it
     # settings that cannot work together
     (["train.steps=500"], r"dms\.cr_ramp_steps=700 .*lower dms\.cr_ramp_steps or raise train\.steps", None),
-    (["experiment=smollm2_cr8", "train.steps=100"], r"dms\.cr_ramp_steps=290 .*train\.steps=100", None),
+    (["experiment=smollm2_cr8", "train.steps=100"], r"dms\.cr_ramp_steps=400 .*train\.steps=100", None),
     (["dms=adapter", "train=adapter", "train.steps=100"], r"dms\.cr_ramp_steps=510", None),
     (["dms.window=2048", "dms.cr_context=0"], r"dms\.window=2048 .*seq_length=2048.*evicted", None),
     (["data.seq_length=128"], r"dms\.window=256 is invalid with data\.seq_length=128", None),

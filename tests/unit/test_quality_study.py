@@ -64,9 +64,13 @@ def test_every_run_builds_a_valid_retrofit_config(study):
             RetrofitConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
-def test_the_cr4_preset_is_the_measured_study_run(study):
-    """``experiment=smollm2_cr4`` trains what ``cr4_adapter_w256_long`` measured (docs/benchmarks.md):
-    the same recipe, schedule, batch and learning rates (save / logging settings aside)."""
+@pytest.mark.parametrize(
+    ("preset_name", "run"),
+    [("smollm2_cr4", "cr4_adapter_w256_long"), ("smollm2_cr8", "cr8_full_seq8k_t94_long")],
+)
+def test_the_presets_are_the_measured_study_runs(study, preset_name, run):
+    """``experiment=smollm2_cr4`` / ``smollm2_cr8`` train what their study runs measured
+    (docs/benchmarks.md): the same recipe, schedule, batch and learning rates (save / logging aside)."""
     from hydra import compose, initialize_config_dir
 
     def last(overrides):
@@ -80,10 +84,10 @@ def test_the_cr4_preset_is_the_measured_study_run(study):
         ("dms", "variant"), ("dms", "window"), ("dms", "target_cr"), ("dms", "cr_context"),
         ("dms", "cr_ramp_steps"), ("train", "mode"), ("train", "steps"), ("train", "lr"),
         ("train", "min_lr"), ("train", "warmup_steps"), ("data", "seq_length"), ("data", "prefixes"),
-        ("parallel", "micro_batch_size"), ("parallel", "global_batch_size"),
+        ("parallel", "micro_batch_size"), ("parallel", "global_batch_size"), ("train", "adapter_lr_mult"),
     ]  # fmt: skip
     with initialize_config_dir(str(ROOT / "dms_megatron" / "configs"), version_base=None):
-        measured = compose("retrofit", overrides=last(study._overrides("cr4_adapter_w256_long")))
-        preset = compose("retrofit", overrides=["experiment=smollm2_cr4"])
+        measured = compose("retrofit", overrides=last(study._overrides(run)))
+        preset = compose("retrofit", overrides=[f"experiment={preset_name}"])
     for group, key in keys:
         assert preset[group][key] == measured[group][key], (group, key)

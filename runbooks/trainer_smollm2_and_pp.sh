@@ -38,7 +38,7 @@ smollm2)
     python3 launch/retrofit.py "${COMMON[@]}" train.steps="$STEPS" dms.cr_ramp_steps="$RAMP" \
         train.save_interval="$STEPS" logging.console=false > "$OUT/retrofit.log" 2>&1 || { tail -60 "$OUT/retrofit.log"; exit 1; }
     tail -3 "$OUT/retrofit.log"
-    cp runs/smollm2_cr8/{metrics.jsonl,summary.json,cr_curve.png,config.yaml,run_info.json} "$OUT/"
+    cp runs/smollm2_paper/{metrics.jsonl,summary.json,cr_curve.png,config.yaml,run_info.json} "$OUT/"
     ;;
 pp)
     STEPS=${2:-30}

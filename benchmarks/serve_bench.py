@@ -38,6 +38,7 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
         max_batch=args.max_batch,
         backend=args.backend,
         kv_budget_gib=budget_gib,
+        prefill_chunk=args.prefill_chunk,
     )
     t0 = time.perf_counter()
     results = engine.generate([Request(p, max_new_tokens=new_tokens) for p in prompts])
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=128, help="rows decoding at once at most")
     ap.add_argument("--equal-batch", type=int, default=32, help="also both modes at this batch (0: skip)")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument(
+        "--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call (engine default)"
+    )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path)

@@ -17,7 +17,8 @@
 #        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
 #        # the split and the fused decode kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
 #        # SERVE_BACKENDS="fused" runs one decode backend; SERVE_SECONDS (default 300) bounds each run
-#        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it)
+#        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it;
+#        # PREFILL_CHUNK (default 1024) sets the prompt tokens per prefill call)
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory
@@ -115,7 +116,7 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
         for backend in ${SERVE_BACKENDS:-triton fused}; do
             timeout -k 5 "${SERVE_SECONDS:-300}" python3 benchmarks/serve_bench.py --model "exports/study/$run" \
                 --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib 8 32 \
-                --requests 96 --max-batch 128 --equal-batch 32 --backend "$backend" \
+                --requests 96 --max-batch 128 --equal-batch 32 --backend "$backend" --prefill-chunk "${PREFILL_CHUNK:-1024}" \
                 --out "$OUT/serve_${run}_${backend}.json" > "$OUT/serve_${run}_${backend}.log" 2>&1 || true
             tail -4 "$OUT/serve_${run}_${backend}.log"
         done

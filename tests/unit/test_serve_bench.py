@@ -35,7 +35,7 @@ def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(serve_b
     ids = torch.randint(0, 96, (400,), generator=torch.Generator().manual_seed(3)).tolist()
     args = argparse.Namespace(
         prompt_lengths=[40, 300], new_tokens=12, kv_budget_gib=[8e-5], requests=6, max_batch=6,
-        equal_batch=2, block_size=4, backend="auto", device="cpu", model=None,
+        equal_batch=2, block_size=4, prefill_chunk=16, backend="auto", device="cpu", model=None,
     )  # fmt: skip
     report = serve_bench.benchmark(model, ids, args)
 

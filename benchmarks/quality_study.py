@@ -101,8 +101,11 @@ RUNS: dict[str, tuple[float, list[str]]] = {
     # t94 missed KL <= 1/3 of H2O's by 0.002; KL was still falling after its ramp (KD 0.036 at step 400,
     # ~0.029 at 460-483) and a lower CR lowers DMS's KL faster than the baselines' (t10 -> t94: -6% vs
     # -2.5%): the same ramp, a target nearer the 8x needed, and a 200-step steady phase (alone, 600 steps
-    # of 0.52 s + 6 saves fit one study call)
-    "cr8_full_seq8k_t9_long": (8.0, [*FULL, "dms.window=256", *_seq(8192), *_cr(9.0, 400, 600)]),
+    # of 0.52 s + 3 saves fit one study call)
+    "cr8_full_seq8k_t9_long": (
+        8.0,
+        [*FULL, "dms.window=256", *_seq(8192), *_cr(9.0, 400, 600), "train.save_interval=200"],
+    ),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [

@@ -176,8 +176,9 @@ def zero_neuron(q: torch.Tensor, num_kv_heads: int, head_axis: int = -2) -> torc
     Apply before RoPE and again after it: rotate-half RoPE mixes channel D-1 with D/2-1.
     """
     axis, g = _group_axis(q, num_kv_heads, head_axis)
-    keep = torch.ones(q.shape[axis], q.shape[-1], dtype=q.dtype, device=q.device)
-    keep[::g, -1] = 0
+    first = torch.arange(q.shape[axis], device=q.device) % g == 0  # the first head of each KV group
+    last = torch.arange(q.shape[-1], device=q.device) == q.shape[-1] - 1
+    keep = (~(first[:, None] & last[None, :])).to(q.dtype)  # no host scalar written per call
     view = [1] * q.dim()
     view[axis], view[-1] = q.shape[axis], q.shape[-1]
     return q * keep.view(view)

@@ -68,6 +68,15 @@ def _cached_document_block_mask(doc_ids: torch.Tensor, B: int, T: int, Hkv: int,
     return mask
 
 
+@functools.lru_cache(maxsize=32)
+def _window_tensor(window: int, device: torch.device) -> torch.Tensor:
+    """The window as a captured int32 device tensor, made once per (window, device): building it per
+    layer copies from the host and synchronises the stream (measured: one sync per layer per micro-batch
+    in the student forward on an H100). Never an inference tensor: training may reuse it."""
+    with torch.inference_mode(False):
+        return torch.tensor(window, device=device, dtype=torch.int32)
+
+
 def dms_attention_flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,7 +104,7 @@ def dms_attention_flex(
     if relaxed is not None:
         # fp32 bias: flex computes scores in fp32 and the bias gradient accumulates per key
         log_keep = shifted_log_keep(relaxed.float(), doc_ids).reshape(B * Hkv, T)
-        win = torch.tensor(window, device=q.device, dtype=torch.int32)
+        win = _window_tensor(window, q.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(outside_window(q_idx - kv_idx, win), score + log_keep[b, kv_idx], score)

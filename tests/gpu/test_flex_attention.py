@@ -65,3 +65,22 @@ def test_flex_bf16_close_to_fp32_reference():
     out = dms_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), relaxed, window=256, backend="flex")
     assert out.dtype == torch.bfloat16
     assert _rel(out, ref) < 1e-2
+
+
+def test_flex_layer_does_not_synchronise_after_the_first_call():
+    """Each layer's call used to copy the window to the GPU (one stream sync per layer per micro-batch):
+    after a warm-up call, forward and backward run with CUDA's sync debug mode set to error."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=gen, requires_grad=True)  # noqa: E731
+    B, Hq, Hkv, T = 1, 4, 2, 512
+    doc_ids = (torch.arange(T, device="cuda") >= 200).long()[None]
+    for checked in (False, True):
+        q, k, v, relaxed = mk(B, Hq, T, 64), mk(B, Hkv, T, 64), mk(B, Hkv, T, 64), mk(B, Hkv, T)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            out = dms_attention(q, k, v, relaxed, window=64, doc_ids=doc_ids, backend="flex")
+            out.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert relaxed.grad is not None and bool(torch.isfinite(relaxed.grad).all())

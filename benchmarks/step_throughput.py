@@ -6,8 +6,11 @@ same process (one GPU or a torchrun group):
 
 * retrofit: ``RetrofitTrainer.train_step`` (teacher forward + DMS student forward/backward in one 1F1B
   schedule, KD + compression loss, distributed-optimizer step); packed documents (THD);
-* vanilla: megatron's stock local-spec GPT (``DotProductAttention``), next-token cross-entropy on
-  the same token batches (unpacked, causal), same DDP + distributed optimizer + clipping.
+* vanilla: megatron's stock local-spec GPT (``DotProductAttention``, which materialises the scores),
+  next-token cross-entropy on the same token batches (unpacked, causal), same DDP + distributed
+  optimizer + clipping; ``--vanilla-attention local sdpa`` (the default) also times the same vanilla
+  step with a fused attention (``SDPACoreAttention``: torch SDPA, what TE's fused attention gives a
+  cluster run), and reports the DMS step against each.
 
 Reports the median step time over ``--measure`` steps after ``--warmup`` steps, tokens/s, model
 TFLOP/s per GPU (retrofit: 4x forward FLOPs, teacher included; vanilla: 3x) and peak memory.
@@ -76,14 +79,20 @@ def _time_steps(step_fn, warmup: int, measure: int) -> list[float]:
     return times
 
 
-def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int) -> list[float]:
+def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: str = "local") -> list[float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from dms_megatron.runtime import TORCH_DTYPES
     from dms_megatron.training.setup import _build, build_optimizer, connect_schedule, load_weights, wrap_ddp
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
-    model = _build(arch, cfg, None, dtype)
+    spec = None
+    if attention == "sdpa":
+        from dms_megatron.megatron.families import layer_spec
+        from dms_megatron.megatron.sdpa_attention import with_sdpa_core_attention
+
+        spec = with_sdpa_core_attention(layer_spec(arch))
+    model = _build(arch, cfg, None, dtype, spec=spec)
     if cfg.model.checkpoint:
         load_weights(model, cfg.model.checkpoint, False)
     ddp = wrap_ddp(model)
@@ -156,6 +165,13 @@ def main() -> None:
     )
     ap.add_argument("--layers", type=int, default=4, help="with --emulate-tp: layers to build")
     ap.add_argument("--vocab", type=int, default=0, help="with --emulate-tp: vocabulary (0: the preset's)")
+    ap.add_argument(
+        "--vanilla-attention",
+        nargs="+",
+        default=["local", "sdpa"],
+        choices=["local", "sdpa"],
+        help="vanilla steps to time: megatron's local DotProductAttention and/or fused SDPA",
+    )
     args, overrides = ap.parse_known_args()
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -211,9 +227,18 @@ def main() -> None:
         parallel_state.get_data_parallel_rank(),
         dp,
     )
-    van_times, van_step = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure)
-    van_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    van_profile = _profile("vanilla", van_step, first, args.profile_steps, profile_dir, dist.get_rank())
+    vanilla_runs = {}  # report name -> (times, peak memory GB, profile)
+    for attention in args.vanilla_attention:
+        name = "vanilla" if attention == "local" else f"vanilla_{attention}"
+        times, step = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure, attention)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        prof = _profile(name, step, first, args.profile_steps, profile_dir, dist.get_rank())
+        vanilla_runs[name] = (times, mem, prof)
+        del step
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
     world = dist.get_world_size()
     fwd = forward_flops_per_token(pre.arch, cfg.data.seq_length)
@@ -223,10 +248,9 @@ def main() -> None:
         "config": {k: container[k] for k in ("parallel", "data", "dms", "train")},
         "tokens_per_step": tokens,
     }
-    for name, times, flops, mem in (
-        ("dms_retrofit", dms_times, retrofit_flops_per_token(pre.arch, cfg.data.seq_length), dms_mem),
-        ("vanilla", van_times, 3 * fwd, van_mem),
-    ):
+    runs = [("dms_retrofit", dms_times, retrofit_flops_per_token(pre.arch, cfg.data.seq_length), dms_mem)]
+    runs += [(name, times, 3 * fwd, mem) for name, (times, mem, _) in vanilla_runs.items()]
+    for name, times, flops, mem in runs:
         med = statistics.median(times)
         tp = throughput(tokens, med, flops, world)
         report[name] = {
@@ -238,26 +262,28 @@ def main() -> None:
             "flops_per_token": flops,
             "max_memory_gb": mem,
         }
-    report["dms_over_vanilla_step_time"] = (
-        report["dms_retrofit"]["step_s_median"] / report["vanilla"]["step_s_median"]
-    )
+    for name in vanilla_runs:  # dms_over_vanilla_step_time, dms_over_vanilla_sdpa_step_time
+        report[f"dms_over_{name}_step_time"] = (
+            report["dms_retrofit"]["step_s_median"] / report[name]["step_s_median"]
+        )
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         if profile_dir is not None:
             from dms_megatron.training.step_profile import format_summary
 
-            profiles = {"dms_retrofit": dms_profile, "vanilla": van_profile}
+            profiles = {"dms_retrofit": dms_profile, **{k: v[2] for k, v in vanilla_runs.items()}}
             (profile_dir / "profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
             (profile_dir / "profile.txt").write_text(
                 "\n\n".join(format_summary(k, v) for k, v in profiles.items() if v) + "\n"
             )
-        for name in ("dms_retrofit", "vanilla"):
+        for name in ("dms_retrofit", *vanilla_runs):
             r = report[name]
             print(
                 f"{name:13s} step {r['step_s_median'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
                 f"{r['tflops_per_gpu']:6.1f} TFLOP/s/GPU  MFU {r['mfu']:.3f}  mem {r['max_memory_gb']} GB"
             )
-        print(f"DMS step / vanilla step: {report['dms_over_vanilla_step_time']:.2f}x")
+        for name in vanilla_runs:
+            print(f"DMS step / {name} step: {report[f'dms_over_{name}_step_time']:.2f}x")
     dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ step_pair() {  # name, then step_throughput arguments: one run per attention bac
         timeout -k 5 "${STEP_SECONDS:-900}" python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \
             --profile "$OUT/${name}_${backend}_profile" "$@" dms.attention_backend="$backend" \
             > "$OUT/${name}_${backend}.log" 2>&1 || { tail -40 "$OUT/${name}_${backend}.log"; return 1; }
-        tail -3 "$OUT/${name}_${backend}.log"
+        tail -5 "$OUT/${name}_${backend}.log"
     done
 }
 

@@ -94,9 +94,15 @@ RECOMPUTE_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _build(
-    arch: ModelArch, cfg: RetrofitConfig, dms: DMSConfig, dtype: torch.dtype, recompute: bool = False
+    arch: ModelArch,
+    cfg: RetrofitConfig,
+    dms: DMSConfig,
+    dtype: torch.dtype,
+    recompute: bool = False,
+    spec: Any = None,
 ) -> torch.nn.Module:
-    """One stage; ``recompute``: apply ``parallel.recompute`` (the student; the teacher keeps nothing)."""
+    """One stage; ``recompute``: apply ``parallel.recompute`` (the student; the teacher keeps nothing);
+    ``spec``: a layer spec instead of the family's (then ``dms`` is not applied)."""
     from dms_megatron.megatron.families import build_gpt_stage, layer_spec, transformer_config
 
     config = transformer_config(
@@ -111,7 +117,7 @@ def _build(
         use_cpu_initialization=not torch.cuda.is_available(),
         **(RECOMPUTE_SETTINGS[cfg.parallel.recompute] if recompute else {}),
     )
-    model = build_gpt_stage(arch, config, layer_spec(arch, dms))
+    model = build_gpt_stage(arch, config, layer_spec(arch, dms) if spec is None else spec)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

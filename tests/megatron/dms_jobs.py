@@ -144,6 +144,26 @@ def teacher_parity_job(rank: int, world_size: int, variant: str) -> dict:
     return results
 
 
+def sdpa_vanilla_job(rank: int, world_size: int) -> dict:
+    """The vanilla step's fused-attention reference: the stock local spec vs the same spec with
+    ``SDPACoreAttention``, same weights, logits + grads (unpacked, causal)."""
+    from dms_megatron.megatron.sdpa_attention import with_sdpa_core_attention
+
+    batches = tiny_gpt.make_batches(1)
+    results = {}
+    for kind, spec in (("stock", local_layer_spec()), ("sdpa", with_sdpa_core_attention(local_layer_spec()))):
+        model = tiny_gpt.build_tiny_gpt(1, 1, seed=11, layer_spec=spec)
+        model.train()
+        logits = model(
+            input_ids=batches[0]["tokens"], position_ids=batches[0]["position_ids"], attention_mask=None
+        )
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        core = type(model.decoder.layers[0].self_attention.core_attention).__name__
+        results[kind] = {"logits": logits.detach().clone(), "grads": grads, "core": core}
+    return results
+
+
 # ------------------------------------------------------------------------------ core vs reference
 
 

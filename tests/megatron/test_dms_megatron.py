@@ -101,6 +101,16 @@ def test_teacher_mode_equals_stock_model(variant):
         assert len(dms["neuron_rows"]) == 4 and any(rows.abs().sum() > 0 for rows in stock["neuron_rows"])
 
 
+def test_sdpa_core_attention_equals_the_stock_local_attention():
+    (res,) = run_distributed(dms_jobs.sdpa_vanilla_job, 1, timeout=300)
+    stock, sdpa = res["stock"], res["sdpa"]
+    assert (stock["core"], sdpa["core"]) == ("DotProductAttention", "SDPACoreAttention")
+    torch.testing.assert_close(sdpa["logits"], stock["logits"], rtol=1e-4, atol=1e-5)  # fp32, other sums
+    assert set(sdpa["grads"]) == set(stock["grads"]) and stock["grads"]
+    for name, g in stock["grads"].items():
+        torch.testing.assert_close(sdpa["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_core_attention_equals_reference():
     (res,) = run_distributed(dms_jobs.core_vs_reference_job, 1, timeout=300)
     for key, (got, want) in res.items():

@@ -115,10 +115,11 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
     [ "${DECODE_CHECKS:-1}" = 1 ] && decode_checks  # DECODE_CHECKS=0: the serving runs only
     RUNS=("${STUDY_ARGS[@]}")
     [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
+    read -r -a BUDGETS <<< "${SERVE_BUDGETS:-8 32}"  # GiB, space-separated
     for run in "${RUNS[@]}"; do
         for backend in ${SERVE_BACKENDS:-triton fused}; do
             timeout -k 5 "${SERVE_SECONDS:-300}" python3 benchmarks/serve_bench.py --model "exports/study/$run" \
-                --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib ${SERVE_BUDGETS:-8 32} \
+                --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib "${BUDGETS[@]}" \
                 --requests "${SERVE_REQUESTS:-96}" --max-batch "${SERVE_MAX_BATCH:-128}" --equal-batch 32 \
                 --backend "$backend" --prefill-chunk "${PREFILL_CHUNK:-1024}" \
                 --out "$OUT/serve_${run}_${backend}.json" > "$OUT/serve_${run}_${backend}.log" 2>&1 || true

@@ -271,7 +271,7 @@ class CompressedKV:
     def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
         """Append one chunk ``tokens [n]`` to ``row`` with the exact delayed-eviction mask -> logits
         ``[n, V]``. Works on an empty row and after decoding (multi-turn)."""
-        m, H, W, g, n = self.model, self.H, self.W, self.g, tokens.shape[0]
+        m, H, W, n = self.model, self.H, self.W, tokens.shape[0]
         if n == 0:
             raise ValueError("no tokens to prefill")
         t0 = int(self.seen[row])
@@ -295,16 +295,10 @@ class CompressedKV:
                 [self.ring_v[layer, row][:, ring_slot], v.transpose(0, 1).to(self.ring_v.dtype)], 1
             )
             seq_ok = torch.cat([ring_ok, torch.ones(n, dtype=torch.bool, device=dev)])
-            # visibility of ring + chunk keys: causal, valid, and (inside the window or not flagged)
-            age = pos[:, None] - seq_pos[None, :]  # [n, W + n]
-            vis = seq_ok[None] & visible(age[None], seq_flag[:, None, :], W - 1)  # [H, n, W + n]
-            pk, pv, pvis = self._gather_pages(layer, row)  # [H, P, D], [H, P]
-            keys = torch.cat([pk, seq_k], 1).float()
-            values = torch.cat([pv, seq_v], 1).float()
-            vis = torch.cat([pvis[:, None, :].expand(H, n, -1), vis], 2)
-            scores = torch.einsum("nhgd,hkd->hgnk", q.view(n, H, g, self.D).float(), keys) / math.sqrt(self.D)
-            scores = scores.masked_fill(~vis[:, None], -math.inf)
-            out = torch.softmax(scores, -1) @ values[:, None]  # [H, g, n, Dv]
+            if t0 == 0:  # a fresh row: only this chunk's keys, in one fused attention call
+                out = self._fresh_attention(q, seq_k[:, W:], seq_v[:, W:], None if logits is None else dec)
+            else:
+                out = self._chunk_attention(layer, row, q, seq_k, seq_v, seq_flag, seq_ok, pos, seq_pos)
             h = m.finish_layer(layer, h, out.permute(2, 0, 1, 3).reshape(n, -1).to(h.dtype))
             # commit: the first n of (ring + chunk) leave the window; kept ones are paged in order
             retire = seq_ok[:n][None] & ~seq_flag[:, :n]  # [H, n]
@@ -314,6 +308,54 @@ class CompressedKV:
             flag[:, seq_pos[n:] % W] = seq_flag[:, n:]
         self.seen[row] += n
         return m.head(h)
+
+    def _chunk_attention(
+        self,
+        layer: int,
+        row: int,
+        q: torch.Tensor,
+        seq_k: torch.Tensor,
+        seq_v: torch.Tensor,
+        seq_flag: torch.Tensor,
+        seq_ok: torch.Tensor,
+        pos: torch.Tensor,
+        seq_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """A chunk's queries over the row's pages, its ring and the chunk itself -> ``[H, g, n, Dv]``
+        (fp32; the scores are materialised: a chunk after earlier tokens of the row)."""
+        H, g, n = self.H, self.g, q.shape[0]
+        # visibility of ring + chunk keys: causal, valid, and (inside the window or not flagged)
+        age = pos[:, None] - seq_pos[None, :]  # [n, W + n]
+        vis = seq_ok[None] & visible(age[None], seq_flag[:, None, :], self.W - 1)  # [H, n, W + n]
+        pk, pv, pvis = self._gather_pages(layer, row)  # [H, P, D], [H, P]
+        keys = torch.cat([pk, seq_k], 1).float()
+        values = torch.cat([pv, seq_v], 1).float()
+        vis = torch.cat([pvis[:, None, :].expand(H, n, -1), vis], 2)
+        scores = torch.einsum("nhgd,hkd->hgnk", q.view(n, H, g, self.D).float(), keys) / math.sqrt(self.D)
+        scores = scores.masked_fill(~vis[:, None], -math.inf)
+        return torch.softmax(scores, -1) @ values[:, None]  # [H, g, n, Dv]
+
+    def _fresh_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dec: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first chunk of a row (no pages, empty ring): delayed-eviction attention of the chunk over
+        itself through the training attention's kernels (``kernels.dms_attention``: the fused Triton
+        kernel on CUDA, the reference elsewhere), fp32, with the hard decisions ``dec [n, H]`` as an
+        infinite log-keep bias (``None``: plain causal, the dense model) -> ``[H, g, n, Dv]``. Nothing of
+        size ``n x n`` is materialised on CUDA."""
+        from dms_megatron.kernels import dms_attention
+
+        H, g, n = self.H, self.g, q.shape[0]
+        qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None].float()  # [1, Hq, n, D]
+        kh, vh = k[None].float(), v[None].float()  # [1, H, n, D] in the cache's dtype, then fp32
+        relaxed = None if dec is None else torch.where(dec.t(), math.inf, -math.inf)[None]  # [1, H, n]
+        backend = "reference"
+        if qh.is_cuda:
+            from dms_megatron.kernels import triton_dms
+
+            backend = "triton" if triton_dms.supported(qh, vh) else "reference"
+        out = dms_attention(qh, kh, vh, relaxed, self.W - 1, 1.0 / math.sqrt(self.D), backend=backend)
+        return out[0].view(H, g, n, -1)
 
     def prefill_chunked(self, row: int, tokens: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """``prefill`` in chunks of ``chunk`` tokens; the last token's logits ``[V]`` (no ``[n, V]`` kept)."""

@@ -215,3 +215,25 @@ def test_kv_budget_pays_the_rings_then_the_pool(tiny) -> None:  # noqa: F811
         BatchEngine(model, block_size=4, max_batch=5000, kv_budget_gib=budget)
     with pytest.raises(ValueError, match="exactly one"):
         BatchEngine(model, num_blocks=10, kv_budget_gib=budget)
+
+
+@pytest.mark.parametrize(("variant", "window"), [("adapter", 4), ("neuron", 3), (None, 0)])
+def test_first_chunk_through_the_fused_attention_equals_the_oracle(tiny, variant, window) -> None:  # noqa: F811
+    """A fresh row's first chunk goes through ``kernels.dms_attention`` (hard decisions as an infinite
+    bias); it gives the dense oracle's logits at every position, and so does the materialised path that
+    a later chunk takes."""
+    model = _with_dms(tiny[1], variant or "adapter", "head", window)
+    if variant is None:
+        model.dms = None  # the dense model: plain causal attention, everything held
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(4))
+    dense, decisions = model.forward_dense(ids)
+    if variant is not None:
+        evicted = torch.stack([d[:, 1:].float().mean() for d in decisions])
+        assert 0.05 < float(evicted.mean()) < 0.95, "decisions should be mixed for a meaningful test"
+    fresh = CompressedKV(model, num_blocks=400, block_size=4)
+    torch.testing.assert_close(fresh.prefill(fresh.add_row(), ids), dense, atol=1e-4, rtol=1e-4)
+    chunked = CompressedKV(model, num_blocks=400, block_size=4)
+    row = chunked.add_row()
+    chunked.prefill(row, ids[:1])  # one token first: the other 59 take the materialised path
+    torch.testing.assert_close(chunked.prefill(row, ids[1:]), dense[1:], atol=1e-4, rtol=1e-4)
+    assert torch.equal(fresh.held(), chunked.held())

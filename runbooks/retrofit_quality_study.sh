@@ -20,8 +20,8 @@
 #        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it;
 #        # PREFILL_CHUNK (default 1024) sets the prompt tokens per prefill call; SERVE_BUDGETS (GiB,
 #        # default "8 32"), SERVE_REQUESTS (96) and SERVE_MAX_BATCH (128) size the runs: SmolLM2 holds
-#        # 23,040 KV bytes a token, so 8 GiB fits ~40 dense rows of 8K tokens beside 128 window rings,
-#        # and 96 requests cap the DMS / dense row ratio near 2.4x whatever the compression)
+#        # 23,040 KV bytes a token, so 8 GiB fits ~45 dense rows of 8K tokens, and 96 requests cap the
+#        # DMS / dense row ratio near 2.1x whatever the compression)
 #
 # study trains the recipes side by side (benchmarks/quality_study.py --phase train) for most of the
 # call; evaluate exports them and measures teacher, DMS and every baseline at the DMS models' KV memory

@@ -10,7 +10,10 @@ step, and separately per autograd node (``FlexAttentionBackward``, ``MmBackward0
 Times: on CUDA the summed duration of the kernels each region launched (GPU busy time; ``total_ms`` is
 all kernels of the step, ``wall_ms`` the host's step time); on CPU the regions' wall times.
 Host syncs: ``.item()`` / ``.tolist()`` / ``bool(tensor)`` calls (``aten::_local_scalar_dense``) and
-explicit CUDA synchronisations, per step.
+explicit CUDA synchronisations, per step. ``_local_scalar_dense`` also counts reads of CPU scalars (e.g.
+``t[idx] = 0`` on a device tensor reads the 0 back from a CPU tensor), which do not wait for the device:
+the ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` entries are the ones that do (the Chrome trace
+shows which op each belongs to).
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def _time_steps(step_fn, warmup: int, measure: int) -> list[float]:
     return times
 
 
-def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: str = "local") -> list[float]:
+def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: str = "local") -> tuple:
+    """Step times of the vanilla model with ``attention`` (local | sdpa), and its step function."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from dms_megatron.runtime import TORCH_DTYPES

@@ -28,6 +28,7 @@ import torch
 from dms_megatron.core.dms_rules import evicts, visible
 from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.inference.paged_cache import CacheFullError
+from dms_megatron.kernels import dms_attention
 from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention, pick_backend
 
 
@@ -343,8 +344,6 @@ class CompressedKV:
         kernel on CUDA, the reference elsewhere), fp32, with the hard decisions ``dec [n, H]`` as an
         infinite log-keep bias (``None``: plain causal, the dense model) -> ``[H, g, n, Dv]``. Nothing of
         size ``n x n`` is materialised on CUDA."""
-        from dms_megatron.kernels import dms_attention
-
         H, g, n = self.H, self.g, q.shape[0]
         qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None].float()  # [1, Hq, n, D]
         kh, vh = k[None].float(), v[None].float()  # [1, H, n, D] in the cache's dtype, then fp32

@@ -81,6 +81,26 @@ class NoiseKey:
         return h
 
 
+def check_draw(
+    shape: tuple[int, int, int], sample_offset: int, head_offset: int, position_offset: int
+) -> None:
+    """``ValueError`` unless ``shape`` is ``(B, H, T)`` of non-negative sizes and the offsets are
+    non-negative ints (the arguments of every noise draw, on any device)."""
+    if len(shape) != 3 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be (B, H, T) with non-negative sizes, got {shape}")
+    for name, off in (
+        ("sample_offset", sample_offset),
+        ("head_offset", head_offset),
+        ("position_offset", position_offset),
+    ):
+        require_non_negative_int(name, off)
+
+
+def logistic_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Logistic(0, 1) values from uniforms in (0, 1) by the inverse CDF ``log(u) - log(1 - u)``."""
+    return torch.log(u) - torch.log1p(-u)
+
+
 def uniform_from_hash(
     key: NoiseKey,
     shape: tuple[int, int, int],
@@ -91,14 +111,7 @@ def uniform_from_hash(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Uniform (0, 1) float32 values of shape ``[B, H, T]`` at the given global coordinates."""
-    if len(shape) != 3 or any(s < 0 for s in shape):
-        raise ValueError(f"shape must be (B, H, T) with non-negative sizes, got {shape}")
-    for name, off in (
-        ("sample_offset", sample_offset),
-        ("head_offset", head_offset),
-        ("position_offset", position_offset),
-    ):
-        require_non_negative_int(name, off)
+    check_draw(shape, sample_offset, head_offset, position_offset)
     B, H, T = shape
     kw = {"dtype": torch.int64, "device": device}
     b = torch.arange(sample_offset, sample_offset + B, **kw).view(B, 1, 1)
@@ -131,4 +144,4 @@ def logistic_noise(
         position_offset=position_offset,
         device=device,
     )
-    return torch.log(u) - torch.log1p(-u)
+    return logistic_from_uniform(u)

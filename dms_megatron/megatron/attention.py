@@ -37,9 +37,10 @@ from dms_megatron.core.gating import (
     neuron_evict_logits,
     relaxed_decisions,
 )
-from dms_megatron.core.noise import NoiseKey, logistic_noise
+from dms_megatron.core.noise import NoiseKey
 from dms_megatron.core.shift import doc_ids_from_cu_seqlens
 from dms_megatron.kernels import dms_attention
+from dms_megatron.kernels.noise import logistic_noise
 from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState
 
 log = logging.getLogger(__name__)

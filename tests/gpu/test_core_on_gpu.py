@@ -48,3 +48,35 @@ def test_kl_matches_cpu():
         cpu = token_kl(zs, zt, direction=direction)
         gpu = token_kl(zs.cuda(), zt.cuda(), direction=direction)
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_kernel_equals_the_core_torch_ops_on_cuda_in_few_launches():
+    """``kernels.noise`` (one Triton launch for the hash) draws the core's torch-op noise bit for bit on
+    CUDA, offsets past 2**32 included, and launches a handful of kernels where the core launches ~190."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dms_megatron.kernels import noise as kernel_noise
+
+    key = NoiseKey(seed=7, step=321, micro_batch=1, dp_rank=2, layer=29)
+    for shape, kw in (
+        ((4, 3, 2048), {"head_offset": 3}),
+        ((2, 5, 8192), {"sample_offset": 2**33 + 1, "position_offset": 2**35 + 5}),
+        ((1, 1, 7), {}),
+    ):
+        want_u = uniform_from_hash(key, shape, device="cuda", **kw)
+        assert torch.equal(kernel_noise.uniform_from_hash(key, shape, device="cuda", **kw), want_u)
+        want = logistic_noise(key, shape, device="cuda", **kw)
+        assert torch.equal(kernel_noise.logistic_noise(key, shape, device="cuda", **kw), want)
+
+    def launches(fn) -> int:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+    core = launches(lambda: logistic_noise(key, (4, 3, 2048), device="cuda"))
+    fused = launches(lambda: kernel_noise.logistic_noise(key, (4, 3, 2048), device="cuda"))
+    print(f"noise kernels per draw: core torch ops {core}, kernels.noise {fused}")
+    assert fused <= 6 < core

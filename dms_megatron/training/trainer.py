@@ -33,6 +33,14 @@ _region = torch.profiler.record_function
 log = logging.getLogger(__name__)
 
 
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on ``x``'s device: no NaN or +-Inf in ``x``. One read of ``x``: its fp32 sum is
+    non-finite when an element is (or when finite values sum past ~3.4e38, which only a diverged run's
+    gradients do); ``isfinite(x).all()`` also writes and re-reads a bool copy of ``x`` (the step's
+    non-finite check took 3.3 ms of kernels at one TP=8 rank of the 4-layer 32B benchmark on an H100)."""
+    return torch.isfinite(x.sum(dtype=torch.float32))
+
+
 @dataclass
 class StepResult:
     step: int
@@ -219,7 +227,7 @@ class RetrofitTrainer:
         grads = [
             b.grad_data for b in [*getattr(ddp, "buffers", []), *getattr(ddp, "expert_parallel_buffers", [])]
         ]
-        grads_finite = [torch.isfinite(g).all() for g in grads]
+        grads_finite = [all_finite(g) for g in grads]
         flag = torch.zeros(1, device=self.device)  # stays on the device: one host sync, at .item()
         if len(finite):
             flag += (~finite.all()).float().to(flag.device)

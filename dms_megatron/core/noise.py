@@ -82,7 +82,7 @@ class NoiseKey:
 
 
 def check_draw(
-    shape: tuple[int, int, int], sample_offset: int, head_offset: int, position_offset: int
+    shape: tuple[int, int, int], sample_offset: int = 0, head_offset: int = 0, position_offset: int = 0
 ) -> None:
     """``ValueError`` unless ``shape`` is ``(B, H, T)`` of non-negative sizes and the offsets are
     non-negative ints (the arguments of every noise draw, on any device)."""

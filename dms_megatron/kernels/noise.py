@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from dms_megatron.core.noise import NoiseKey, check_draw, logistic_from_uniform
-from dms_megatron.core.noise import logistic_noise as logistic_noise_reference
 from dms_megatron.core.noise import uniform_from_hash as uniform_from_hash_reference
 from dms_megatron.kernels.triton_device import triton_runs_on
 
@@ -69,65 +68,31 @@ def _kernel_runs_on(device: torch.device) -> bool:
 
 
 def uniform_from_hash(
-    key: NoiseKey,
-    shape: tuple[int, int, int],
-    *,
-    sample_offset: int = 0,
-    head_offset: int = 0,
-    position_offset: int = 0,
-    device: torch.device | str | None = None,
+    key: NoiseKey, shape: tuple[int, int, int], *, device: torch.device | str | None = None, **offsets: int
 ) -> torch.Tensor:
-    """``core.noise.uniform_from_hash``, bit for bit, in one launch where the kernel runs."""
+    """``core.noise.uniform_from_hash`` (same ``sample_offset`` / ``head_offset`` / ``position_offset``
+    keywords), bit for bit, in one launch where the kernel runs; the core's torch ops elsewhere."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if not _kernel_runs_on(dev):
-        return uniform_from_hash_reference(
-            key,
-            shape,
-            sample_offset=sample_offset,
-            head_offset=head_offset,
-            position_offset=position_offset,
-            device=device,
-        )
-    check_draw(shape, sample_offset, head_offset, position_offset)
+        return uniform_from_hash_reference(key, shape, device=device, **offsets)
+    check_draw(shape, **offsets)
     B, H, T = shape
     out = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     n = out.numel()
     if n:
+        b_off, h_off, t_off = (offsets.get(f"{c}_offset", 0) for c in ("sample", "head", "position"))
         _uniform_kernel[(triton.cdiv(n, _BLOCK),)](
-            out, key.stream_hash(), sample_offset, head_offset, position_offset, n, H, T, BLOCK=_BLOCK
+            out, key.stream_hash(), b_off, h_off, t_off, n, H, T, BLOCK=_BLOCK
         )
     return out
 
 
 def logistic_noise(
-    key: NoiseKey,
-    shape: tuple[int, int, int],
-    *,
-    sample_offset: int = 0,
-    head_offset: int = 0,
-    position_offset: int = 0,
-    device: torch.device | str | None = None,
+    key: NoiseKey, shape: tuple[int, int, int], *, device: torch.device | str | None = None, **offsets: int
 ) -> torch.Tensor:
-    """``core.noise.logistic_noise``: the kernel's uniforms, the core's transform."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if not _kernel_runs_on(dev):
-        return logistic_noise_reference(
-            key,
-            shape,
-            sample_offset=sample_offset,
-            head_offset=head_offset,
-            position_offset=position_offset,
-            device=device,
-        )
-    u = uniform_from_hash(
-        key,
-        shape,
-        sample_offset=sample_offset,
-        head_offset=head_offset,
-        position_offset=position_offset,
-        device=dev,
-    )
-    return logistic_from_uniform(u)
+    """``core.noise.logistic_noise``: this module's uniforms through the core's transform (so the core's
+    values on any device)."""
+    return logistic_from_uniform(uniform_from_hash(key, shape, device=device, **offsets))
 
 
 __all__ = ["logistic_noise", "uniform_from_hash"]

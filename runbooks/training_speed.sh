@@ -31,9 +31,12 @@ boxed() {  # seconds, then a command: run it under that time limit; 0 seconds sk
     timeout -k 5 "$seconds" "$@"
 }
 
-step_pair() {  # name, then step_throughput arguments: one run per attention backend
+step_pair() {  # name, then step_throughput arguments: one run per attention backend; STEP_OVERRIDES:
+    # more Hydra overrides for every run, e.g. STEP_OVERRIDES="dms.kd_backend=triton"
     local name=$1
     shift
+    read -r -a extra <<< "${STEP_OVERRIDES:-}"
+    set -- "$@" "${extra[@]}"
     for backend in $BACKENDS; do
         timeout -k 5 "${STEP_SECONDS:-900}" python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \
             --profile "$OUT/${name}_${backend}_profile" "$@" dms.attention_backend="$backend" \

@@ -191,6 +191,12 @@ def _log_softmax_stats(z: torch.Tensor, tau: float, chunk: int, group=None) -> t
     lse = torch.full((z.shape[0],), float("-inf"), dtype=dt, device=z.device)
     for s in range(0, z.shape[1], chunk):
         lse = torch.logaddexp(lse, torch.logsumexp(z[:, s : s + chunk].to(dt) / tau, dim=-1))
+    return allreduce_logsumexp(lse, group)
+
+
+def allreduce_logsumexp(lse: torch.Tensor, group=None) -> torch.Tensor:
+    """The logsumexp over the whole vocabulary from each rank's logsumexp over its shard ``[N]`` (the
+    same on every rank of ``group``; ``lse`` itself without a group)."""
     if group is None:
         return lse
     peak = lse.clone()

@@ -33,11 +33,19 @@ def vocab_parallel_token_kl(
     temperature: float = 1.0,
     group=None,
     vocab_chunk: int = 16384,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """Per-token KL between sharded next-token distributions (teacher gets no gradient)."""
+    """Per-token KL between sharded next-token distributions (teacher gets no gradient); ``backend``:
+    ``torch`` (``core.losses.token_kl``) or ``triton`` (``kernels.kd``, CUDA)."""
     group = _tp_group(group)
     if group is not None and torch.distributed.get_world_size(group) == 1:
         group = None
+    if backend == "triton":
+        from dms_megatron.kernels.kd import token_kl_triton
+
+        return token_kl_triton(student, teacher, direction == "teacher_student", temperature, group)
+    if backend != "torch":
+        raise ValueError(f"KD backend must be 'torch' or 'triton', got {backend!r}")
     return token_kl(student, teacher, direction, temperature, vocab_chunk, group)  # type: ignore[arg-type]
 
 
@@ -49,7 +57,8 @@ def vocab_parallel_kd_loss(
     temperature: float = 1.0,
     group=None,
     vocab_chunk: int = 16384,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Masked mean of ``vocab_parallel_token_kl`` (0 when no token is counted)."""
-    kl = vocab_parallel_token_kl(student, teacher, direction, temperature, group, vocab_chunk)
+    kl = vocab_parallel_token_kl(student, teacher, direction, temperature, group, vocab_chunk, backend)
     return masked_token_mean(kl, mask)

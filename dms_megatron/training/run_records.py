@@ -45,6 +45,7 @@ SAFE_RESUME_CHANGES: dict[str, str] = {
     "parallel.recompute": "memory / speed trade-off only",
     "parallel.micro_batch_size": "same global batch, split differently",
     "dms.attention_backend": "same attention, another kernel",
+    "dms.kd_backend": "same distillation loss, another kernel",
 }
 # keys refused with a reason beyond "the run would change meaning"
 _REFUSAL_NOTES: dict[str, str] = {

@@ -116,6 +116,7 @@ class RetrofitTrainer:
                 mask,
                 direction=dms.kl_direction,
                 temperature=dms.kl_temperature,
+                backend=dms.kd_backend,
             )
         self.stage.teacher_logits = None  # never kept beyond its micro-batch
         with _region("dms.compression_loss"):

@@ -80,3 +80,44 @@ def test_noise_kernel_equals_the_core_torch_ops_on_cuda_in_few_launches():
     fused = launches(lambda: kernel_noise.logistic_noise(key, (4, 3, 2048), device="cuda"))
     print(f"noise kernels per draw: core torch ops {core}, kernels.noise {fused}")
     assert fused <= 6 < core
+
+
+def test_kd_kernels_equal_the_torch_kl_in_bf16_and_time_them():
+    """``kernels.kd`` (``dms.kd_backend=triton``) == ``core.losses.token_kl`` on bf16 logits of a 49K
+    vocabulary (SmolLM2's), KL and student gradient, both directions; prints both paths' forward +
+    backward time (median of ``triton.testing.do_bench``)."""
+    import triton.testing
+
+    from dms_megatron.core.losses import token_kl
+    from dms_megatron.kernels.kd import token_kl_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    zs = (torch.randn(4096, 49152, device="cuda", generator=gen) * 2).bfloat16()
+    zt = (zs.float() + torch.randn(zs.shape, device="cuda", generator=gen)).bfloat16()
+    w = torch.rand(4096, device="cuda", generator=gen)
+    for reverse in (False, True):
+        direction = "teacher_student" if reverse else "student_teacher"
+        a, b = zs.clone().requires_grad_(), zs.clone().requires_grad_()
+        want = token_kl(a, zt, direction)
+        (want * w).sum().backward()
+        got = token_kl_triton(b, zt, reverse=reverse)
+        (got * w).sum().backward()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+        err = (b.grad.float() - a.grad.float()).abs().max() / a.grad.float().abs().max()
+        assert err < 1e-2, err  # both round the fp32 gradient to bf16
+
+        x = zs.clone().requires_grad_()
+
+        def step(loss, x=x, w=w) -> None:
+            x.grad = None
+            (loss(x) * w).sum().backward()
+
+        def torch_kl(x, d=direction):
+            return token_kl(x, zt, d)
+
+        def triton_kl(x, r=reverse):
+            return token_kl_triton(x, zt, reverse=r)
+
+        t_torch = triton.testing.do_bench(lambda f=torch_kl: step(f))
+        t_triton = triton.testing.do_bench(lambda f=triton_kl: step(f))
+        print(f"KD fwd+bwd 4096 x 49152 bf16 {direction}: torch {t_torch:.3f} ms, triton {t_triton:.3f} ms")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dms_megatron.core.losses import masked_token_mean, token_kl
+from dms_megatron.core.losses import KL_DIRECTIONS, masked_token_mean, token_kl
 
 
 def _tp_group(group):
@@ -42,6 +42,9 @@ def vocab_parallel_token_kl(
         group = None
     if backend == "triton":
         from dms_megatron.kernels.kd import token_kl_triton
+
+        if direction not in KL_DIRECTIONS:
+            raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
 
         return token_kl_triton(student, teacher, direction == "teacher_student", temperature, group)
     if backend != "torch":

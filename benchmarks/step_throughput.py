@@ -19,6 +19,11 @@ TFLOP/s per GPU (retrofit: 4x forward FLOPs, teacher included; vanilla: 3x) and 
 (random weights and data), e.g. the R1-Distill-Qwen-32B layer at TP=8 (5 / 1 heads, FFN 3456) on one
 GPU: ``--emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 parallel.global_batch_size=1``.
 
+``--dms-variant NAME=OVERRIDE[,OVERRIDE...]`` (repeatable): more retrofit steps with those Hydra
+overrides on top, timed in the same process on the same batches after the base one, e.g.
+``kd_triton=dms.kd_backend=triton``; reported as ``NAME`` and ``NAME_over_dms_retrofit_step_time`` (a
+host-bound step's time moves with the machine: compare changes inside one process).
+
 ``--profile DIR``: afterwards, ``--profile-steps`` more steps of each under torch.profiler: a Chrome
 trace per step kind and ``profile.json`` / ``profile.txt`` with the time per named region of the
 retrofit step (teacher forward, student forward, KD loss, compression loss, optimizer, ...), the
@@ -149,6 +154,32 @@ def _profile(name: str, step_fn, first_step: int, steps: int, folder: Path | Non
     return summary
 
 
+def _variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=OVERRIDE[,OVERRIDE...]`` -> {NAME: [OVERRIDE, ...]}; a clear error for a malformed one."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        extra = [o for o in rest.split(",") if o]
+        if not sep or not name or not extra or any("=" not in o for o in extra) or name in out:
+            raise SystemExit(
+                f"--dms-variant {spec!r}: expected a new NAME=OVERRIDE[,OVERRIDE...], e.g. "
+                "kd_triton=dms.kd_backend=triton"
+            )
+        if name in ("dms_retrofit", "vanilla") or name.startswith("vanilla_"):
+            raise SystemExit(f"--dms-variant {spec!r}: {name!r} names another run of this benchmark")
+        out[name] = extra
+    return out
+
+
+def _free() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -167,6 +198,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="with --emulate-tp: layers to build")
     ap.add_argument("--vocab", type=int, default=0, help="with --emulate-tp: vocabulary (0: the preset's)")
     ap.add_argument(
+        "--dms-variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDE[,OVERRIDE...]",
+        help="also time the retrofit step with these Hydra overrides on top (same process, same batches, "
+        "after the base step), e.g. kd_triton=dms.kd_backend=triton; repeatable",
+    )
+    ap.add_argument(
         "--vanilla-attention",
         nargs="+",
         default=["local", "sdpa"],
@@ -183,7 +222,9 @@ def main() -> None:
     from dms_megatron.training.setup import build_models, build_optimizer, init_distributed
     from dms_megatron.training.trainer import RetrofitTrainer
 
+    variants = _variants(args.dms_variant)
     container, cfg = _compose(overrides, args)
+    variant_cfgs = {name: _compose(overrides + extra, args)[1] for name, extra in variants.items()}
     if cfg.parallel.tp != 1:
         raise SystemExit("the vanilla baseline computes a full-vocabulary loss: run it at parallel.tp=1")
     pre = preflight(cfg)
@@ -200,28 +241,22 @@ def main() -> None:
         pre.eos_token_id or 0,
         Path(cfg.run_dir) / "data_cache",
     )
-    models = build_models(cfg, pre.arch, pre.meta)
-    optimizer, scheduler = build_optimizer(cfg, models.ddp)
-    trainer = RetrofitTrainer(cfg, models, optimizer, scheduler, dataset, dp, pre.eos_token_id)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    dms_times = _time_steps(trainer.train_step, args.warmup, args.measure)
-    dms_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     first = args.warmup + args.measure
-    dms_profile = _profile(
-        "dms_retrofit", trainer.train_step, first, args.profile_steps, profile_dir, dist.get_rank()
-    )
-    print(
-        f"dms_retrofit: median step {statistics.median(dms_times):.4f} s, peak memory {dms_mem} GB",
-        flush=True,
-    )
-    del trainer, models, optimizer, scheduler
-    import gc
-
-    gc.collect()  # the models sit in reference cycles (config hooks); free them before the baseline
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    retrofit_runs = {}  # report name -> (times, peak memory GB, profile)
+    for name, run_cfg in {"dms_retrofit": cfg, **variant_cfgs}.items():
+        models = build_models(run_cfg, pre.arch, pre.meta)
+        optimizer, scheduler = build_optimizer(run_cfg, models.ddp)
+        trainer = RetrofitTrainer(run_cfg, models, optimizer, scheduler, dataset, dp, pre.eos_token_id)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times = _time_steps(trainer.train_step, args.warmup, args.measure)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        prof = _profile(name, trainer.train_step, first, args.profile_steps, profile_dir, dist.get_rank())
+        retrofit_runs[name] = (times, mem, prof)
+        print(f"{name}: median step {statistics.median(times):.4f} s, peak memory {mem} GB", flush=True)
+        del trainer, models, optimizer, scheduler
+        _free()  # the models sit in reference cycles (config hooks); free them before the next run
+    dms_times, dms_mem, dms_profile = retrofit_runs.pop("dms_retrofit")
     slicer = StepSlice(
         cfg.parallel.global_batch_size,
         cfg.parallel.micro_batch_size,
@@ -236,10 +271,7 @@ def main() -> None:
         prof = _profile(name, step, first, args.profile_steps, profile_dir, dist.get_rank())
         vanilla_runs[name] = (times, mem, prof)
         del step
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        _free()
     tokens = cfg.parallel.global_batch_size * cfg.data.seq_length
     world = dist.get_world_size()
     fwd = forward_flops_per_token(pre.arch, cfg.data.seq_length)
@@ -250,6 +282,8 @@ def main() -> None:
         "tokens_per_step": tokens,
     }
     runs = [("dms_retrofit", dms_times, retrofit_flops_per_token(pre.arch, cfg.data.seq_length), dms_mem)]
+    retrofit_flops = retrofit_flops_per_token(pre.arch, cfg.data.seq_length)
+    runs += [(name, times, retrofit_flops, mem) for name, (times, mem, _) in retrofit_runs.items()]
     runs += [(name, times, 3 * fwd, mem) for name, (times, mem, _) in vanilla_runs.items()]
     for name, times, flops, mem in runs:
         med = statistics.median(times)
@@ -267,17 +301,26 @@ def main() -> None:
         report[f"dms_over_{name}_step_time"] = (
             report["dms_retrofit"]["step_s_median"] / report[name]["step_s_median"]
         )
+    for name in retrofit_runs:  # e.g. kd_triton_over_dms_retrofit_step_time
+        report[f"{name}_over_dms_retrofit_step_time"] = (
+            report[name]["step_s_median"] / report["dms_retrofit"]["step_s_median"]
+        )
+        report[name]["overrides"] = variants[name]
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         if profile_dir is not None:
             from dms_megatron.training.step_profile import format_summary
 
-            profiles = {"dms_retrofit": dms_profile, **{k: v[2] for k, v in vanilla_runs.items()}}
+            profiles = {
+                "dms_retrofit": dms_profile,
+                **{k: v[2] for k, v in retrofit_runs.items()},
+                **{k: v[2] for k, v in vanilla_runs.items()},
+            }
             (profile_dir / "profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
             (profile_dir / "profile.txt").write_text(
                 "\n\n".join(format_summary(k, v) for k, v in profiles.items() if v) + "\n"
             )
-        for name in ("dms_retrofit", *vanilla_runs):
+        for name in ("dms_retrofit", *retrofit_runs, *vanilla_runs):
             r = report[name]
             print(
                 f"{name:13s} step {r['step_s_median'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
@@ -285,6 +328,8 @@ def main() -> None:
             )
         for name in vanilla_runs:
             print(f"DMS step / {name} step: {report[f'dms_over_{name}_step_time']:.2f}x")
+        for name in retrofit_runs:
+            print(f"{name} step / DMS step: {report[f'{name}_over_dms_retrofit_step_time']:.2f}x")
     dist.destroy_process_group()
 
 

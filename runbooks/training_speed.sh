@@ -32,10 +32,14 @@ boxed() {  # seconds, then a command: run it under that time limit; 0 seconds sk
 }
 
 step_pair() {  # name, then step_throughput arguments: one run per attention backend; STEP_OVERRIDES:
-    # more Hydra overrides for every run, e.g. STEP_OVERRIDES="dms.kd_backend=triton"
+    # more Hydra overrides for every run, e.g. STEP_OVERRIDES="dms.kd_backend=triton"; STEP_VARIANTS:
+    # retrofit steps timed beside the base one in the same process (before / after on one machine), e.g.
+    # STEP_VARIANTS="kd_triton=dms.kd_backend=triton" (space-separated NAME=OVERRIDE[,OVERRIDE...])
     local name=$1
     shift
+    local extra=() variant
     read -r -a extra <<< "${STEP_OVERRIDES:-}"
+    for variant in ${STEP_VARIANTS:-}; do extra+=(--dms-variant "$variant"); done
     set -- "$@" "${extra[@]}"
     for backend in $BACKENDS; do
         timeout -k 5 "${STEP_SECONDS:-900}" python3 benchmarks/step_throughput.py --out "$OUT/${name}_${backend}.json" --warmup 3 --measure 8 \

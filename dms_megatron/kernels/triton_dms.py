@@ -215,50 +215,52 @@ def _bwd_dkdv_kernel(
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sob + h * soh
     row_base = pid_bh * T
+    # transposed tiles (keys down, queries across): every product takes a loaded tile or the
+    # accumulator-shaped result directly (no register transpose), the bias gradient is a row sum
     for start in range(k_first, mask_end, BM):
         offs_m = start + offs_m0
         row_ok = offs_m < T
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        age = offs_m[:, None] - offs_n[None, :]
+        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        age = offs_m[None, :] - offs_n[:, None]
         outside = age > window
         if HAS_BIAS:
-            s += tl.where(outside, bias[None, :], 0.0)
-        ok = (age >= 0) & col_ok[None, :]
+            sT += tl.where(outside, bias[:, None], 0.0)
+        ok = (age >= 0) & col_ok[:, None]
         if HAS_DOCS:
             q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-            ok = ok & (offs_n[None, :] >= q_doc[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            ok = ok & (offs_n[:, None] >= q_doc[None, :])
+        pT = tl.where(ok, tl.exp2(sT - lse[None, :]), 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         if HAS_BIAS:
-            dlk += tl.sum(tl.where(outside, ds, 0.0), axis=0)
+            dlk += tl.sum(tl.where(outside, dsT, 0.0), axis=1)
     for start in range(mask_end, q_hi, BM):
         offs_m = start + offs_m0
         row_ok = offs_m < q_hi
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
-            s += bias[None, :]
-        p = tl.exp2(s - lse[:, None])
+            sT += bias[:, None]
+        pT = tl.exp2(sT - lse[None, :])
         if HAS_DOCS:
             q_doc = tl.load(DS + b * sdb + offs_m, mask=row_ok, other=T)
-            p = tl.where(offs_n[None, :] >= q_doc[:, None], p, 0.0)
-        p = tl.where(col_ok[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            pT = tl.where(offs_n[:, None] >= q_doc[None, :], pT, 0.0)
+        pT = tl.where(col_ok[:, None], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         if HAS_BIAS:
-            dlk += tl.sum(ds, axis=0)
+            dlk += tl.sum(dsT, axis=1)
     rows = (row_base + offs_n)[:, None]
     tl.store(DK + rows * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV_ + rows * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None])

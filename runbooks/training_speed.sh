@@ -11,9 +11,10 @@
 #   bash runbooks/training_speed.sh layer32b    # carry .carry: one TP=8 rank of R1-Distill-Qwen-32B
 #                                               #   (5 / 1 heads, FFN 3456), 4 layers, 8K tokens, flex
 #                                               #   and triton attention, step_throughput --profile
-#   bash runbooks/training_speed.sh tune        # carry .carry: benchmarks/attention_tune.py, the fused
-#                                               #   kernel's launch settings swept (TUNE_SHAPES, TUNE_SEQS,
-#                                               #   TUNE_SECONDS), then the KD kernel's GPU test (KD_SECONDS)
+#   bash runbooks/training_speed.sh tune        # carry .carry: the fused kernel's bf16 GPU tests
+#                                               #   (TEST_SECONDS), benchmarks/attention_tune.py: its launch
+#                                               #   settings swept (TUNE_SHAPES, TUNE_SEQS, TUNE_SECONDS),
+#                                               #   then the KD kernel's GPU test (KD_SECONDS)
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: SmolLM2 step vs
 #                                               #   vanilla, flex and triton, --profile
@@ -96,6 +97,9 @@ split)
     ;;
 tune)
     start_runbook tune
+    boxed "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
+        -k "bfloat16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
+    tail -5 "$OUT/gpu_tests.log"
     boxed "${TUNE_SECONDS:-240}" python3 benchmarks/attention_tune.py --shapes "${TUNE_SHAPES:-5x1x128,9x3x64}" \
         --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) --out "$OUT/attention_tune.json" \
         > "$OUT/attention_tune.log" 2>&1 || true

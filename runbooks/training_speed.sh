@@ -98,7 +98,7 @@ split)
 tune)
     start_runbook tune
     boxed "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
-        -k "bfloat16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
+        -k "bf16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"
     boxed "${TUNE_SECONDS:-240}" python3 benchmarks/attention_tune.py --shapes "${TUNE_SHAPES:-5x1x128,9x3x64}" \
         --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) --out "$OUT/attention_tune.json" \

@@ -58,7 +58,9 @@ def _run(case: dict, dtype: torch.dtype, backend: str, seed: int):
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"]
+)
 def test_triton_equals_the_float64_reference(seed, dtype, tol):
     case = _case(seed)
     fast = _run(case, dtype, "triton", seed)

@@ -6,8 +6,8 @@ engine (``BatchEngine``), same process.
 
 For every (prompt length, KV budget, mode): ``--requests`` prompts (windows of ``--text`` at distinct
 offsets, or random ids) + ``--new-tokens`` generated greedily (no stop token: every request generates
-the same number), all submitted at once to an engine whose KV memory is the budget (window rings of
-``--max-batch`` rows + block pool; admission by the blocks requests really hold, preemption when the
+the same number; ``--dense-requests``: fewer for the dense runs), all submitted at once to an engine
+whose KV memory is the budget (window rings of ``--max-batch`` rows + block pool; admission by the blocks requests really hold, preemption when the
 pool runs out). Reported: requests finished, the most rows decoding at once and the mean per step,
 decode tokens/s over the run, time per output token (the decode step, p50 / p99), prefill tokens/s,
 memory CR, preemptions, queue time, wall time; then DMS / dense ratios. ``--equal-batch B``: also both
@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--kv-budget-gib", type=float, nargs="+", default=[8.0, 32.0])
     ap.add_argument("--requests", type=int, default=96, help="requests per run, all submitted at once")
+    ap.add_argument(
+        "--dense-requests",
+        type=int,
+        default=None,
+        help="requests of the dense runs (default --requests): the first N of the same prompts; dense "
+        "holds a few rows at a time, so more requests only add waves of the same step",
+    )
     ap.add_argument("--max-batch", type=int, default=128, help="rows decoding at once at most")
     ap.add_argument("--equal-batch", type=int, default=32, help="also both modes at this batch (0: skip)")
     ap.add_argument("--block-size", type=int, default=16)
@@ -135,8 +142,10 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
             pair = {}
             for mode in ("dms", "dense"):
                 model.dms = dms_block if mode == "dms" else None
+                dense_n = getattr(args, "dense_requests", None) or len(prompts)
+                subset = prompts if mode == "dms" else prompts[:dense_n]
                 try:
-                    res = fixed_budget_run(model, prompts, args.new_tokens, budget, args)
+                    res = fixed_budget_run(model, subset, args.new_tokens, budget, args)
                 except ValueError as exc:  # a budget too small for one row of this mode
                     res = {"skipped": str(exc)}
                 row = {"mode": mode, "prompt_tokens": length, "kv_budget_gib": budget, **res}

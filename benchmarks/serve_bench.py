@@ -7,10 +7,11 @@ engine (``BatchEngine``), same process.
 For every (prompt length, KV budget, mode): ``--requests`` prompts (windows of ``--text`` at distinct
 offsets, or random ids) + ``--new-tokens`` generated greedily (no stop token: every request generates
 the same number; ``--dense-requests``: fewer for the dense runs), all submitted at once to an engine
-whose KV memory is the budget (window rings of ``--max-batch`` rows + block pool; admission by the blocks requests really hold, preemption when the
-pool runs out). Reported: requests finished, the most rows decoding at once and the mean per step,
-decode tokens/s over the run, time per output token (the decode step, p50 / p99), prefill tokens/s,
-memory CR, preemptions, queue time, wall time; then DMS / dense ratios. ``--equal-batch B``: also both
+whose KV memory is the budget (window rings of ``--max-batch`` rows + block pool; admission by the
+blocks requests really hold, preemption when the pool runs out). Reported: requests finished, the most
+rows decoding at once and the mean per step, decode tokens/s over the run, time per output token (the
+decode step, p50 / p99), prefill tokens/s, memory CR, preemptions, queue time, wall time; then DMS /
+dense ratios. ``--equal-batch B``: also both
 modes at batch B with a pool large enough for dense (``decode_bench.run_one``: per-step latency at
 equal batch). A prompt length the model's context cannot hold is reported as skipped.
 """

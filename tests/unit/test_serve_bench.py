@@ -34,8 +34,8 @@ def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(serve_b
     model = _with_dms(tiny[1], "adapter", "head", 4)
     ids = torch.randint(0, 96, (400,), generator=torch.Generator().manual_seed(3)).tolist()
     args = argparse.Namespace(
-        prompt_lengths=[40, 300], new_tokens=12, kv_budget_gib=[8e-5], requests=6, dense_requests=5, max_batch=6,
-        equal_batch=2, block_size=4, prefill_chunk=16, backend="auto", device="cpu", model=None,
+        prompt_lengths=[40, 300], new_tokens=12, kv_budget_gib=[8e-5], requests=6, dense_requests=5,
+        max_batch=6, equal_batch=2, block_size=4, prefill_chunk=16, backend="auto", device="cpu", model=None,
     )  # fmt: skip
     report = serve_bench.benchmark(model, ids, args)
 
@@ -44,7 +44,8 @@ def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(serve_b
     rows = {r["mode"]: r for r in runs if "mode" in r}
     assert set(rows) == {"dms", "dense"}
     for mode, row in rows.items():
-        assert row["finished"] == row["requests"] == (6 if mode == "dms" else 5) and row["errors"] == [], mode
+        assert row["finished"] == row["requests"] == {"dms": 6, "dense": 5}[mode], mode
+        assert row["errors"] == [], mode
         assert row["peak_pool_blocks_used"] <= row["pool_blocks"]
         assert row["kv_budget_bytes"] <= 8e-5 * 2**30
         assert row["decode_tokens_per_s"] > 0 and row["tpot_ms_p99"] >= row["tpot_ms_p50"] > 0

@@ -11,9 +11,8 @@ whose KV memory is the budget (window rings of ``--max-batch`` rows + block pool
 blocks requests really hold, preemption when the pool runs out). Reported: requests finished, the most
 rows decoding at once and the mean per step, decode tokens/s over the run, time per output token (the
 decode step, p50 / p99), prefill tokens/s, memory CR, preemptions, queue time, wall time; then DMS /
-dense ratios. ``--equal-batch B``: also both
-modes at batch B with a pool large enough for dense (``decode_bench.run_one``: per-step latency at
-equal batch). A prompt length the model's context cannot hold is reported as skipped.
+dense ratios. ``--equal-batch B``: also both modes at batch B with a pool large enough for dense
+(``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context cannot hold is reported as skipped.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ blocks requests really hold, preemption when the pool runs out). Reported: reque
 rows decoding at once and the mean per step, decode tokens/s over the run, time per output token (the
 decode step, p50 / p99), prefill tokens/s, memory CR, preemptions, queue time, wall time; then DMS /
 dense ratios. ``--equal-batch B``: also both modes at batch B with a pool large enough for dense
-(``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context cannot hold is reported as skipped.
+(``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context
+cannot hold is reported as skipped.
 """
 
 from __future__ import annotations

@@ -171,6 +171,11 @@ def main() -> None:
         "--deadline", type=float, default=1e6, help="seconds for the sweep, shared by shape and kernel"
     )
     ap.add_argument("--out", default=None, help="JSON file")
+    ap.add_argument(
+        "--settings-out",
+        default=None,
+        help="JSON file for the first shape's best settings (step_throughput.py --triton-launch)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: attention_tune needs a CUDA GPU")
@@ -192,6 +197,9 @@ def main() -> None:
         result = tune_shape(Hq, Hkv, D, int(seq), args.window, do_bench, shape_deadline)
         report["shapes"].append(result)
         print(summary(result), flush=True)
+        if args.settings_out and n == 0 and result["best"]["settings"]:
+            with open(args.settings_out, "w") as f:
+                json.dump(result["best"]["settings"], f, indent=2)
         if args.out:  # after every shape: a cut run keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)

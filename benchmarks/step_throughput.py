@@ -180,6 +180,20 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _use_triton_launch(path: Path) -> None:
+    from dms_megatron.kernels import triton_dms
+
+    settings = json.loads(path.read_text())
+    unknown = sorted(set(settings) - {"fwd", "dkdv", "dq"})
+    if unknown:
+        raise SystemExit(f"{path}: unknown kernels {unknown} (fwd, dkdv, dq)")
+    for kernel, opts in settings.items():
+        triton_dms.LAUNCH_OVERRIDES[kernel] = {
+            key: tuple(val) if key == "blocks" else val for key, val in opts.items()
+        }
+    print(f"triton attention launch settings from {path}: {triton_dms.LAUNCH_OVERRIDES}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -212,7 +226,15 @@ def main() -> None:
         choices=["local", "sdpa"],
         help="vanilla steps to time: megatron's local DotProductAttention and/or fused SDPA",
     )
+    ap.add_argument(
+        "--triton-launch",
+        default=None,
+        help="JSON of the fused Triton attention's launch settings per kernel (attention_tune.py "
+        "--settings-out) used by every step of this process instead of the defaults",
+    )
     args, overrides = ap.parse_known_args()
+    if args.triton_launch:
+        _use_triton_launch(Path(args.triton_launch))
     import torch.distributed as dist
     from megatron.core import parallel_state
 

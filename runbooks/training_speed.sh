@@ -14,7 +14,9 @@
 #   bash runbooks/training_speed.sh tune        # carry .carry: the fused kernel's bf16 GPU tests
 #                                               #   (TEST_SECONDS), benchmarks/attention_tune.py: its launch
 #                                               #   settings swept (TUNE_SHAPES, TUNE_SEQS, TUNE_SECONDS),
-#                                               #   then the KD kernel's GPU test (KD_SECONDS)
+#                                               #   then the KD kernel's GPU test (KD_SECONDS) and, with
+#                                               #   STEP_SECONDS, the 32B-rank step on triton at the best
+#                                               #   settings of the first shape
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: SmolLM2 step vs
 #                                               #   vanilla, flex and triton, --profile
@@ -53,8 +55,9 @@ step_pair() {  # name, then step_throughput arguments: one run per attention bac
     done
 }
 
-layer32b_steps() {  # one TP=8 rank of the 32B layer, 4 layers, 8K tokens: DMS step vs vanilla, profiled
-    step_pair layer32b --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
+layer32b_steps() {  # one TP=8 rank of the 32B layer, 4 layers, 8K tokens: DMS step vs vanilla, profiled;
+    # more step_throughput arguments may follow
+    step_pair layer32b "$@" --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
         data.seq_length=8192 parallel.micro_batch_size=1 parallel.global_batch_size=1 run_dir=runs/layer32b
 }
 
@@ -102,11 +105,15 @@ tune)
     tail -5 "$OUT/gpu_tests.log"
     boxed "${TUNE_SECONDS:-240}" python3 benchmarks/attention_tune.py --shapes "${TUNE_SHAPES:-5x1x128,9x3x64}" \
         --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) --out "$OUT/attention_tune.json" \
-        > "$OUT/attention_tune.log" 2>&1 || true
+        --settings-out "$OUT/triton_launch.json" > "$OUT/attention_tune.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_tune.log" | tail -20
     boxed "${KD_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_core_on_gpu.py -k kd -s \
         > "$OUT/gpu_kd_test.log" 2>&1 || true
     tail -8 "$OUT/gpu_kd_test.log"
+    # the 32B-rank step on the triton backend at the first shape's best settings (STEP_SECONDS)
+    if [ -f "$OUT/triton_launch.json" ] && [ "${STEP_SECONDS:-0}" -gt 0 ]; then
+        BACKENDS=triton layer32b_steps --triton-launch "$OUT/triton_launch.json" || true
+    fi
     ;;
 layer32b)
     start_runbook layer32b

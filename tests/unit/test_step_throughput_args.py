@@ -1,5 +1,6 @@
 """``benchmarks/step_throughput.py --dms-variant NAME=OVERRIDE[,OVERRIDE...]``: the parsed variants, and a
-clear refusal of a malformed or clashing one (the runs themselves: a CPU smoke in docs/training.md)."""
+clear refusal of a malformed or clashing one (the runs themselves: a CPU smoke in docs/training.md);
+``--triton-launch FILE``: launch settings loaded into the Triton kernel, unknown kernels refused."""
 
 from __future__ import annotations
 
@@ -39,3 +40,22 @@ def test_malformed_or_clashing_variants_are_refused(bench, spec) -> None:
 def test_a_repeated_name_is_refused(bench) -> None:
     with pytest.raises(SystemExit, match="--dms-variant"):
         bench._variants(["a=dms.tau=0.2", "a=dms.tau=0.3"])
+
+
+def test_triton_launch_settings_are_loaded_and_unknown_kernels_refused(bench, tmp_path) -> None:
+    pytest.importorskip("triton")
+    from dms_megatron.kernels import triton_dms
+
+    good = tmp_path / "good.json"
+    good.write_text('{"dkdv": {"blocks": [32, 128], "num_warps": 8, "num_stages": 1}}')
+    try:
+        bench._use_triton_launch(good)
+        assert triton_dms._blocks(128, 128, interpret=False)["dkdv"] == (32, 128)
+        assert triton_dms._options("dkdv") == {"num_warps": 8, "num_stages": 1}
+        assert triton_dms._options("fwd") == {}
+    finally:
+        triton_dms.LAUNCH_OVERRIDES.clear()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"bwd": {"num_warps": 8}}')
+    with pytest.raises(SystemExit, match="unknown kernels"):
+        bench._use_triton_launch(bad)

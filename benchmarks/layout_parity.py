@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (processes, overrides)
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "tp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
-    "tp1_again": (1, ["parallel.tp=1", "parallel.pp=1"]),  # run-to-run noise of the device itself
+    "tp1": (1, ["parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"]),
+    # run-to-run noise of the device itself
+    "tp1_again": (1, ["parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"]),
     "tp2": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=false"]),
     "tp2sp": (2, ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true"]),
     "tp2sp_full": (
@@ -37,8 +38,15 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         2,
         ["parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "parallel.recompute=selective"],
     ),
-    "pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
+    "pp2": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.sequence_parallel=false"]),
+    # the 32B layouts of one 8-GPU node (and its 4-GPU half), sequence parallel as the presets
+    "tp2sp_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
+    "tp4sp_pp2": (8, ["parallel.tp=4", "parallel.pp=2", "parallel.sequence_parallel=true"]),
+    "tp8sp": (8, ["parallel.tp=8", "parallel.pp=1", "parallel.sequence_parallel=true"]),
 }
+for _name in ("tp2sp_pp2", "tp8sp"):  # the same layout again: the device's own run-to-run spread
+    LAYOUTS[f"{_name}_again"] = LAYOUTS[_name]
+TIMING = ("step_time_s", "throughput/tokens_per_s", "throughput/tflops_per_gpu", "memory/max_allocated_gb")
 KEYS = ("loss/kd", "loss/compression", "cr/decision_rate", "grad_norm")
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -73,6 +81,17 @@ def compare(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
             k: max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in pairs) for k in KEYS if k in ref[0]
         }
         out[name]["steps"] = len(pairs)
+    return out
+
+
+def _timing(rows: list[dict]) -> dict[str, float | None]:
+    import statistics
+
+    later = rows[1:] or rows
+    out: dict[str, float | None] = {
+        k: statistics.median(r[k] for r in later) for k in TIMING[:3] if all(k in r for r in later)
+    }
+    out["memory/max_allocated_gb"] = rows[-1].get("memory/max_allocated_gb")
     return out
 
 
@@ -131,9 +150,15 @@ def main() -> None:
         print(f"[layout_parity] {name}: {summary}", flush=True)
     report = {"overrides": args.overrides, "steps": args.steps, "layouts": args.layouts}
     report["max_relative_difference_to_" + args.layouts[0]] = compare(rows)
-    report["metrics"] = {n: [{k: r.get(k) for k in ("step", *KEYS)} for r in v] for n, v in rows.items()}
+    report["metrics"] = {
+        n: [{k: r.get(k) for k in ("step", *KEYS, *TIMING)} for r in v] for n, v in rows.items()
+    }
+    # step time and throughput: the median over the steps after the first (compilation, warm-up); peak
+    # memory of the logging rank (global rank 0) at the last step
+    report["timing"] = {n: _timing(v) for n, v in rows.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["max_relative_difference_to_" + args.layouts[0]], indent=2))
+    print(json.dumps(report["timing"], indent=2))
 
 
 if __name__ == "__main__":

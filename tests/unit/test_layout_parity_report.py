@@ -1,0 +1,57 @@
+"""benchmarks/layout_parity.py's report: the largest relative difference per key against the first layout,
+step timings as medians after the first step, and the layouts of one 8-GPU node (processes = TP x PP)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def parity():
+    spec = importlib.util.spec_from_file_location("layout_parity", ROOT / "benchmarks" / "layout_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(kd: float, step_s: float, mem: float | None = None) -> dict:
+    row = {
+        "loss/kd": kd,
+        "loss/compression": 0.5,
+        "cr/decision_rate": 2.0,
+        "grad_norm": 1.0,
+        "step_time_s": step_s,
+        "throughput/tokens_per_s": 100 / step_s,
+        "throughput/tflops_per_gpu": 1 / step_s,
+    }
+    if mem is not None:
+        row["memory/max_allocated_gb"] = mem
+    return row
+
+
+def test_compare_takes_the_largest_relative_difference(parity) -> None:
+    rows = {"a": [_row(1.0, 1), _row(2.0, 1)], "b": [_row(1.1, 1), _row(2.0, 1)]}
+    diff = parity.compare(rows)
+    assert set(diff) == {"b"} and diff["b"]["steps"] == 2
+    assert diff["b"]["loss/kd"] == pytest.approx(0.1)
+    assert diff["b"]["grad_norm"] == 0.0
+
+
+def test_timing_is_the_median_after_the_first_step(parity) -> None:
+    got = parity._timing([_row(1, 9.0), _row(1, 1.0), _row(1, 3.0), _row(1, 2.0, mem=5.5)])
+    assert got["step_time_s"] == 2.0 and got["throughput/tokens_per_s"] == 50.0
+    assert got["memory/max_allocated_gb"] == 5.5
+    assert parity._timing([_row(1, 4.0)])["step_time_s"] == 4.0  # one step: that step
+
+
+def test_node_layouts_use_tp_times_pp_processes(parity) -> None:
+    for name in ("tp8sp", "tp8sp_again", "tp4sp_pp2", "tp2sp_pp2", "tp2sp_pp2_again", "tp1", "pp2"):
+        procs, overrides = parity.LAYOUTS[name]
+        opts = dict(o.split("=", 1) for o in overrides)
+        assert procs == int(opts["parallel.tp"]) * int(opts["parallel.pp"]), name
+        assert opts["parallel.sequence_parallel"] == ("true" if int(opts["parallel.tp"]) > 1 else "false")

@@ -46,7 +46,8 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 for _name in ("tp2sp_pp2", "tp8sp"):  # the same layout again: the device's own run-to-run spread
     LAYOUTS[f"{_name}_again"] = LAYOUTS[_name]
-TIMING = ("step_time_s", "throughput/tokens_per_s", "throughput/tflops_per_gpu", "memory/max_allocated_gb")
+TIMING = ("step_time_s", "throughput/tokens_per_s", "throughput/tflops_per_gpu")
+MEMORY = ("memory/max_allocated_gb", "memory/max_allocated_gb_any_rank")  # rank 0's, every rank's
 KEYS = ("loss/kd", "loss/compression", "cr/decision_rate", "grad_norm")
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -89,9 +90,9 @@ def _timing(rows: list[dict]) -> dict[str, float | None]:
 
     later = rows[1:] or rows
     out: dict[str, float | None] = {
-        k: statistics.median(r[k] for r in later) for k in TIMING[:3] if all(k in r for r in later)
+        k: statistics.median(r[k] for r in later) for k in TIMING if all(k in r for r in later)
     }
-    out["memory/max_allocated_gb"] = rows[-1].get("memory/max_allocated_gb")
+    out.update({k: rows[-1].get(k) for k in MEMORY})
     return out
 
 
@@ -151,10 +152,10 @@ def main() -> None:
     report = {"overrides": args.overrides, "steps": args.steps, "layouts": args.layouts}
     report["max_relative_difference_to_" + args.layouts[0]] = compare(rows)
     report["metrics"] = {
-        n: [{k: r.get(k) for k in ("step", *KEYS, *TIMING)} for r in v] for n, v in rows.items()
+        n: [{k: r.get(k) for k in ("step", *KEYS, *TIMING, *MEMORY)} for r in v] for n, v in rows.items()
     }
     # step time and throughput: the median over the steps after the first (compilation, warm-up); peak
-    # memory of the logging rank (global rank 0) at the last step
+    # memory at the last step: the logging rank's and the largest over all ranks
     report["timing"] = {n: _timing(v) for n, v in rows.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["max_relative_difference_to_" + args.layouts[0]], indent=2))

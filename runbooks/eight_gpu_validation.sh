@@ -13,12 +13,11 @@
 # launch/convert.py; the r1_qwen_32b_cr8 preset (8K sequences, its recipe), STEPS steps (default 12) of
 # GBS sequences (default 8; micro-batch 1), the CR ramp cut to the run. Each layout's report: KD,
 # compression loss, decision rate and grad norm per step and their largest relative difference to the
-# first layout; median step time, tokens/s, model TFLOP/s per GPU; the logging rank's peak memory. Beside
+# first layout; median step time, tokens/s, model TFLOP/s per GPU; peak memory (rank 0's and the largest of any rank). Beside
 # it, launch/plan.py's prediction for the same layout (plan_<layout>.json). Results: $OUT (one archive).
 #
 # Not covered here (the rest of the eight-GPU issue): a vanilla step of the same model in the same run,
-# slurm/retrofit_32b.sh with the Slurm stand-ins, a preemption signal mid-run, every rank's peak memory
-# (the report has the logging rank's).
+# slurm/retrofit_32b.sh with the Slurm stand-ins, a preemption signal mid-run.
 set -euo pipefail
 source runbooks/common.sh  # start_runbook
 start_runbook eight_gpu

@@ -27,6 +27,20 @@ def _cr(result: Any, cfg: RetrofitConfig) -> dict[str, float]:
     return cr_metrics(r.decision_cr, r.decision_target, r.target_cr, cfg.dms, cfg.data.seq_length)
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` over all ranks of the default group: a collective, every rank calls it
+    (on the device of its backend: CUDA for NCCL, the CPU for gloo)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    on_cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _metrics(result: Any, cfg: RetrofitConfig, flops_per_token: float, world: int) -> dict[str, float]:
     tp = throughput(result.tokens, result.seconds, flops_per_token, world)
     m = {
@@ -124,9 +138,16 @@ def train_loop(
             result = trainer.train_step(step)
             last = result
             step += 1
-            if logger is not None and (step % cfg.logging.log_interval == 0 or step == cfg.train.steps):
+            log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.steps
+            peak = None  # every rank's peak: all ranks join the reduction, the logging rank reports it
+            if log_now and torch.cuda.is_available():
+                peak = max_over_ranks(torch.cuda.max_memory_allocated() / 2**30)
+            if logger is not None and log_now:
                 heat = step % cfg.logging.heatmap_interval == 0 or step == cfg.train.steps
-                logger.log(step, _metrics(result, cfg, flops, world), result.rates if heat else None)
+                m = _metrics(result, cfg, flops, world)
+                if peak is not None:
+                    m["memory/max_allocated_gb_any_rank"] = peak
+                logger.log(step, m, result.rates if heat else None)
             progress.advance()
             if on_step is not None:
                 on_step(result)

@@ -8,8 +8,9 @@ that length: tokens seen / tokens held over all layers and KV heads, the always-
 ``cr/memory_train_len`` (the same at the training sequence length), ``cr/decision_rate`` and
 ``cr/decision_target`` (diagnostics: 1 / kept fraction of decisions, reached and asked for), ``lr``,
 ``grad_norm``, ``throughput/tokens_per_s``, ``throughput/tflops_per_gpu``, ``throughput/mfu``,
-``memory/max_allocated_gb``. The memory CRs are computed from the step's eviction rate with
-``core.losses.memory_cr`` (exact for the total when decisions do not depend on position); the KV memory
+``memory/max_allocated_gb`` (and, from the step loop, ``memory/max_allocated_gb_any_rank``). The
+memory CRs are computed from the step's eviction rate with ``core.losses.memory_cr`` (exact for the
+total when decisions do not depend on position); the KV memory
 a served model really holds is measured by ``launch/evaluate.py``.
 """
 

@@ -256,3 +256,8 @@ def test_profiled_step_names_its_regions_and_syncs_the_host_only_outside_forward
     assert prof["backward_nodes_ms"] and prof["top_ops_self_ms"]
     inside = ("dms.forward_backward", *FORWARD_REGIONS)
     assert not [k for k in prof["host_syncs_per_step"] if k.endswith(inside)], prof["host_syncs_per_step"]
+
+
+def test_max_over_ranks_gives_every_rank_the_largest_value() -> None:
+    """The peak memory over ranks the step loop logs (``memory/max_allocated_gb_any_rank``)."""
+    assert run_distributed(trainer_jobs.max_over_ranks_job, 2) == [2.5, 2.5]

@@ -173,3 +173,9 @@ def nonfinite_job(rank: int, world: int, cfg: dict[str, Any], nan_steps: list[in
         RetrofitTrainer._loss = original
     path = os.path.join(cfg["run_dir"], "metrics.jsonl")
     return {"error": error, "metrics": read_metrics(path) if os.path.isfile(path) else None}
+
+
+def max_over_ranks_job(rank: int, world_size: int) -> float:
+    from dms_megatron.training.loop import max_over_ranks
+
+    return max_over_ranks(0.5 + 2.0 * rank)

@@ -31,6 +31,7 @@ def _row(kd: float, step_s: float, mem: float | None = None) -> dict:
     }
     if mem is not None:
         row["memory/max_allocated_gb"] = mem
+        row["memory/max_allocated_gb_any_rank"] = 2 * mem
     return row
 
 
@@ -45,7 +46,7 @@ def test_compare_takes_the_largest_relative_difference(parity) -> None:
 def test_timing_is_the_median_after_the_first_step(parity) -> None:
     got = parity._timing([_row(1, 9.0), _row(1, 1.0), _row(1, 3.0), _row(1, 2.0, mem=5.5)])
     assert got["step_time_s"] == 2.0 and got["throughput/tokens_per_s"] == 50.0
-    assert got["memory/max_allocated_gb"] == 5.5
+    assert got["memory/max_allocated_gb"] == 5.5 and got["memory/max_allocated_gb_any_rank"] == 11.0
     assert parity._timing([_row(1, 4.0)])["step_time_s"] == 4.0  # one step: that step
 
 

@@ -3,20 +3,14 @@ step timings as medians after the first step, and the layouts of one 8-GPU node 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("layout_parity", ROOT / "benchmarks" / "layout_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("layout_parity")
 
 
 def _row(kd: float, step_s: float, mem: float | None = None) -> dict:

@@ -4,22 +4,14 @@ clear refusal of a malformed or clashing one (the runs themselves: a CPU smoke i
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "step_throughput", ROOT / "benchmarks" / "step_throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_throughput")
 
 
 def test_variants_are_parsed(bench) -> None:

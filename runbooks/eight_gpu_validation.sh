@@ -16,6 +16,10 @@
 # first layout; median step time, tokens/s, model TFLOP/s per GPU; peak memory (rank 0's and the largest of any rank). Beside
 # it, launch/plan.py's prediction for the same layout (plan_<layout>.json). Results: $OUT (one archive).
 #
+# Time: the first call builds the random model on the CPU (8 layers: ~5.5B parameters, ~22 GB in fp32 on
+# disk, then the import; not yet timed) inside RUN_SECONDS (default 540); a cut call leaves the imported
+# checkpoint in /tmp/eight_<phase>, which the next call on the same warm machine reuses.
+#
 # Not covered here (the rest of the eight-GPU issue): a vanilla step of the same model in the same run,
 # slurm/retrofit_32b.sh with the Slurm stand-ins, a preemption signal mid-run.
 set -euo pipefail

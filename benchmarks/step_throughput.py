@@ -7,7 +7,8 @@ same process (one GPU or a torchrun group):
 * retrofit: ``RetrofitTrainer.train_step`` (teacher forward + DMS student forward/backward in one 1F1B
   schedule, KD + compression loss, distributed-optimizer step); packed documents (THD);
 * vanilla: megatron's stock local-spec GPT (``DotProductAttention``, which materialises the scores),
-  next-token cross-entropy on the same token batches (unpacked, causal), same DDP + distributed
+  next-token cross-entropy on the same token batches (unpacked, causal; megatron's own
+  vocabulary-parallel loss, so any TP / PP layout runs, as the retrofit step does), same DDP + distributed
   optimizer + clipping; ``--vanilla-attention local sdpa`` (the default) also times the same vanilla
   step with a fused attention (``SDPACoreAttention``: torch SDPA, what TE's fused attention gives a
   cluster run), and reports the DMS step against each.
@@ -116,13 +117,15 @@ def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: s
         def forward_step(it, m):
             b = next(it)
             pos = torch.arange(s, device=device).unsqueeze(0).expand_as(b["tokens"])
-            logits = m(input_ids=b["tokens"], position_ids=pos, attention_mask=None)  # TP=1: full vocab
+            # with labels megatron's last stage returns the per-token loss of its own vocabulary-parallel
+            # cross-entropy (any TP / PP, as a stock Megatron training step computes it)
+            out = m(input_ids=b["tokens"], position_ids=pos, attention_mask=None, labels=b["labels"])
 
-            def loss_func(out, labels=b["labels"]):
-                loss = torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), labels.flatten())
+            def loss_func(per_token):
+                loss = per_token.float().mean()
                 return loss, {"lm": loss.detach()}
 
-            return logits, loss_func
+            return out, loss_func
 
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -247,8 +250,6 @@ def main() -> None:
     variants = _variants(args.dms_variant)
     container, cfg = _compose(overrides, args)
     variant_cfgs = {name: _compose(overrides + extra, args)[1] for name, extra in variants.items()}
-    if cfg.parallel.tp != 1:
-        raise SystemExit("the vanilla baseline computes a full-vocabulary loss: run it at parallel.tp=1")
     pre = preflight(cfg)
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     profile_dir = Path(args.profile) if args.profile else None

@@ -20,8 +20,11 @@
 # disk, then the import; not yet timed) inside RUN_SECONDS (default 540); a cut call leaves the imported
 # checkpoint in /tmp/eight_<phase>, which the next call on the same warm machine reuses.
 #
-# Not covered here (the rest of the eight-GPU issue): a vanilla step of the same model in the same run,
-# slurm/retrofit_32b.sh with the Slurm stand-ins, a preemption signal mid-run.
+# Then each layout's retrofit step against a vanilla Megatron step of the same model on the same batches
+# (benchmarks/step_throughput.py under torchrun; STEP_SECONDS each): step time, tokens/s, TFLOP/s per GPU.
+#
+# Not covered here (the rest of the eight-GPU issue): slurm/retrofit_32b.sh with the Slurm stand-ins, a
+# preemption signal mid-run.
 set -euo pipefail
 source runbooks/common.sh  # start_runbook
 start_runbook eight_gpu
@@ -34,6 +37,18 @@ plan() {  # layout name, tp, pp: the planner's per-GPU memory and step time for 
     python3 launch/plan.py --json --warn-only "${MODEL[@]}" "parallel.tp=$2" "parallel.pp=$3" \
         "parallel.sequence_parallel=$([ "$2" -gt 1 ] && echo true || echo false)" \
         > "$OUT/plan_$1.json" 2> "$OUT/plan_$1.log" || tail -5 "$OUT/plan_$1.log"
+}
+steps() {  # name, processes, tp, pp: the retrofit step vs a vanilla step of the same model, same batches,
+    # one torchrun (benchmarks/step_throughput.py), on the model and data the layout_parity run built
+    local work=/tmp/eight_$1 sp
+    sp=$([ "$3" -gt 1 ] && echo true || echo false)
+    [ -f "$work/megatron/dms_megatron.json" ] || { echo "steps $1: no model in $work (run first)"; return 0; }
+    timeout -k 10 "${STEP_SECONDS:-240}" python3 -m torch.distributed.run --standalone --nproc-per-node="$2" \
+        benchmarks/step_throughput.py --out "$OUT/steps_$1_tp$3_pp$4.json" --warmup 2 --measure 5 \
+        "${MODEL[@]}" "model.checkpoint=$work/megatron" "data.prefixes=[$work/data/random]" data.weights=null \
+        "parallel.tp=$3" "parallel.pp=$4" "parallel.sequence_parallel=$sp" train.steps=20 dms.cr_ramp_steps=10 \
+        "run_dir=/tmp/eight_steps_$1" logging.wandb_project=null > "$OUT/steps_$1_tp$3_pp$4.log" 2>&1 || true
+    tail -6 "$OUT/steps_$1_tp$3_pp$4.log"
 }
 run() {  # name, layouts: one layout_parity run
     local name=$1 layouts=$2
@@ -48,14 +63,18 @@ eight)
     plan tp8sp 8 1
     plan tp4sp_pp2 4 2
     run eight "tp8sp tp8sp_again tp4sp_pp2"
+    steps eight 8 8 1
+    steps eight 8 4 2
     ;;
 four)
     plan tp2sp_pp2 2 2
     run four "tp2sp_pp2 tp2sp_pp2_again"
+    steps four 4 2 2
     ;;
 one)
     plan tp1 1 1
     run one "tp1 tp1_again"
+    steps one 1 1 1
     ;;
 *)
     echo "usage: bash runbooks/eight_gpu_validation.sh eight | four | one" >&2

@@ -304,8 +304,8 @@ def main() -> None:
         "config": {k: container[k] for k in ("parallel", "data", "dms", "train")},
         "tokens_per_step": tokens,
     }
-    runs = [("dms_retrofit", dms_times, retrofit_flops_per_token(pre.arch, cfg.data.seq_length), dms_mem)]
     retrofit_flops = retrofit_flops_per_token(pre.arch, cfg.data.seq_length)
+    runs = [("dms_retrofit", dms_times, retrofit_flops, dms_mem)]
     runs += [(name, times, retrofit_flops, mem) for name, (times, mem, _) in retrofit_runs.items()]
     runs += [(name, times, 3 * fwd, mem) for name, (times, mem, _) in vanilla_runs.items()]
     for name, times, flops, mem in runs:

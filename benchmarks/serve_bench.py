@@ -139,14 +139,13 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
             (ids * (1 + (length + i * stride) // len(ids)))[i * stride : i * stride + length]
             for i in range(args.requests)
         ]
+        mode_prompts = {"dms": prompts, "dense": prompts[: args.dense_requests or len(prompts)]}
         for budget in args.kv_budget_gib:
             pair = {}
             for mode in ("dms", "dense"):
                 model.dms = dms_block if mode == "dms" else None
-                dense_n = getattr(args, "dense_requests", None) or len(prompts)
-                subset = prompts if mode == "dms" else prompts[:dense_n]
                 try:
-                    res = fixed_budget_run(model, subset, args.new_tokens, budget, args)
+                    res = fixed_budget_run(model, mode_prompts[mode], args.new_tokens, budget, args)
                 except ValueError as exc:  # a budget too small for one row of this mode
                     res = {"skipped": str(exc)}
                 row = {"mode": mode, "prompt_tokens": length, "kv_budget_gib": budget, **res}

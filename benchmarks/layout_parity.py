@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,12 @@ def _timing(rows: list[dict]) -> dict[str, float | None]:
     return out
 
 
+def _summarise(name: str, rows: list[dict]) -> None:
+    last = rows[-1]
+    summary = ", ".join(f"{k} {last[k]:.6g}" for k in KEYS if k in last)
+    print(f"[layout_parity] {name} ({len(rows)} steps): {summary}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="work folder (model, data, runs, report.json)")
@@ -103,6 +110,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--init-std", type=float, default=0.1, help="initializer_range of the random model")
+    ap.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each layout's checkpoints "
+        "(default: deleted after its run; a 32B-shaped 8-layer one is ~80 GB with Adam state)",
+    )
+    ap.add_argument(
+        "--slurm-preempt",
+        choices=sorted(LAYOUTS),
+        help="then this layout again through "
+        "sbatch slurm/*.sh and the Slurm stand-ins, preempted (SIGUSR1) mid-run and requeued",
+    )
+    ap.add_argument("--preempt-after", type=int, help="steps logged before the signal (default: half)")
+    ap.add_argument("--slurm-seconds", type=float, default=1800, help="time limit of the Slurm run")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every layout")
     args = ap.parse_args()
     from activation_check import compose_config, write_data
@@ -146,10 +167,36 @@ def main() -> None:
             sys.stdout.write(log.read_text()[-6000:])
             raise SystemExit(f"[layout_parity] {name} failed (exit {proc.returncode}); log: {log}")
         rows[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        last = rows[name][-1]
-        summary = ", ".join(f"{k} {last[k]:.6g}" for k in KEYS if k in last)
-        print(f"[layout_parity] {name}: {summary}", flush=True)
-    report = {"overrides": args.overrides, "steps": args.steps, "layouts": args.layouts}
+        _summarise(name, rows[name])
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    report: dict = {"overrides": args.overrides, "steps": args.steps, "layouts": args.layouts}
+    logs = [work / f"{name}.log" for name in args.layouts]
+    if args.slurm_preempt:
+        from slurm_preemption import preempted_run
+
+        name = f"{args.slurm_preempt}_slurm_preempted"
+        procs, layout = LAYOUTS[args.slurm_preempt]
+        run_dir = work / "runs" / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        # resumable (train.resume=auto, the default); checkpoints only where preempted and at the end
+        slurm = [o for o in common if not o.startswith(("train.resume=", "train.save_interval="))]
+        slurm += [*layout, f"train.save_interval={args.steps}", "train.keep_last=1"]
+        after = args.preempt_after or max(args.steps // 2, 1)
+        rows[name], report["slurm_preemption"] = preempted_run(
+            work, procs, slurm, run_dir, after, args.slurm_seconds
+        )
+        _summarise(name, rows[name])
+        if args.slurm_preempt in rows:  # the same layout uninterrupted: the resumed steps must match it
+            report["slurm_preemption"]["max_relative_difference_to_" + args.slurm_preempt] = compare(
+                {args.slurm_preempt: rows[args.slurm_preempt], name: rows[name]}
+            )[name]
+        logs.append(Path(report["slurm_preemption"]["log"]))
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    from slurm_preemption import device_guess_warnings
+
+    report["nccl_device_guess_warnings"] = device_guess_warnings(logs)
     report["max_relative_difference_to_" + args.layouts[0]] = compare(rows)
     report["metrics"] = {
         n: [{k: r.get(k) for k in ("step", *KEYS, *TIMING, *MEMORY)} for r in v] for n, v in rows.items()

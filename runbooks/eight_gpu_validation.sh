@@ -23,8 +23,13 @@
 # Then each layout's retrofit step against a vanilla Megatron step of the same model on the same batches
 # (benchmarks/step_throughput.py under torchrun; STEP_SECONDS each): step time, tokens/s, TFLOP/s per GPU.
 #
-# Not covered here (the rest of the eight-GPU issue): slurm/retrofit_32b.sh with the Slurm stand-ins, a
-# preemption signal mid-run.
+# After the layouts, the last layout again as a Slurm job: `sbatch slurm/retrofit_32b.sh` through the test
+# stand-ins (tests/integration/slurm_standin.py; one node, one task per GPU), SIGUSR1 to the job after
+# half the steps, requeue, resume; the report's slurm_preemption has where it stopped and resumed and the
+# per-step difference to the uninterrupted run (PREEMPT=0 skips it; the one phase skips it unless
+# PREEMPT=1: two ~33-GB checkpoints at once fill a 64-GB disk). Every log is searched for NCCL /
+# torch.distributed guessing a rank's GPU (nccl_device_guess_warnings: should be empty). Each layout's
+# checkpoints are deleted after its run (8 layers: ~80 GB each with the Adam state; the disk is 235 GB).
 set -euo pipefail
 source runbooks/common.sh  # start_runbook
 start_runbook eight_gpu
@@ -50,11 +55,13 @@ steps() {  # name, processes, tp, pp: the retrofit step vs a vanilla step of the
         "run_dir=/tmp/eight_steps_$1" logging.wandb_project=null > "$OUT/steps_$1_tp$3_pp$4.log" 2>&1 || true
     tail -6 "$OUT/steps_$1_tp$3_pp$4.log"
 }
-run() {  # name, layouts: one layout_parity run
-    local name=$1 layouts=$2
+run() {  # name, layouts, the layout then preempted through Slurm (PREEMPT=0: none): one layout_parity run
+    local name=$1 layouts=$2 preempt=()
+    [ "${PREEMPT:-1}" = 0 ] || preempt=(--slurm-preempt "$3")
     # shellcheck disable=SC2086  # the layout list is words on purpose
     timeout -k 10 "${RUN_SECONDS:-540}" python3 benchmarks/layout_parity.py --out "/tmp/eight_$name" \
-        --steps "${STEPS:-12}" --layouts $layouts -- "${MODEL[@]}" 2>&1 | tee "$OUT/$name.log" | tail -40 || true
+        --steps "${STEPS:-12}" --layouts $layouts "${preempt[@]}" -- "${MODEL[@]}" 2>&1 | tee "$OUT/$name.log" \
+        | tail -40 || true
     cp "/tmp/eight_$name/report.json" "$OUT/${name}_report.json" 2>/dev/null || true
     for f in /tmp/eight_"$name"/*.log; do cp "$f" "$OUT/${name}_$(basename "$f")"; done
 }
@@ -62,18 +69,18 @@ case "$PHASE" in
 eight)
     plan tp8sp 8 1
     plan tp4sp_pp2 4 2
-    run eight "tp8sp tp8sp_again tp4sp_pp2"
+    run eight "tp8sp tp8sp_again tp4sp_pp2" tp4sp_pp2
     steps eight 8 8 1
     steps eight 8 4 2
     ;;
 four)
     plan tp2sp_pp2 2 2
-    run four "tp2sp_pp2 tp2sp_pp2_again"
+    run four "tp2sp_pp2 tp2sp_pp2_again" tp2sp_pp2
     steps four 4 2 2
     ;;
 one)
     plan tp1 1 1
-    run one "tp1 tp1_again"
+    PREEMPT=${PREEMPT:-0} run one "tp1 tp1_again" tp1
     steps one 1 1 1
     ;;
 *)

@@ -34,9 +34,11 @@ def init_distributed(tp: int, pp: int) -> int:
         if "RANK" not in os.environ:  # a plain `python launch/retrofit.py`: one process
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        device = None
+        if cuda:  # bound to its GPU: NCCL never has to guess a rank's device (a hang if it guesses wrong)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30), device_id=device)
     if not cuda:
         from dms_megatron.megatron.patches.cpu_training import enable_cpu_training
 

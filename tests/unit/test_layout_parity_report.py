@@ -50,3 +50,23 @@ def test_node_layouts_use_tp_times_pp_processes(parity) -> None:
         opts = dict(o.split("=", 1) for o in overrides)
         assert procs == int(opts["parallel.tp"]) * int(opts["parallel.pp"]), name
         assert opts["parallel.sequence_parallel"] == ("true" if int(opts["parallel.tp"]) > 1 else "false")
+
+
+def test_device_guess_warnings_are_found_in_the_logs(tmp_path) -> None:
+    slurm = load_benchmark("slurm_preemption")
+    log = tmp_path / "tp8sp.log"
+    log.write_text(
+        "step 1\n[rank3]:[W] ProcessGroupNCCL.cpp: using GPU 3 to perform barrier as devices used by this "
+        "process are currently unknown. This can potentially cause a hang\nstep 2\n"
+    )
+    (tmp_path / "clean.log").write_text("device 0 bound\nstep 1\n")
+    found = slurm.device_guess_warnings([log, tmp_path / "clean.log", tmp_path / "missing.log"])
+    assert len(found) == 1 and found[0].startswith("tp8sp.log: [rank3]") and "currently unknown" in found[0]
+
+
+def test_slurm_preemption_needs_a_launcher_experiment(tmp_path) -> None:
+    slurm = load_benchmark("slurm_preemption")
+    with pytest.raises(SystemExit, match="needs one experiment= override"):
+        slurm.preempted_run(tmp_path, 1, ["experiment=smollm2_paper"], tmp_path / "run", 2, 10)
+    with pytest.raises(SystemExit, match="needs one experiment= override"):
+        slurm.preempted_run(tmp_path, 1, ["model=debug_llama"], tmp_path / "run", 2, 10)

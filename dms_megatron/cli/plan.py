@@ -46,6 +46,9 @@ ASSUMPTION_HELP = {
     "attention_efficiency": "achieved fraction of peak in DMS FlexAttention",
     "tp_bus_gbs": "tensor-parallel collective bus bandwidth, GB/s",
     "dp_bus_gbs": "data-parallel collective bus bandwidth, GB/s",
+    "hbm_gbs": "GPU memory bandwidth, GB/s (H100 SXM: 3350)",
+    "kd_bytes_per_logit": "memory traffic of the KD loss per [token, vocab/tp] logit, forward + backward",
+    "optimizer_bytes_per_param": "memory traffic of the optimizer step per trainable parameter (GPU / DP)",
 }
 
 

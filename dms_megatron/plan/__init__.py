@@ -28,8 +28,10 @@ Step time: FLOPs per token as ``dms_megatron.training.metrics`` counts them (stu
 backward = 3x forward, teacher forward = 1x; attention ``2 * q * (s + 1)`` per layer and token, i.e.
 ``4 s^2 q`` halved for causal), matmuls at ``matmul_efficiency`` and attention at
 ``attention_efficiency`` of the bf16 dense peak, plus TP collectives (not overlapped with the local
-spec), times the pipeline's ``(m + pp - 1)`` slots, plus the DP gradient reduce-scatter and parameter
-all-gather (``overlap_grad_reduce=False`` in ``training/setup.py``).
+spec), the KD loss as ``kd_bytes_per_logit`` of memory traffic per logit (last stage), times the
+pipeline's ``(m + pp - 1)`` slots, plus the DP gradient reduce-scatter and parameter all-gather
+(``overlap_grad_reduce=False`` in ``training/setup.py``) and the optimizer step as
+``optimizer_bytes_per_param`` of memory traffic per trainable parameter.
 """
 
 from __future__ import annotations

@@ -114,6 +114,15 @@ class Assumptions:
     attention_efficiency: float = 0.15  # DMS FlexAttention fwd+bwd: 149 TFLOP/s measured (benchmarks.md)
     tp_bus_gbs: float = 300.0  # NCCL all-gather / reduce-scatter bus bandwidth inside a node (NVLink)
     dp_bus_gbs: float = 40.0  # across nodes (InfiniBand), per GPU
+    hbm_gbs: float = 3350.0  # H100 SXM HBM3: what the memory-bound terms below are divided by
+    # HBM bytes moved per [token, vocab/tp] logit by the KD loss, forward + backward (kd_backend=torch):
+    # 16.0 ms for 8,192 x 19,008 logits on an H100 (one TP=8 rank of the 32B model, profile of
+    # 2026-12-07); the same rate predicted SmolLM2's 81.8 ms (16,384 x 49,152 logits) within 1.2%
+    kd_bytes_per_logit: float = 344.0
+    # HBM bytes per trainable parameter (per GPU, / DP) of the optimizer step with the gradient clip and
+    # non-finite check: 16.5 ms for 438.5M parameters on the same H100 profile (SmolLM2: 6.4 ms measured,
+    # 5.1 predicted)
+    optimizer_bytes_per_param: float = 126.0
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():

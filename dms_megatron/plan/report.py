@@ -254,8 +254,9 @@ def format_plan(plan: Plan) -> str:
     lines += [
         "",
         f"step: {st.step_s:.2f} s = {st.compute_s + st.tp_comm_s:.3f} s per micro-batch (compute "
-        f"{st.compute_s:.3f}, TP comm {st.tp_comm_s:.3f}) x ({st.microbatches} + {inp.pp - 1}) slots "
-        f"(bubble {st.bubble_fraction:.1%}) + DP comm {st.dp_comm_s:.2f} s",
+        f"{st.compute_s:.3f} incl. KD loss {st.kd_s:.3f}, TP comm {st.tp_comm_s:.3f}) x "
+        f"({st.microbatches} + {inp.pp - 1}) slots (bubble {st.bubble_fraction:.1%}) + DP comm "
+        f"{st.dp_comm_s:.2f} s + optimizer {st.optimizer_s:.3f} s",
         f"      {st.tokens_per_s:,.0f} tokens/s, {st.model_flops_per_token / 1e9:.2f} GFLOP/token (teacher "
         f"included), {st.tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {st.mfu:.1%} (assumed: GEMMs "
         f"{asm.matmul_efficiency:.0%}, attention {asm.attention_efficiency:.0%} of "

@@ -1,5 +1,6 @@
-"""Step time from FLOP counts: GEMMs and attention at assumed shares of the peak, TP collectives, the
-1F1B pipeline's slots and the DP gradient/parameter exchange."""
+"""Step time from FLOP counts: GEMMs and attention at assumed shares of the peak, the KD loss and the
+optimizer step as memory traffic, TP collectives, the 1F1B pipeline's slots and the DP
+gradient/parameter exchange."""
 
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ class StepEstimate:
     microbatches: int
     bubble_fraction: float  # (pp - 1) / m
     stage_microbatch_s: list[float]  # compute + TP communication per micro-batch, per stage
-    compute_s: float  # slowest stage, one micro-batch
+    compute_s: float  # slowest stage, one micro-batch (GEMMs, attention, the KD loss on the last stage)
     tp_comm_s: float  # slowest stage, one micro-batch
+    kd_s: float  # the KD loss of one micro-batch (last stage; memory-bound), part of compute_s there
     dp_comm_s: float
+    optimizer_s: float  # the optimizer step with its gradient clip and non-finite check (memory-bound)
     step_s: float
     tokens_per_s: float
     model_flops_per_token: float
@@ -77,6 +80,9 @@ def step_estimate(inp: PlanInput, asm: Assumptions) -> StepEstimate:
     else:
         colls = 12 + (4 if inp.recompute == "full" else 0)
     coll_s = tokens * inp.arch.hidden_size * e * (t - 1) / t / (asm.tp_bus_gbs * 1e9) if t > 1 else 0.0
+    hbm = asm.hbm_gbs * 1e9
+    # the KD loss reads and writes [tokens, V/tp] logits many times over (fp32 softmaxes, their backward)
+    kd_s = tokens * inp.padded_vocab / t * asm.kd_bytes_per_logit / hbm
     stages, comps, comms = [], [], []
     for stage in range(inp.pp):
         L = inp.layers_per_stage
@@ -87,6 +93,8 @@ def step_estimate(inp: PlanInput, asm: Assumptions) -> StepEstimate:
         compute = (
             tokens / t * (mm / (peak * asm.matmul_efficiency) + attn / (peak * asm.attention_efficiency))
         )
+        if stage == inp.pp - 1:
+            compute += kd_s
         comm = colls * L * coll_s
         stages.append(compute + comm)
         comps.append(compute)
@@ -96,7 +104,9 @@ def step_estimate(inp: PlanInput, asm: Assumptions) -> StepEstimate:
     trainable = max(stage_params(inp, i).trainable for i in range(inp.pp))
     dp_bytes = trainable * (FP32 + e) * (inp.dp - 1) / inp.dp  # fp32 grad reduce-scatter + param all-gather
     dp_s = dp_bytes / (asm.dp_bus_gbs * 1e9)
-    step = stages[slow] * (m + inp.pp - 1) + dp_s
+    # the distributed optimizer updates 1/DP of the trainable parameters on each GPU
+    opt_s = trainable / inp.dp * asm.optimizer_bytes_per_param / hbm
+    step = stages[slow] * (m + inp.pp - 1) + dp_s + opt_s
     tps = inp.global_batch_size * inp.seq_length / step
     mfpt = model_flops_per_token(inp)
     tflops = tps * mfpt / inp.world_size / 1e12
@@ -106,7 +116,9 @@ def step_estimate(inp: PlanInput, asm: Assumptions) -> StepEstimate:
         stage_microbatch_s=stages,
         compute_s=comps[slow],
         tp_comm_s=comms[slow],
+        kd_s=kd_s,
         dp_comm_s=dp_s,
+        optimizer_s=opt_s,
         step_s=step,
         tokens_per_s=tps,
         model_flops_per_token=mfpt,

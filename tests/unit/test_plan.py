@@ -93,10 +93,14 @@ def test_tiny_plan_by_hand():
     micro_s = tokens * (
         4 * (L * fwd_layer_mm + fwd_head) / (0.4 * peak) + 4 * L * fwd_layer_attn / (0.15 * peak)
     )
+    # memory-bound: the KD loss per micro-batch ([tokens, V] logits), the optimizer over every parameter
+    kd_s = tokens * V * 344 / 3350e9
+    opt_s = student * 126 / 3350e9
     est = step_estimate(inp, asm)
     assert est.microbatches == 2 and est.bubble_fraction == 0 and est.dp_comm_s == 0
-    assert est.step_s == pytest.approx(2 * micro_s)
-    assert est.mfu == pytest.approx(4 * 32 * 1_296_384 / (2 * micro_s) / peak)
+    assert est.kd_s == pytest.approx(kd_s) and est.optimizer_s == pytest.approx(opt_s)
+    assert est.step_s == pytest.approx(2 * (micro_s + kd_s) + opt_s)
+    assert est.mfu == pytest.approx(4 * 32 * 1_296_384 / est.step_s / peak)
 
 
 def test_importing_the_planner_loads_no_framework():

@@ -32,9 +32,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = None
+    if cuda:  # bound to the rank's GPU up front, as the trainer does (NCCL never guesses it)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device)
     if not cuda:
         from dms_megatron.megatron.patches.cpu_training import enable_cpu_training
 

@@ -269,9 +269,10 @@ class CompressedKV:
 
     # ---- prefill ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
+    def prefill(self, row: int, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Append one chunk ``tokens [n]`` to ``row`` with the exact delayed-eviction mask -> logits
-        ``[n, V]``. Works on an empty row and after decoding (multi-turn)."""
+        ``[n, V]`` (``last_only``: ``[1, V]``, the last token's). Works on an empty row and after
+        decoding (multi-turn)."""
         m, H, W, n = self.model, self.H, self.W, tokens.shape[0]
         if n == 0:
             raise ValueError("no tokens to prefill")
@@ -308,7 +309,7 @@ class CompressedKV:
             self.ring_v[layer, row][:, seq_pos[n:] % W] = seq_v[:, n:]
             flag[:, seq_pos[n:] % W] = seq_flag[:, n:]
         self.seen[row] += n
-        return m.head(h)
+        return m.head(h[-1:] if last_only else h)
 
     def _chunk_attention(
         self,
@@ -361,7 +362,7 @@ class CompressedKV:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         for s in range(0, tokens.shape[0], chunk):
-            logits = self.prefill(row, tokens[s : s + chunk])[-1]
+            logits = self.prefill(row, tokens[s : s + chunk], last_only=True)[-1]
         return logits
 
     def _gather_pages(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -378,19 +379,21 @@ class CompressedKV:
         start = self.paged[layer, row].long()  # [H]
         dest = start[:, None] + keep.long().cumsum(1) - 1  # [H, n]
         total = start + keep.sum(1)
-        last = (total // self.bs).tolist()  # the block of the next free slot must exist too
-        new = []
-        for head, upto in enumerate(last):
-            have = self.table[layer, row, head, : upto + 1]
-            if upto >= self.max_blocks:
-                raise ValueError(f"a stream outgrew max_context ({(self.max_blocks - 1) * self.bs} tokens)")
-            new += [(head, int(b)) for b in (have < 0).nonzero()[:, 0].tolist()]
-        if len(new) > len(self.free):
-            err = CacheFullError(f"{len(new)} KV blocks needed, {len(self.free)} free of {self.num_blocks}")
+        last = total // self.bs  # [H]: the block of the next free slot must exist too
+        table = self.table[layer, row]  # [H, max_blocks] (a view: written in place)
+        slots = torch.arange(self.max_blocks, device=table.device)
+        need = (table < 0) & (slots[None] <= last[:, None])  # [H, max_blocks]
+        top, count = torch.stack([last.max(), need.sum()]).tolist()  # one host sync per layer
+        if top >= self.max_blocks:
+            raise ValueError(f"a stream outgrew max_context ({(self.max_blocks - 1) * self.bs} tokens)")
+        if count > len(self.free):
+            err = CacheFullError(f"{count} KV blocks needed, {len(self.free)} free of {self.num_blocks}")
             err.rows = [row]  # type: ignore[attr-defined]
             raise err
-        for head, b in new:
-            self.table[layer, row, head, b] = self.free.pop()
+        if count:  # head by head, blocks in order, each taking the next free block: one indexed write
+            ids = self.free[-count:][::-1]
+            del self.free[-count:]
+            table[need] = torch.tensor(ids, dtype=table.dtype).to(table.device)
         heads, cols = keep.nonzero().unbind(1)
         d = dest[heads, cols]
         block = self.table[layer, row][heads, d // self.bs].long()

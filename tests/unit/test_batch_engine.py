@@ -237,3 +237,30 @@ def test_first_chunk_through_the_fused_attention_equals_the_oracle(tiny, variant
     chunked.prefill(row, ids[:1])  # one token first: the other 59 take the materialised path
     torch.testing.assert_close(chunked.prefill(row, ids[1:]), dense[1:], atol=1e-4, rtol=1e-4)
     assert torch.equal(fresh.held(), chunked.held())
+
+
+def test_prefill_pages_blocks_in_one_write_and_a_full_pool_raises_without_leaking(tiny) -> None:  # noqa: F811
+    from dms_megatron.inference.paged_cache import CacheFullError
+
+    model = _with_dms(tiny[1], "adapter", "head", 2)
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(5))
+    cache = CompressedKV(model, num_blocks=300, block_size=4)
+    row = cache.add_row()
+    last = cache.prefill(row, ids, last_only=True)
+    torch.testing.assert_close(last, model.forward_dense(ids)[0][-1:], atol=1e-4, rtol=1e-4)
+    table = cache.table[:, row]  # [L, H, max_blocks]
+    owned = table[table >= 0]
+    assert owned.numel() == cache.allocated_blocks() == len(set(owned.tolist()))  # distinct, none lost
+    # each stream owns exactly the blocks up to the one of its next free page slot, and no other
+    upto = (cache.paged[:, row] // 4).long()  # [L, H]
+    slots = torch.arange(table.shape[-1])
+    assert torch.equal(table >= 0, slots <= upto[..., None])
+    # a pool too small for the prompt's pages: CacheFullError naming the row, the pool unchanged
+    small = CompressedKV(model, num_blocks=model.arch.num_layers * model.hkv + 2, block_size=4)
+    row = small.add_row()
+    with pytest.raises(CacheFullError) as err:
+        small.prefill(row, ids)
+    assert err.value.rows == [row]
+    assert int((small.table >= 0).sum()) == small.allocated_blocks()  # the failed layer took nothing
+    small.remove_rows([row])
+    assert small.allocated_blocks() == 0

@@ -13,7 +13,9 @@ rows decoding at once and the mean per step, decode tokens/s over the run, time 
 decode step, p50 / p99), prefill tokens/s, memory CR, preemptions, queue time, wall time; then DMS /
 dense ratios. ``--equal-batch B``: also both modes at batch B with a pool large enough for dense
 (``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context
-cannot hold is reported as skipped.
+cannot hold is reported as skipped. Progress (every ``--progress-every`` prefills, and request 0's tokens)
+is printed as it goes, and ``--out`` is rewritten after every row (``complete`` once all ran), so a run
+cut by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     from dms_megatron.inference.batch_engine import BatchEngine
     from dms_megatron.inference.engine import Request
 
+    t0 = time.perf_counter()
     engine = BatchEngine(
         model,
         block_size=args.block_size,
@@ -40,8 +43,8 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
         backend=args.backend,
         kv_budget_gib=budget_gib,
         prefill_chunk=args.prefill_chunk,
+        on_token=_progress(len(prompts), new_tokens, t0, getattr(args, "progress_every", 32)),
     )
-    t0 = time.perf_counter()
     results = engine.generate([Request(p, max_new_tokens=new_tokens) for p in prompts])
     wall = time.perf_counter() - t0
     done = [r for r in results if r.error is None]
@@ -73,6 +76,31 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     }
 
 
+def _progress(requests: int, new_tokens: int, t0: float, every: int):
+    """An ``on_token`` callback printing (flushed) every ``every`` prefills done and every ``every``
+    tokens of the first request, so a run cut by a time limit shows where its time went."""
+    tokens = [0] * requests  # streamed per request: the first one comes right after its prefill
+    prefilled = [0]
+
+    def on_token(index: int, token: int, live_cr: float) -> None:
+        tokens[index] += 1
+        if not every:
+            return
+        if tokens[index] == 1:
+            prefilled[0] += 1
+            if prefilled[0] % every == 0 or prefilled[0] == requests:
+                done = f"{prefilled[0]}/{requests}"
+                print(f"  [{time.perf_counter() - t0:7.1f} s] prefilled {done}", flush=True)
+        elif index == 0 and tokens[0] % every == 0:
+            print(
+                f"  [{time.perf_counter() - t0:7.1f} s] request 0: {tokens[0]}/{new_tokens} tokens "
+                f"(live memory CR {live_cr:.2f})",
+                flush=True,
+            )
+
+    return on_token
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
     from decode_bench import add_model_arguments, load_model_and_ids
@@ -97,19 +125,27 @@ def main(argv: list[str] | None = None) -> None:
         "--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call (engine default)"
     )
     ap.add_argument("--backend", default="auto")
+    ap.add_argument(
+        "--progress-every", type=int, default=32, help="print every N prefills / tokens (0: quiet)"
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     model, ids = load_model_and_ids(
         args, max(args.prompt_lengths) + args.new_tokens, getattr(torch, args.dtype)
     )
-    report = benchmark(model, ids, args)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    benchmark(model, ids, args)  # writes --out after every row: a run cut by a time limit keeps its rows
+
+
+def _save(report: dict, args: argparse.Namespace) -> None:
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
-    """Every (prompt length, budget, mode) run and the equal-batch pairs of ``main`` on a loaded model."""
+    """Every (prompt length, budget, mode) run and the equal-batch pairs of ``main`` on a loaded model
+    (the report is rewritten to ``args.out``, when set, after every row)."""
     import torch
     from decode_bench import run_one
 
@@ -122,6 +158,7 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
         "dms": None if dms_block is None else dataclasses.asdict(dms_block),
         "runs": [],
         "equal_batch": [],
+        "complete": False,  # True once every row ran (the file is rewritten after each row)
     }
     context = model.arch.max_position_embeddings
     for mode in ("dms", "dense"):  # warm-up: Triton compilation and lazy CUDA state outside the timings
@@ -151,6 +188,7 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
                 row = {"mode": mode, "prompt_tokens": length, "kv_budget_gib": budget, **res}
                 print(json.dumps(row), flush=True)
                 report["runs"].append(row)
+                _save(report, args)
                 pair[mode] = row
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
@@ -164,6 +202,7 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
                 }
                 print(json.dumps(ratio), flush=True)
                 report["runs"].append(ratio)
+                _save(report, args)
         if args.equal_batch:
             for mode in ("dms", "dense"):
                 model.dms = dms_block if mode == "dms" else None
@@ -173,7 +212,10 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
                 row = {"mode": mode, **res}
                 print(json.dumps(row), flush=True)
                 report["equal_batch"].append(row)
+                _save(report, args)
     model.dms = dms_block
+    report["complete"] = True
+    _save(report, args)
     return report
 
 

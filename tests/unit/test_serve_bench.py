@@ -30,12 +30,18 @@ def serve_bench():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(serve_bench, tiny) -> None:  # noqa: F811
+def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(
+    serve_bench,
+    tiny,  # noqa: F811
+    tmp_path,
+    capsys,
+) -> None:
     model = _with_dms(tiny[1], "adapter", "head", 4)
     ids = torch.randint(0, 96, (400,), generator=torch.Generator().manual_seed(3)).tolist()
     args = argparse.Namespace(
         prompt_lengths=[40, 300], new_tokens=12, kv_budget_gib=[8e-5], requests=6, dense_requests=5,
         max_batch=6, equal_batch=2, block_size=4, prefill_chunk=16, backend="auto", device="cpu", model=None,
+        out=tmp_path / "serve.json", progress_every=3,
     )  # fmt: skip
     report = serve_bench.benchmark(model, ids, args)
 
@@ -61,3 +67,10 @@ def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(serve_b
     equal = {r["mode"]: r for r in report["equal_batch"]}
     assert set(equal) == {"dms", "dense"} and all(r["batch"] == 2 for r in equal.values())
     assert equal["dense"]["memory_cr"] == 1.0 < equal["dms"]["memory_cr"]
+    # the file written after each row ends as the whole report, marked complete
+    import json
+
+    assert json.loads(args.out.read_text()) == json.loads(json.dumps(report)) and report["complete"]
+    printed = capsys.readouterr().out  # progress lines: prefills done, then request 0's tokens
+    assert "prefilled 3/6" in printed and "prefilled 6/6" in printed and "prefilled 5/5" in printed
+    assert "request 0: 12/12 tokens" in printed

@@ -257,12 +257,15 @@ def wait(procs: dict[str, subprocess.Popen], clock: Clock) -> dict[str, dict | N
 
 def _only(results: dict, name: str) -> dict:
     """``results`` restricted to one checkpoint's rows: teacher, its DMS row, the baselines matched to
-    it and the fixed-CR sweep rows (labels lose the ``:name`` suffix)."""
+    it and the fixed-CR sweep rows (labels lose the ``:name`` suffix; evaluate.py adds none when it
+    evaluated one checkpoint, so then every row is that checkpoint's)."""
+    single = list(results["checkpoints"]) == [name]
     keep = {}
     for label in results["policies"]:
         base, _, ref = label.partition(":")
-        if label == "teacher" or ref == name or (ref == "" and "@=" not in base and base != "dms"):
-            keep[label] = base if ref == name else label
+        mine = ref == name or (single and ref == "")
+        if label == "teacher" or mine or (ref == "" and "@=" not in base and base != "dms"):
+            keep[label] = base if mine else label
     tasks = {
         task: {keep[k]: v for k, v in table.items() if k in keep} for task, table in results["tasks"].items()
     }

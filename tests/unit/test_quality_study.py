@@ -89,3 +89,23 @@ def test_the_presets_are_the_measured_study_runs(study, preset_name, run):
         preset = compose("retrofit", overrides=[f"experiment={preset_name}"])
     for group, key in keys:
         assert preset[group][key] == measured[group][key], (group, key)
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_one_checkpoint_json_keeps_its_rows_with_or_without_label_suffixes(study, several):
+    """``quality_cr<N>.json``: evaluate.py names rows ``dms:NAME`` / ``h2o@=dms:NAME`` when it evaluated
+    several checkpoints and ``dms`` / ``h2o@=dms`` when it evaluated one; either way the file keeps the
+    teacher, that checkpoint's DMS row, its matched baselines and the fixed-CR sweep rows."""
+    names = ["a", "b"] if several else ["a"]
+    suffix = {n: f":{n}" if several else "" for n in names}
+    policies = ["teacher", "h2o@8"] + [f"{p}{suffix[n]}" for n in names for p in ("dms", "h2o@=dms")]
+    results = {
+        "policies": policies,
+        "checkpoints": {n: f"exports/{n}" for n in names},
+        "tasks": {"perplexity_8192": {p: {"kl_to_teacher": i} for i, p in enumerate(policies)}},
+    }
+    got = study._only(results, "a")
+    assert got["policies"] == ["teacher", "h2o@8", "dms", "h2o@=dms"]
+    table = got["tasks"]["perplexity_8192"]
+    assert table["dms"] == results["tasks"]["perplexity_8192"][f"dms{suffix['a']}"]
+    assert got["checkpoints"] == {"a": "exports/a"}

@@ -174,6 +174,10 @@ def _variants(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _allocated_gb() -> float | None:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def _free() -> None:
     import gc
 
@@ -266,10 +270,13 @@ def main() -> None:
     )
     first = args.warmup + args.measure
     retrofit_runs = {}  # report name -> (times, peak memory GB, profile)
+    resident: dict[str, dict] = {}  # GPU memory still allocated before each run (what an earlier left)
     for name, run_cfg in {"dms_retrofit": cfg, **variant_cfgs}.items():
+        resident[name] = {"allocated_before_build_gb": _allocated_gb()}
         models = build_models(run_cfg, pre.arch, pre.meta)
         optimizer, scheduler = build_optimizer(run_cfg, models.ddp)
         trainer = RetrofitTrainer(run_cfg, models, optimizer, scheduler, dataset, dp, pre.eos_token_id)
+        resident[name]["allocated_after_build_gb"] = _allocated_gb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times = _time_steps(trainer.train_step, args.warmup, args.measure)
@@ -289,6 +296,7 @@ def main() -> None:
     vanilla_runs = {}  # report name -> (times, peak memory GB, profile)
     for attention in args.vanilla_attention:
         name = "vanilla" if attention == "local" else f"vanilla_{attention}"
+        resident[name] = {"allocated_before_build_gb": _allocated_gb()}
         times, step = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure, attention)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         prof = _profile(name, step, first, args.profile_steps, profile_dir, dist.get_rank())
@@ -319,6 +327,7 @@ def main() -> None:
             "mfu": tp.mfu,
             "flops_per_token": flops,
             "max_memory_gb": mem,
+            **resident.get(name, {}),
         }
     for name in vanilla_runs:  # dms_over_vanilla_step_time, dms_over_vanilla_sdpa_step_time
         report[f"dms_over_{name}_step_time"] = (
@@ -347,7 +356,8 @@ def main() -> None:
             r = report[name]
             print(
                 f"{name:13s} step {r['step_s_median'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
-                f"{r['tflops_per_gpu']:6.1f} TFLOP/s/GPU  MFU {r['mfu']:.3f}  mem {r['max_memory_gb']} GB"
+                f"{r['tflops_per_gpu']:6.1f} TFLOP/s/GPU  MFU {r['mfu']:.3f}  mem {r['max_memory_gb']} GB "
+                f"(allocated before build {r.get('allocated_before_build_gb')} GB)"
             )
         for name in vanilla_runs:
             print(f"DMS step / {name} step: {report[f'dms_over_{name}_step_time']:.2f}x")

@@ -47,7 +47,9 @@ ASSUMPTION_HELP = {
     "tp_bus_gbs": "tensor-parallel collective bus bandwidth, GB/s",
     "dp_bus_gbs": "data-parallel collective bus bandwidth, GB/s",
     "hbm_gbs": "GPU memory bandwidth, GB/s (H100 SXM: 3350)",
-    "kd_bytes_per_logit": "memory traffic of the KD loss per [token, vocab/tp] logit, forward + backward",
+    "kd_bytes_per_logit": "memory traffic of the KD loss per [token, vocab/tp] logit, forward + backward "
+    "(kd_backend=torch)",
+    "kd_bytes_per_logit_triton": "the same with kd_backend=triton (the default on GPUs)",
     "optimizer_bytes_per_param": "memory traffic of the optimizer step per trainable parameter (GPU / DP)",
 }
 

@@ -33,13 +33,18 @@ def vocab_parallel_token_kl(
     temperature: float = 1.0,
     group=None,
     vocab_chunk: int = 16384,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Per-token KL between sharded next-token distributions (teacher gets no gradient); ``backend``:
-    ``torch`` (``core.losses.token_kl``) or ``triton`` (``kernels.kd``, CUDA)."""
+    ``torch`` (``core.losses.token_kl``), ``triton`` (``kernels.kd``, CUDA) or ``auto`` (triton where
+    our Triton kernels run, i.e. CUDA logits, torch otherwise)."""
     group = _tp_group(group)
     if group is not None and torch.distributed.get_world_size(group) == 1:
         group = None
+    if backend == "auto":
+        from dms_megatron.kernels.triton_device import triton_runs_on
+
+        backend = "triton" if triton_runs_on(student.device) and student.dtype != torch.float64 else "torch"
     if backend == "triton":
         from dms_megatron.kernels.kd import token_kl_triton
 
@@ -48,7 +53,7 @@ def vocab_parallel_token_kl(
 
         return token_kl_triton(student, teacher, direction == "teacher_student", temperature, group)
     if backend != "torch":
-        raise ValueError(f"KD backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"KD backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     return token_kl(student, teacher, direction, temperature, vocab_chunk, group)  # type: ignore[arg-type]
 
 

@@ -40,6 +40,7 @@ class PlanInput:
     adapter_bias: bool = False
     dtype: str = "bf16"
     norm: str = "torch"
+    kd_backend: str = "triton"  # torch | triton (``dms.kd_backend``; ``auto`` is triton on GPUs)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -52,6 +53,7 @@ class PlanInput:
             "teacher": ("separate", "self"),
             "dtype": tuple(DTYPE_BYTES),
             "norm": NORMS,
+            "kd_backend": ("torch", "triton"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -119,6 +121,10 @@ class Assumptions:
     # 16.0 ms for 8,192 x 19,008 logits on an H100 (one TP=8 rank of the 32B model, profile of
     # 2026-12-07); the same rate predicted SmolLM2's 81.8 ms (16,384 x 49,152 logits) within 1.2%
     kd_bytes_per_logit: float = 344.0
+    # the same for kd_backend=triton (three row-streaming kernels): 0.45 + 0.32 ms for the 32B rank's
+    # 8,192 x 19,008 logits and 2.25 + 1.66 ms for SmolLM2's 16,384 x 49,152 on an H100 (2026-12-07):
+    # 16.6 and 16.3 bytes per logit
+    kd_bytes_per_logit_triton: float = 16.5
     # HBM bytes per trainable parameter (per GPU, / DP) of the optimizer step with the gradient clip and
     # non-finite check: 16.5 ms for 438.5M parameters on the same H100 profile (SmolLM2: 6.4 ms measured,
     # 5.1 predicted)

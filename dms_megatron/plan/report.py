@@ -189,6 +189,7 @@ def plan_input_from_config(
         adapter_bias=cfg.dms.adapter_bias,
         dtype=cfg.model.dtype,
         norm=norm,
+        kd_backend="torch" if cfg.dms.kd_backend == "torch" else "triton",  # auto: triton on GPUs
         name=cfg.model.name,
     )
 

@@ -81,8 +81,10 @@ def step_estimate(inp: PlanInput, asm: Assumptions) -> StepEstimate:
         colls = 12 + (4 if inp.recompute == "full" else 0)
     coll_s = tokens * inp.arch.hidden_size * e * (t - 1) / t / (asm.tp_bus_gbs * 1e9) if t > 1 else 0.0
     hbm = asm.hbm_gbs * 1e9
-    # the KD loss reads and writes [tokens, V/tp] logits many times over (fp32 softmaxes, their backward)
-    kd_s = tokens * inp.padded_vocab / t * asm.kd_bytes_per_logit / hbm
+    # the KD loss reads and writes [tokens, V/tp] logits: many times over with torch (fp32 softmaxes,
+    # their backward), about four reads and a write with the Triton kernels
+    per_logit = asm.kd_bytes_per_logit_triton if inp.kd_backend == "triton" else asm.kd_bytes_per_logit
+    kd_s = tokens * inp.padded_vocab / t * per_logit / hbm
     stages, comps, comms = [], [], []
     for stage in range(inp.pp):
         L = inp.layers_per_stage

@@ -45,3 +45,35 @@ def test_the_trainers_entry_takes_the_backend(report) -> None:
     """``vocab_parallel_kd_loss(..., backend="triton")`` (what ``dms.kd_backend=triton`` selects) equals
     the torch backend; an unknown backend is refused."""
     assert report["entry_rel"] < 1e-5 and report["unknown_backend_refused"], report
+
+
+def test_auto_backend_takes_the_kernels_where_triton_runs_and_torch_elsewhere(monkeypatch) -> None:
+    """``dms.kd_backend=auto`` (the default): the Triton loss on CUDA logits, the torch loss on CPU and
+    for fp64 logits; both give the torch loss's value here."""
+    import torch
+
+    import dms_megatron.kernels.kd as kd
+    import dms_megatron.kernels.triton_device as device
+    from dms_megatron.config import DMSConfig
+    from dms_megatron.core.losses import token_kl
+    from dms_megatron.megatron.kd import vocab_parallel_token_kl
+
+    assert DMSConfig().kd_backend == "auto"
+    zs, zt = torch.randn(2, 5, 33), torch.randn(2, 5, 33)
+    expected = token_kl(zs, zt)
+    calls = []
+
+    def fake_kernel(student, teacher, reverse, temperature, group):
+        calls.append(student.dtype)
+        return token_kl(student, teacher, "teacher_student" if reverse else "student_teacher", temperature)
+
+    monkeypatch.setattr(kd, "token_kl_triton", fake_kernel)
+    torch.testing.assert_close(vocab_parallel_token_kl(zs, zt, group=None, backend="auto"), expected)
+    assert calls == []  # CPU tensors, no interpreter: the torch loss
+    monkeypatch.setattr(device, "triton_runs_on", lambda dev: True)  # as on a CUDA device
+    torch.testing.assert_close(vocab_parallel_token_kl(zs, zt, group=None, backend="auto"), expected)
+    assert calls == [torch.float32]
+    vocab_parallel_token_kl(zs.double(), zt.double(), group=None, backend="auto")
+    assert calls == [torch.float32]  # fp64 logits stay on the torch loss
+    with pytest.raises(ValueError, match="'auto', 'torch' or 'triton'"):
+        vocab_parallel_token_kl(zs, zt, group=None, backend="cuda")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -93,8 +94,11 @@ def test_tiny_plan_by_hand():
     micro_s = tokens * (
         4 * (L * fwd_layer_mm + fwd_head) / (0.4 * peak) + 4 * L * fwd_layer_attn / (0.15 * peak)
     )
-    # memory-bound: the KD loss per micro-batch ([tokens, V] logits), the optimizer over every parameter
-    kd_s = tokens * V * 344 / 3350e9
+    # memory-bound: the KD loss per micro-batch ([tokens, V] logits; the Triton kernels by default,
+    # 344 bytes a logit with kd_backend=torch), the optimizer over every parameter
+    kd_s = tokens * V * 16.5 / 3350e9
+    torch_kd = step_estimate(dataclasses.replace(inp, kd_backend="torch"), asm)
+    assert torch_kd.kd_s == pytest.approx(tokens * V * 344 / 3350e9)
     opt_s = student * 126 / 3350e9
     est = step_estimate(inp, asm)
     assert est.microbatches == 2 and est.bubble_fraction == 0 and est.dp_comm_s == 0

@@ -106,6 +106,23 @@ RUNS: dict[str, tuple[float, list[str]]] = {
         8.0,
         [*FULL, "dms.window=256", *_seq(8192), *_cr(9.0, 400, 600), "train.save_interval=200"],
     ),
+    # t9_long held 8.35x out at KL 0.361x H2O's (2026-12-07): four rounds of schedule changes have left
+    # the ratio at 0.36-0.38x. Next, side by side (two runs at ~0.8 s a step: 500 steps fit one study
+    # call): a smaller window (the always-kept part of the memory; more of it chosen by DMS), and the
+    # base weights at twice the learning rate (adapters unchanged at 2e-4)
+    "cr8_full_seq8k_t9_w128": (8.0, [*FULL, "dms.window=128", *_seq(8192), *_cr(9.0, 400, 500)]),
+    "cr8_full_seq8k_t9_lr2e-5": (
+        8.0,
+        [
+            *FULL[:2],
+            "train.lr=2e-5",
+            "train.min_lr=1e-5",
+            "train.adapter_lr_mult=10",
+            "dms.window=256",
+            *_seq(8192),
+            *_cr(9.0, 400, 500),
+        ],
+    ),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [

@@ -17,7 +17,8 @@
 #        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
 #        # the split and the fused decode kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
 #        # SERVE_BACKENDS="fused" runs one decode backend; SERVE_SECONDS (default 300) bounds each run
-#        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it;
+#        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it, and a row of
+#        # 384 did not finish in 330 s (2026-12-07, before the prefill's page allocation was batched);
 #        # PREFILL_CHUNK (default 1024) sets the prompt tokens per prefill call; SERVE_BUDGETS (GiB,
 #        # default "8 32"), SERVE_REQUESTS (96; SERVE_DENSE_REQUESTS: fewer for the dense runs) and
 #        # SERVE_MAX_BATCH (128) size the runs: SmolLM2 holds

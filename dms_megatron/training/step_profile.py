@@ -30,6 +30,16 @@ BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 FORWARD_REGIONS = ("dms.teacher_forward", "dms.student_forward", "dms.kd_loss", "dms.compression_loss")
 OUTSIDE_REGIONS = ("dms.read_and_pack", "dms.nonfinite_check", "dms.optimizer_step", "dms.step_stats")
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+# host-side CUDA runtime / driver calls that put work on a stream: a host-bound step's cost is their count
+LAUNCH_EVENTS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaMemcpyAsync",
+    "cudaMemsetAsync",
+    "cudaGraphLaunch",
+)
 
 
 def _event_time_us(event: Any, on_device: bool, self_only: bool = False) -> float:
@@ -38,11 +48,15 @@ def _event_time_us(event: Any, on_device: bool, self_only: bool = False) -> floa
     return float(event.self_cpu_time_total if self_only else event.cpu_time_total)
 
 
-def _enclosing_region(event: Any) -> str:
+def _enclosing_region(event: Any, backward_nodes: bool = False) -> str:
+    """The innermost named region around ``event`` (with ``backward_nodes``: or autograd node, as
+    ``backward: NAME``, since the backward runs outside the regions)."""
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("dms."):
             return parent.name
+        if backward_nodes and parent.name.startswith(BACKWARD_PREFIX):
+            return "backward: " + parent.name[len(BACKWARD_PREFIX) :]
         parent = parent.cpu_parent
     return "no region"
 
@@ -56,6 +70,7 @@ def summarize(
     regions: dict[str, float] = defaultdict(float)
     backward: dict[str, float] = defaultdict(float)
     syncs: dict[str, int] = defaultdict(int)
+    launches: dict[str, int] = defaultdict(int)
     kernels_us = 0.0
     kernel_count = 0
     for e in events:
@@ -71,23 +86,29 @@ def summarize(
             backward[name[len(BACKWARD_PREFIX) :]] += _event_time_us(e, on_device)
         if name in SYNC_EVENTS:
             syncs[f"{name} in {_enclosing_region(e)}"] += 1
+        if name in LAUNCH_EVENTS:
+            launches[_enclosing_region(e, backward_nodes=True)] += 1
     wall_ms = wall_s * 1e3 / steps
     total_ms = kernels_us * per if on_device else wall_ms
     named = {k: regions.get(k, 0.0) * per for k in (*FORWARD_REGIONS, *OUTSIDE_REGIONS)}
     named["backward_and_schedule"] = total_ms - sum(named.values())
-    ops = []
-    for avg in sorted(
-        (
-            a
-            for a in averages
-            if a.device_type == torch.autograd.DeviceType.CPU
-            and not a.key.startswith(("dms.", BACKWARD_PREFIX, "ProfilerStep"))
-        ),
-        key=lambda a: -_event_time_us(a, on_device, self_only=True),
-    )[:top]:
-        ops.append(
-            {"op": avg.key, "calls": avg.count / steps, "self_ms": _event_time_us(avg, on_device, True) * per}
-        )
+    cpu_ops = [
+        a
+        for a in averages
+        if a.device_type == torch.autograd.DeviceType.CPU
+        and not a.key.startswith(("dms.", BACKWARD_PREFIX, "ProfilerStep"))
+        and a.key not in LAUNCH_EVENTS
+    ]
+
+    def _op(avg: Any) -> dict[str, Any]:
+        return {
+            "op": avg.key,
+            "calls": avg.count / steps,
+            "self_ms": _event_time_us(avg, on_device, True) * per,
+        }
+
+    ops = [_op(a) for a in sorted(cpu_ops, key=lambda a: -_event_time_us(a, on_device, self_only=True))[:top]]
+    by_calls = [_op(a) for a in sorted(cpu_ops, key=lambda a: -a.count)[:top]]
     return {
         "steps": steps,
         "timer": "cuda kernels" if on_device else "cpu wall",
@@ -102,6 +123,10 @@ def summarize(
         ),
         "host_syncs_per_step": {k: v / steps for k, v in sorted(syncs.items())},
         "top_ops_self_ms": ops,
+        "top_ops_by_calls": by_calls,
+        # CUDA launches (kernels, async copies / memsets, graph replays) per step by region or backward
+        # node; empty on CPU
+        "launches_per_step": {k: v / steps for k, v in sorted(launches.items(), key=lambda kv: -kv[1])},
     }
 
 
@@ -135,6 +160,10 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
             continue
         lines.append(f"  {k:28s} {v:9.2f} ms  {100 * v / s['total_ms'] if s['total_ms'] else 0:5.1f}%")
     lines.append(f"  host syncs per step: {s['host_syncs_per_step']}")
+    launches = s.get("launches_per_step") or {}
+    if launches:
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(launches.items())[:10])
+        lines.append(f"  CUDA launches per step: {sum(launches.values()):.0f} ({top})")
     lines.append("  backward by autograd node (top 8):")
     for k, v in list(s["backward_nodes_ms"].items())[:8]:
         lines.append(f"    {k:40s} {v:9.2f} ms")

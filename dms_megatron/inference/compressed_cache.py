@@ -342,18 +342,23 @@ class CompressedKV:
     ) -> torch.Tensor:
         """The first chunk of a row (no pages, empty ring): delayed-eviction attention of the chunk over
         itself through the training attention's kernels (``kernels.dms_attention``: the fused Triton
-        kernel on CUDA, the reference elsewhere), fp32, with the hard decisions ``dec [n, H]`` as an
-        infinite log-keep bias (``None``: plain causal, the dense model) -> ``[H, g, n, Dv]``. Nothing of
-        size ``n x n`` is materialised on CUDA."""
+        kernel on CUDA, the reference elsewhere), with the hard decisions ``dec [n, H]`` as an infinite
+        log-keep bias (``None``: plain causal, the dense model) -> ``[H, g, n, Dv]``. Nothing of size
+        ``n x n`` is materialised on CUDA. Inputs: fp32 on CPU and for fp32 models; a bf16 / fp16 model's
+        own dtype on CUDA (the kernel accumulates in fp32, as in training; its fp32 path multiplies with
+        IEEE fp32 dot products, several times slower than 16-bit tensor-core ones)."""
         H, g, n = self.H, self.g, q.shape[0]
-        qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None].float()  # [1, Hq, n, D]
-        kh, vh = k[None].float(), v[None].float()  # [1, H, n, D] in the cache's dtype, then fp32
+        dt = q.dtype if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None].to(dt)  # [1, Hq, n, D]
+        kh, vh = k[None].to(dt), v[None].to(dt)  # [1, H, n, D] in the cache's dtype
         relaxed = None if dec is None else torch.where(dec.t(), math.inf, -math.inf)[None]  # [1, H, n]
         backend = "reference"
         if qh.is_cuda:
             from dms_megatron.kernels import triton_dms
 
             backend = "triton" if triton_dms.supported(qh, vh) else "reference"
+            if backend == "reference":  # the reference computes in the inputs' dtype: fp32 for it
+                qh, kh, vh = qh.float(), kh.float(), vh.float()
         out = dms_attention(qh, kh, vh, relaxed, self.W - 1, 1.0 / math.sqrt(self.D), backend=backend)
         return out[0].view(H, g, n, -1)
 

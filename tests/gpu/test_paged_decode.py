@@ -54,6 +54,27 @@ def test_engine_on_cuda_equals_cpu_reference(tiny, backend) -> None:  # noqa: F8
         assert x.metrics["tokens_held"] == y.metrics["tokens_held"]
 
 
+def test_bf16_first_chunk_prefill_stays_close_to_the_fp32_cpu_reference(tiny) -> None:  # noqa: F811
+    """A bf16 model's first prefill chunk runs the Triton attention on bf16 inputs (fp32 accumulation):
+    its last-token logits stay within bf16 error of the fp32 CPU reference's, same top token."""
+    from dms_megatron.inference.compressed_cache import CompressedKV
+
+    cpu = _with_dms(tiny[1], "adapter", "head", 4)
+    gpu = _with_dms(tiny[1], "adapter", "head", 4)
+    gpu.w = {k: v.cuda().to(torch.bfloat16) for k, v in cpu.w.items()}
+    ids = torch.randint(0, 96, (200,), generator=torch.Generator().manual_seed(7))
+    a = CompressedKV(cpu, num_blocks=800, block_size=16)
+    b = CompressedKV(gpu, num_blocks=800, block_size=16)
+    ref = a.prefill(a.add_row(), ids, last_only=True)[0]
+    got = b.prefill(b.add_row(), ids.cuda(), last_only=True)[0].float().cpu()
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=0)
+    assert cos > 0.995 and int(ref.argmax()) == int(got.argmax()), (
+        float(cos),
+        int(ref.argmax()),
+        int(got.argmax()),
+    )
+
+
 def test_cuda_graph_steps_equal_eager_steps(tiny) -> None:  # noqa: F811
     from dms_megatron.inference.baseline_cache import BaselineKV
     from dms_megatron.inference.compressed_cache import CompressedKV

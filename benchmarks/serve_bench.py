@@ -35,7 +35,6 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     from dms_megatron.inference.batch_engine import BatchEngine
     from dms_megatron.inference.engine import Request
 
-    t0 = time.perf_counter()
     engine = BatchEngine(
         model,
         block_size=args.block_size,
@@ -43,8 +42,9 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
         backend=args.backend,
         kv_budget_gib=budget_gib,
         prefill_chunk=args.prefill_chunk,
-        on_token=_progress(len(prompts), new_tokens, t0, getattr(args, "progress_every", 32)),
+        on_token=_progress(len(prompts), new_tokens, getattr(args, "progress_every", 32)),
     )
+    t0 = time.perf_counter()
     results = engine.generate([Request(p, max_new_tokens=new_tokens) for p in prompts])
     wall = time.perf_counter() - t0
     done = [r for r in results if r.error is None]
@@ -76,21 +76,22 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     }
 
 
-def _progress(requests: int, new_tokens: int, t0: float, every: int):
+def _progress(requests: int, new_tokens: int, every: int):
     """An ``on_token`` callback printing (flushed) every ``every`` prefills done and every ``every``
     tokens of the first request, so a run cut by a time limit shows where its time went."""
+    t0 = time.perf_counter()
     tokens = [0] * requests  # streamed per request: the first one comes right after its prefill
-    prefilled = [0]
+    prefilled = 0
 
     def on_token(index: int, token: int, live_cr: float) -> None:
+        nonlocal prefilled
         tokens[index] += 1
         if not every:
             return
         if tokens[index] == 1:
-            prefilled[0] += 1
-            if prefilled[0] % every == 0 or prefilled[0] == requests:
-                done = f"{prefilled[0]}/{requests}"
-                print(f"  [{time.perf_counter() - t0:7.1f} s] prefilled {done}", flush=True)
+            prefilled += 1
+            if prefilled % every == 0 or prefilled == requests:
+                print(f"  [{time.perf_counter() - t0:7.1f} s] prefilled {prefilled}/{requests}", flush=True)
         elif index == 0 and tokens[0] % every == 0:
             print(
                 f"  [{time.perf_counter() - t0:7.1f} s] request 0: {tokens[0]}/{new_tokens} tokens "

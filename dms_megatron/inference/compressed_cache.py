@@ -348,17 +348,17 @@ class CompressedKV:
         own dtype on CUDA (the kernel accumulates in fp32, as in training; its fp32 path multiplies with
         IEEE fp32 dot products, several times slower than 16-bit tensor-core ones)."""
         H, g, n = self.H, self.g, q.shape[0]
-        dt = q.dtype if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None].to(dt)  # [1, Hq, n, D]
-        kh, vh = k[None].to(dt), v[None].to(dt)  # [1, H, n, D] in the cache's dtype
-        relaxed = None if dec is None else torch.where(dec.t(), math.inf, -math.inf)[None]  # [1, H, n]
+        qh = q.reshape(n, H * g, self.D).transpose(0, 1)[None]  # [1, Hq, n, D]
+        kh, vh = k[None], v[None]  # [1, H, n, D] in the cache's dtype
         backend = "reference"
         if qh.is_cuda:
             from dms_megatron.kernels import triton_dms
 
             backend = "triton" if triton_dms.supported(qh, vh) else "reference"
-            if backend == "reference":  # the reference computes in the inputs' dtype: fp32 for it
-                qh, kh, vh = qh.float(), kh.float(), vh.float()
+        half = backend == "triton" and q.dtype in (torch.bfloat16, torch.float16)
+        dt = q.dtype if half else torch.float32  # the reference computes in its inputs' dtype
+        qh, kh, vh = qh.to(dt), kh.to(dt), vh.to(dt)
+        relaxed = None if dec is None else torch.where(dec.t(), math.inf, -math.inf)[None]  # [1, H, n]
         out = dms_attention(qh, kh, vh, relaxed, self.W - 1, 1.0 / math.sqrt(self.D), backend=backend)
         return out[0].view(H, g, n, -1)
 

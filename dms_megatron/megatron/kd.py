@@ -33,7 +33,7 @@ def vocab_parallel_token_kl(
     temperature: float = 1.0,
     group=None,
     vocab_chunk: int = 16384,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Per-token KL between sharded next-token distributions (teacher gets no gradient); ``backend``:
     ``torch`` (``core.losses.token_kl``), ``triton`` (``kernels.kd``, CUDA) or ``auto`` (triton where

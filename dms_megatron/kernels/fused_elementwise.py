@@ -8,7 +8,12 @@ composition it replaces does, op by op, so 16-bit results equal it:
   and k ``[T, Hkv, D]`` together, one launch instead of ~10;
 * ``silu_mul(gate, up)``: the gated MLP's ``silu(gate) * up``, one launch instead of two.
 
-On CPU they run only under ``TRITON_INTERPRET=1`` (tests); the inference model uses them on the
+The rotary kernel launches with ``enable_fp_fusion=False``: Triton's default lets the compiler contract
+a product and a sum into one FMA, which skips a rounding torch does. With it the bf16 GPU test failed on
+an H100 (not bit-equal to torch); with fusion off it passes bit-equal (H100, 2026-12-07).
+
+On CPU they run only under ``TRITON_INTERPRET=1`` (tests; the interpreter rounds fp32 -> bf16 toward
+zero, so only fp16 and fp32 compare there); the inference model uses them on the
 ``fused`` decode path (``CompressedKV(backend="fused")``).
 """
 
@@ -105,6 +110,7 @@ def rotary(
             q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0),
             HQ=HQ, HALF=D // 2, ROUND=q.dtype != torch.float32,
+            enable_fp_fusion=False,  # no mul + add -> FMA contraction: each product rounded, as torch does
         )  # fmt: skip
     return qo, ko
 

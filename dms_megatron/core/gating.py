@@ -13,6 +13,7 @@ log(1 - sigmoid(relaxed)) = logsigmoid(-relaxed), the additive attention bias (b
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -111,10 +112,32 @@ def teacher_decisions(evict_logits: torch.Tensor) -> Decisions:
     return Decisions(decisions=zeros, relaxed=torch.full_like(zeros, float("-inf")))
 
 
+@functools.lru_cache(maxsize=64)
+def _neuron_mask(
+    heads: int, dim: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return zero_neuron(torch.ones(heads, dim, dtype=dtype, device=device), num_kv_heads)
+
+
+def neuron_mask(q: torch.Tensor, num_kv_heads: int, head_axis: int = -2) -> torch.Tensor:
+    """``zero_neuron``'s 0/1 mask for q (``q * mask == zero_neuron(q)``), shaped to broadcast against q;
+    built once per (heads, head dim, KV heads, dtype, device) instead of ~8 small ops per call (kernel
+    launches on a GPU, twice per layer and micro-batch); built afresh during CUDA-graph capture."""
+    axis = head_axis % q.dim()
+    key = (q.shape[axis], q.shape[-1], num_kv_heads, q.dtype, q.device)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    mask = _neuron_mask.__wrapped__(*key) if capturing else _neuron_mask(*key)
+    view = [1] * q.dim()
+    view[axis], view[-1] = q.shape[axis], q.shape[-1]
+    return mask.view(view)
+
+
 def fade_neuron(q: torch.Tensor, num_kv_heads: int, keep: float, head_axis: int = -2) -> torch.Tensor:
-    """q with the repurposed channel scaled by ``keep`` (1: untouched, 0: ``zero_neuron``): the
+    """q with the repurposed channel scaled by ``keep`` (1: q itself, 0: ``zero_neuron``): the
     neuron variant's fade-out at the start of a retrofit, applied where ``zero_neuron`` is."""
-    zeroed = zero_neuron(q, num_kv_heads, head_axis)
+    if keep == 1.0:
+        return q
+    zeroed = q * neuron_mask(q, num_kv_heads, head_axis)
     if keep == 0.0:
         return zeroed
     return zeroed + keep * (q - zeroed)
@@ -133,6 +156,7 @@ __all__ = [
     "fade_neuron",
     "hard_decisions",
     "neuron_evict_logits",
+    "neuron_mask",
     "per_layer_logits",
     "relaxed_decisions",
     "teacher_decisions",

@@ -58,24 +58,35 @@ def same_doc_as_next(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def shift_to_previous_token(
-    x: torch.Tensor, doc_ids: torch.Tensor | None = None, fill: float = 0.0
+    x: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    fill: float = 0.0,
+    same_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[..., t] = x[..., t+1]`` within a document, ``fill`` at each document's last token."""
+    """``out[..., t] = x[..., t+1]`` within a document, ``fill`` at each document's last token.
+    ``same_next``: ``same_doc_as_next`` of the document ids, ``[B, T]`` bool, where a caller keeps it
+    for many layers (then ``doc_ids`` is not read)."""
     require_tensor("x", x)
     require_ndim("x", x, 3, "[B, H, T]")
     B, _, T = x.shape
     shifted = F.pad(x[..., 1:], (0, 1), value=fill)
-    if doc_ids is None:
-        return shifted
-    same = same_doc_as_next(check_doc_ids(doc_ids.to(x.device), B, T))
-    return torch.where(same.unsqueeze(1), shifted, torch.full_like(shifted, fill))
+    if same_next is None:
+        if doc_ids is None:
+            return shifted
+        same_next = same_doc_as_next(check_doc_ids(doc_ids.to(x.device), B, T))
+    elif same_next.shape != (B, T) or same_next.dtype != torch.bool:
+        raise ValueError(f"same_next must be a [B, T] = [{B}, {T}] bool tensor, got {tuple(same_next.shape)}")
+    return torch.where(same_next.unsqueeze(1), shifted, fill)
 
 
-def shifted_log_keep(relaxed: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-key log-keep bias ``m[k] = logsigmoid(-relaxed[k+1])`` (0 where nothing follows in the doc).
+def shifted_log_keep(
+    relaxed: torch.Tensor, doc_ids: torch.Tensor | None = None, same_next: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-key log-keep bias ``m[k] = logsigmoid(-relaxed[k+1])`` (0 where nothing follows in the doc;
+    ``same_next`` as in ``shift_to_previous_token``).
 
     ``relaxed`` may hold -inf (eviction disabled), which gives m = 0 exactly.
     """
     require_tensor("relaxed", relaxed)
     require_ndim("relaxed", relaxed, 3, "[B, H, T]")
-    return shift_to_previous_token(F.logsigmoid(-relaxed), doc_ids, fill=0.0)
+    return shift_to_previous_token(F.logsigmoid(-relaxed), doc_ids, fill=0.0, same_next=same_next)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from dms_megatron.core.attention import dms_attention_reference
-from dms_megatron.core.dms_rules import DMSBlock, eviction_logits, evicts, visible, zero_neuron
+from dms_megatron.core.dms_rules import DMSBlock, eviction_logits, evicts, visible
+from dms_megatron.core.gating import neuron_mask
 from dms_megatron.families import ModelArch, arch_from_hf_config
 from dms_megatron.inference.paged_cache import BlockPool, HeadStream
 
@@ -193,8 +194,8 @@ class DMSCausalLM:
                 raw = F.linear(z, self._p(layer, "self_attn.dms_proj_alpha.weight"))
             logits = eviction_logits(self.dms, q, self.hkv, raw)
         neuron = self.dms is not None and self.dms.variant == "neuron"
-        if neuron:
-            q = zero_neuron(q, self.hkv)
+        if neuron:  # zero_neuron(q), its mask built once
+            q = q * neuron_mask(q, self.hkv)
         key = (q.device, q.dtype)
         if key not in self._rope:
             self._rope[key] = _rope_table(a.rope_theta, self.d, a.max_position_embeddings, q.device, q.dtype)
@@ -206,7 +207,7 @@ class DMSCausalLM:
         else:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if neuron:
-            q = zero_neuron(q, self.hkv)  # RoPE rotated channel D/2-1 into D-1
+            q = q * neuron_mask(q, self.hkv)  # RoPE rotated channel D/2-1 into D-1
         return q, k, v, logits
 
     def finish_layer(

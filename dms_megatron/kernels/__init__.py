@@ -30,37 +30,52 @@ def dms_attention(
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    *,
+    log_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Delayed-eviction attention ``[B, Hq, T, Dv]``; ``relaxed=None`` = plain causal (teacher)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "flex" if q.is_cuda else "reference"
+    """Delayed-eviction attention ``[B, Hq, T, Dv]``; ``relaxed=None`` = plain causal (teacher).
+    ``log_keep``: the shifted bias ``[B, Hkv, T]`` already computed (``kernels.decisions``) instead of
+    ``relaxed``; the kernel backends only (``resolve_backend(...) != "reference"``)."""
+    if log_keep is not None and relaxed is not None:
+        raise ValueError("give relaxed logits or a log-keep bias, not both")
+    backend = resolve_backend(backend, q)
+    if log_keep is not None and backend == "reference":
+        raise ValueError("the reference backend takes relaxed logits, not a log-keep bias")
+    evicting = relaxed is not None or log_keep is not None
+
+    def bias() -> torch.Tensor:
+        from dms_megatron.kernels.bias import shifted_bias
+
+        return log_keep if log_keep is not None else shifted_bias(relaxed, doc_ids)  # type: ignore[arg-type]
+
     if backend == "flex":
         from dms_megatron.kernels.flex import dms_attention_flex
 
-        return dms_attention_flex(q, k, v, relaxed, window, scale, doc_ids)
-    if backend == "split" and relaxed is not None:
+        return dms_attention_flex(q, k, v, bias() if evicting else None, window, scale, doc_ids)
+    if backend == "split":
         from dms_megatron.kernels import split_attention
 
         if split_attention.supported(q, v, doc_ids):
-            from dms_megatron.core.shift import shifted_log_keep
-
-            bias = shifted_log_keep(relaxed.float(), doc_ids)
-            return split_attention.dms_attention_split(q, k, v, bias, window, scale, doc_ids)
-    if backend == "split":  # the teacher (no bias): causal attention of SDPA, or FA2 over documents
-        from dms_megatron.kernels import split_attention
-
-        if relaxed is None and split_attention.supported(q, v, doc_ids):
+            if evicting:
+                return split_attention.dms_attention_split(q, k, v, bias(), window, scale, doc_ids)
+            # the teacher (no bias): causal attention of SDPA, or FA2 over documents
             return split_attention.causal_attention(q, k, v, scale, doc_ids)
         backend = "triton"
     if backend == "triton":
-        from dms_megatron.core.shift import shifted_log_keep
         from dms_megatron.kernels.triton_dms import dms_attention_triton
 
-        log_keep = None if relaxed is None else shifted_log_keep(relaxed.float(), doc_ids)
-        return dms_attention_triton(q, k, v, log_keep, window, scale, doc_ids)
+        return dms_attention_triton(q, k, v, bias() if evicting else None, window, scale, doc_ids)
     return dms_attention_reference(q, k, v, relaxed, window, scale, doc_ids)
 
 
-__all__ = ["BACKENDS", "dms_attention"]
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend ``dms_attention`` runs for ``backend`` and these queries (``auto``: flex on CUDA,
+    reference elsewhere)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if q.is_cuda else "reference"
+    return backend
+
+
+__all__ = ["BACKENDS", "dms_attention", "resolve_backend"]

@@ -1,7 +1,7 @@
 """DMS training attention with PyTorch FlexAttention (CUDA).
 
 Shape legend (same contract as ``core.dms_attention_reference``):
-    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], relaxed [B, Hkv, T] or None,
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], log_keep [B, Hkv, T] or None (the shifted bias),
     doc_ids [B, T] or [T] or None  ->  out [B, Hq, T, Dv]
 
 Layout: KV heads are folded into the batch (queries ``[B*Hkv, g, T, D]``, keys ``[B*Hkv, 1, T, D]``,
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dms_megatron.core.dms_rules import outside_window
-from dms_megatron.core.shift import check_doc_ids, shifted_log_keep
+from dms_megatron.core.shift import check_doc_ids
 
 
 @functools.cache
@@ -81,12 +81,13 @@ def dms_attention_flex(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    relaxed: torch.Tensor | None,
+    log_keep: torch.Tensor | None,
     window: int,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FlexAttention DMS attention; see the module docstring. Inputs must be CUDA tensors."""
+    """FlexAttention DMS attention; see the module docstring. ``log_keep``: the shifted bias ``[B, Hkv, T]``
+    (``kernels.bias.shifted_bias``; None: plain causal). Inputs must be CUDA tensors."""
     if not q.is_cuda:
         raise ValueError("the flex backend needs CUDA tensors; use attention_backend='reference' on CPU")
     B, Hq, T, D = q.shape
@@ -101,9 +102,9 @@ def dms_attention_flex(
     else:
         block_mask = _cached_document_block_mask(doc_ids, B, T, Hkv, q.device)
     score_mod = None
-    if relaxed is not None:
+    if log_keep is not None:
         # fp32 bias: flex computes scores in fp32 and the bias gradient accumulates per key
-        log_keep = shifted_log_keep(relaxed.float(), doc_ids).reshape(B * Hkv, T)
+        log_keep = log_keep.float().reshape(B * Hkv, T)
         win = _window_tensor(window, q.device)
 
         def score_mod(score, b, h, q_idx, kv_idx):

@@ -39,8 +39,10 @@ from dms_megatron.core.gating import (
 )
 from dms_megatron.core.noise import NoiseKey
 from dms_megatron.core.shift import doc_ids_from_cu_seqlens
-from dms_megatron.kernels import dms_attention
+from dms_megatron.kernels import dms_attention, resolve_backend
+from dms_megatron.kernels.bias import same_next_mask
 from dms_megatron.kernels.noise import logistic_noise
+from dms_megatron.kernels.triton_device import triton_runs_on
 from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState
 
 log = logging.getLogger(__name__)
@@ -351,11 +353,18 @@ class DMSCoreAttention(MegatronModule):
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
             logits_bht = None if logits is None else logits.permute(1, 2, 0)
         B, _, T, _ = q.shape
+        relaxed = log_keep = None
         if self.dms_config.teacher_mode or self.dms_state.teacher_pass or logits_bht is None:
-            relaxed = None
+            pass
         elif self.training:
             noise = self._noise(B, ng, T, q.device)
-            decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
+            if self._fuses_decisions(q):  # decisions and shifted bias in one launch each way
+                from dms_megatron.kernels.decisions import fused_decisions
+
+                same = None if doc_ids is None else same_next_mask(doc_ids, B, T, q.device)
+                decisions, log_keep = fused_decisions(logits_bht, noise, self.dms_config.tau, same)
+            else:
+                decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
         else:  # inference semantics (eval mode): hard decisions, no noise, no temperature
             hard = evicts(logits_bht)
             decisions = hard.float()
@@ -369,14 +378,21 @@ class DMSCoreAttention(MegatronModule):
             self.softmax_scale,
             doc_ids,
             backend=self.dms_config.attention_backend,
+            log_keep=log_keep,
         )
         # [b, np, s, hn] -> [s, b, np*hn]   (THD: [t, np*hn], reshaped by Attention.forward)
         out = out.permute(2, 0, 1, 3).reshape(T, B, -1)
         if thd:
             out = out.squeeze(1)
-        if relaxed is not None:
+        if relaxed is not None or log_keep is not None:
             out = self._account(out, decisions, thd)
         return out
+
+    def _fuses_decisions(self, q: torch.Tensor) -> bool:
+        """Training decisions through ``kernels.decisions`` (with the kernel attention backends, where
+        Triton runs) instead of the core's torch ops (the reference backend, CPU)."""
+        backend = resolve_backend(self.dms_config.attention_backend, q)
+        return backend != "reference" and triton_runs_on(q.device)
 
     def _account(self, out: torch.Tensor, decisions: torch.Tensor, thd: bool) -> torch.Tensor:
         """Record statistics and wire this layer's decisions into the compression-loss channel."""

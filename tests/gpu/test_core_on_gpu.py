@@ -121,3 +121,53 @@ def test_kd_kernels_equal_the_torch_kl_in_bf16_and_time_them():
         t_torch = triton.testing.do_bench(lambda f=torch_kl: step(f))
         t_triton = triton.testing.do_bench(lambda f=triton_kl: step(f))
         print(f"KD fwd+bwd 4096 x 49152 bf16 {direction}: torch {t_torch:.3f} ms, triton {t_triton:.3f} ms")
+
+
+def test_fused_decisions_equal_the_core_ops_on_cuda_in_few_launches():
+    """``kernels.decisions`` on CUDA == ``relaxed_decisions`` + ``shifted_log_keep`` (values and the
+    logits' gradient within float rounding, the same hard decisions), in a few launches each way where
+    the torch ops launch ~20."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dms_megatron.core.gating import relaxed_decisions
+    from dms_megatron.core.shift import same_doc_as_next, shifted_log_keep
+    from dms_megatron.kernels.decisions import fused_decisions
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    B, H, T, tau = 2, 3, 4099, 0.1
+    logits = torch.randn(B, H, T, device="cuda", generator=gen) * 3
+    noise = torch.randn(B, H, T, device="cuda", generator=gen)
+    doc_ids = torch.arange(T, device="cuda") // 700
+    same = same_doc_as_next(doc_ids.expand(B, T))
+    g = torch.randn(B, H, T, device="cuda", generator=gen)
+
+    def torch_ops(x):
+        dec, relaxed = relaxed_decisions(x, noise, tau)
+        return dec, shifted_log_keep(relaxed, doc_ids)
+
+    results = []
+    for fn in (torch_ops, lambda x: fused_decisions(x, noise, tau, same)):
+        x = logits.clone().requires_grad_(True)
+        dec, lk = fn(x)
+        ((dec + lk) * g).sum().backward()
+        results.append((dec, lk, x.grad))
+    (dec_t, lk_t, gx_t), (dec_f, lk_f, gx_f) = results
+    assert torch.equal(dec_f.round(), dec_t.round())
+    torch.testing.assert_close(dec_f, dec_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lk_f, lk_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_f, gx_t, atol=1e-4, rtol=1e-4)
+
+    def launches(fn) -> int:
+        x = logits.clone().requires_grad_(True)
+        fn(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dec, lk = fn(x)
+            (dec.sum() + lk.sum()).backward()
+            torch.cuda.synchronize()
+        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+    core = launches(torch_ops)
+    fused = launches(lambda x: fused_decisions(x, noise, tau, same))
+    print(f"decision kernels forward + backward: core torch ops {core}, kernels.decisions {fused}")
+    assert fused < core

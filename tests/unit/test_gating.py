@@ -118,3 +118,24 @@ def test_neuron_errors():
         neuron_evict_logits(torch.zeros(2, 4, 4), num_kv_heads=2, head_axis=-1)
     with pytest.raises(ValueError, match="floating"):
         zero_neuron(torch.zeros(2, 4, 4, dtype=torch.long), num_kv_heads=2)
+
+
+@pytest.mark.parametrize("head_axis", [-2, 1])
+def test_neuron_mask_and_fade_equal_zero_neuron(head_axis):
+    from dms_megatron.core.gating import fade_neuron, neuron_mask
+
+    shape = (3, 7, 6, 8) if head_axis == -2 else (3, 6, 7, 8)  # 6 query heads, 2 KV heads
+    q = torch.randn(*shape, dtype=torch.float64)
+    ref = zero_neuron(q, 2, head_axis)
+    mask = neuron_mask(q, 2, head_axis)
+    assert torch.equal(q * mask, ref)
+    assert mask.dtype == q.dtype and int((mask == 0).sum()) == 2  # channel D-1 of heads 0 and 3
+    assert neuron_mask(q, 2, head_axis).data_ptr() == mask.data_ptr()  # built once, then reused
+    assert torch.equal(fade_neuron(q, 2, 0.0, head_axis), ref)
+    assert fade_neuron(q, 2, 1.0, head_axis) is q
+    # the fade in between: the channel scaled by keep, every other channel untouched
+    torch.testing.assert_close(fade_neuron(q, 2, 0.25, head_axis), ref + 0.25 * (q - ref))
+    # gradient: 0 through the zeroed channel, 1 elsewhere
+    x = q.clone().requires_grad_(True)
+    fade_neuron(x, 2, 0.0, head_axis).sum().backward()
+    assert torch.equal(x.grad, mask.expand_as(q))

@@ -118,3 +118,26 @@ def test_doc_ids_from_cu_seqlens():
         doc_ids_from_cu_seqlens(torch.tensor([0, 3, 2]))
     with pytest.raises(ValueError, match="ends at 3"):
         doc_ids_from_cu_seqlens(torch.tensor([0, 3]), total_len=4)
+
+
+def test_shift_with_a_kept_document_mask_equals_the_doc_ids_path_and_keeps_inf_semantics():
+    from dms_megatron.core.shift import same_doc_as_next
+    from dms_megatron.kernels.bias import same_next_mask, shifted_bias
+
+    relaxed = torch.randn(2, 3, 9, dtype=torch.float64)
+    relaxed[0, 1, 4] = float("-inf")  # eviction off for one key: its bias is 0
+    doc = torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 4])
+    want = shifted_log_keep(relaxed, doc)
+    same = same_doc_as_next(doc.expand(2, 9))
+    assert torch.equal(shifted_log_keep(relaxed, same_next=same), want)
+    assert want[0, 1, 3] == 0
+    # the backends' bias: fp32, the mask built once per ids object and reused by the next layer
+    got = shifted_bias(relaxed, doc)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float())
+    assert same_next_mask(doc, 2, 9, relaxed.device) is same_next_mask(doc, 2, 9, relaxed.device)
+    other = doc.clone()
+    assert same_next_mask(other, 2, 9, relaxed.device) is not same_next_mask(doc, 2, 9, relaxed.device)
+    assert torch.equal(shifted_bias(relaxed, None), shifted_log_keep(relaxed.float()))
+    with pytest.raises(ValueError, match="same_next must be"):
+        shifted_log_keep(relaxed, same_next=same[:, :5])

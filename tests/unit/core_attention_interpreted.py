@@ -1,7 +1,9 @@
 """Runs megatron's ``DMSCoreAttention`` in training mode with the Triton attention backend under the
-Triton interpreter on CPU (decisions and bias through ``kernels.decisions``) and with the reference
-backend (the core's torch ops), on the same inputs and noise, and prints the largest differences of the
-output, the decisions and every gradient as JSON; started by ``test_fused_decisions.py``."""
+Triton interpreter on CPU (decisions and bias through ``kernels.decisions``; and once more through the
+core's torch ops in front of the same kernel) and with the reference backend, on the same inputs and
+noise, and prints as JSON the largest differences of the output, the decisions and every gradient, and
+the launches each way (aten ops that launch a GPU kernel, plus one per Triton kernel); started by
+``test_fused_decisions.py``."""
 
 from __future__ import annotations
 
@@ -10,12 +12,55 @@ from types import SimpleNamespace
 
 import interpreter_setup  # noqa: F401  (TRITON_INTERPRET=1 before any kernel exists)
 import torch
+import triton.runtime.interpreter as interpreter
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dms_megatron.config import DMSConfig
 from dms_megatron.megatron.attention import DMSCoreAttention
 from dms_megatron.megatron.state import DMSRunState
+
+# ops that launch no kernel on a GPU (views, allocation)
+_NO_LAUNCH = {
+    "view", "_unsafe_view", "expand", "permute", "t", "transpose", "unsqueeze", "squeeze", "slice",
+    "select", "alias", "detach", "as_strided", "split", "split_with_sizes", "chunk", "narrow", "empty",
+    "empty_like", "new_empty", "empty_strided", "lift_fresh", "is_nonzero", "_local_scalar_dense",
+}  # fmt: skip
+
+
+class LaunchCount(TorchDispatchMode):
+    """Counts the aten ops that would launch a GPU kernel, plus one per Triton kernel (whose interpreter
+    runs its own tensor ops, not counted)."""
+
+    active: LaunchCount | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.kernels, self.paused = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+_grid_call = interpreter.GridExecutor.__call__
+
+
+def _counted_grid_call(self, *args, **kwargs):
+    counter = LaunchCount.active
+    if counter is None:
+        return _grid_call(self, *args, **kwargs)
+    counter.kernels += 1
+    counter.paused += 1
+    try:
+        return _grid_call(self, *args, **kwargs)
+    finally:
+        counter.paused -= 1
+
+
+interpreter.GridExecutor.__call__ = _counted_grid_call
 
 
 class _OneRank:
@@ -26,7 +71,7 @@ class _OneRank:
         return 0
 
 
-def run(backend: str, thd: bool, inputs: dict) -> dict:
+def run(backend: str, thd: bool, inputs: dict, fused: bool = True) -> dict:
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2)
     dms = DMSConfig(variant="adapter", window=3, tau=0.5, attention_backend=backend)
     core = DMSCoreAttention(
@@ -34,6 +79,8 @@ def run(backend: str, thd: bool, inputs: dict) -> dict:
         dms_config=dms, dms_state=DMSRunState(step=3),
     )  # fmt: skip
     core.train()
+    if not fused:  # the core's torch decisions and bias in front of the same attention kernel
+        core._fuses_decisions = lambda q: False  # type: ignore[method-assign]
     captured = {}
 
     def account(out, decisions, thd):
@@ -47,12 +94,24 @@ def run(backend: str, thd: bool, inputs: dict) -> dict:
         cu = inputs["cu"]
         packed = SimpleNamespace(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_q_padded=None)
     q, k, v = leaves["q"], leaves["k"], leaves["v"]
-    out = core(q, k, v, None, packed_seq_params=packed, dms_logits=leaves["logits"])
     gen = torch.Generator().manual_seed(11)
-    g_out = torch.randn(out.shape, generator=gen)
-    g_dec = torch.randn(captured["decisions"].shape, generator=gen)
-    ((out * g_out).sum() + (captured["decisions"] * g_dec).sum()).backward()
-    return {"out": out.detach(), "decisions": captured["decisions"].detach()} | {
+    counter = LaunchCount()
+    LaunchCount.active = counter
+    try:
+        with counter:
+            out = core(q, k, v, None, packed_seq_params=packed, dms_logits=leaves["logits"])
+            forward = counter.ops + counter.kernels
+            g_out = torch.randn(out.shape, generator=gen)
+            g_dec = torch.randn(captured["decisions"].shape, generator=gen)
+            counter.paused += 1
+            loss = (out * g_out).sum() + (captured["decisions"] * g_dec).sum()
+            counter.paused -= 1
+            before_backward = counter.ops + counter.kernels
+            loss.backward()
+    finally:
+        LaunchCount.active = None
+    launches = {"forward": forward, "backward": counter.ops + counter.kernels - before_backward}
+    return {"out": out.detach(), "decisions": captured["decisions"].detach(), "launches": launches} | {
         f"grad_{k}": v.grad for k, v in leaves.items()
     }
 
@@ -72,8 +131,13 @@ def main() -> None:
         }
         ref = run("reference", thd, inputs)
         fused = run("triton", thd, inputs)
-        report["thd" if thd else "sbhd"] = {k: float((fused[k] - ref[k]).abs().max()) for k in ref} | {
-            "hard_equal": bool(torch.equal(fused["decisions"].round(), ref["decisions"].round()))
+        unfused = run("triton", thd, inputs, fused=False)
+        tensors = [k for k in ref if k != "launches"]
+        report["thd" if thd else "sbhd"] = {k: float((fused[k] - ref[k]).abs().max()) for k in tensors} | {
+            "hard_equal": bool(torch.equal(fused["decisions"].round(), ref["decisions"].round())),
+            "unfused_max_difference": max(float((unfused[k] - fused[k]).abs().max()) for k in tensors),
+            "launches_fused": fused["launches"],
+            "launches_unfused": unfused["launches"],
         }
     print(json.dumps(report))
 

@@ -38,10 +38,14 @@ def test_kernel_rejects_bad_inputs(report) -> None:
 def test_megatron_core_attention_with_the_kernels_equals_the_reference_path() -> None:
     """``DMSCoreAttention`` in training mode: Triton attention + fused decisions (interpreter) == the
     reference attention + the core's torch decisions, output, decisions and all four gradients, with and
-    without packed documents."""
+    without packed documents; and == the Triton attention behind the core's torch decisions, in fewer
+    launches forward and backward (aten ops that launch a GPU kernel + Triton kernels)."""
     report = run_interpreted("core_attention_interpreted.py")
     for layout in ("sbhd", "thd"):
         r = report[layout]
         assert r["hard_equal"] and r["decisions"] <= 1e-6, r
         for key in ("out", "grad_q", "grad_k", "grad_v", "grad_logits"):
             assert r[key] <= 1e-5, (layout, key, r)
+        assert r["unfused_max_difference"] <= 1e-5, r
+        fused, unfused = r["launches_fused"], r["launches_unfused"]
+        assert fused["forward"] < unfused["forward"] and fused["backward"] < unfused["backward"], r

@@ -128,6 +128,14 @@ RUNS: dict[str, tuple[float, list[str]]] = {
             *_cr(9.0, 400, 500),
         ],
     ),
+    # 2026-12-07, ninth round (500 steps, side by side): kl_ts 8.45x, KL 0.386x H2O's; w128 8.14x, 0.452x:
+    # neither beats t9_long. KD of t9_long was still falling over its 200 steps at the target (0.032 ->
+    # 0.029 per 50 steps): the same recipe with 500 steps at the target (alone, 900 steps of ~0.37 s +
+    # 3 saves fit one study call)
+    "cr8_full_seq8k_t9_900": (
+        8.0,
+        [*FULL, "dms.window=256", *_seq(8192), *_cr(9.0, 400, 900), "train.save_interval=300"],
+    ),
     "cr8_adapter_seq4k_lr5e-4": (
         8.0,
         [

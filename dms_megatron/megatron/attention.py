@@ -41,7 +41,7 @@ from dms_megatron.core.noise import NoiseKey
 from dms_megatron.core.shift import doc_ids_from_cu_seqlens
 from dms_megatron.kernels import dms_attention, resolve_backend
 from dms_megatron.kernels.bias import same_next_mask
-from dms_megatron.kernels.noise import logistic_noise
+from dms_megatron.kernels.noise import logistic_noise, uniform_from_hash
 from dms_megatron.kernels.triton_device import triton_runs_on
 from dms_megatron.megatron.state import DecisionAccumulator, DMSRunState
 
@@ -306,7 +306,11 @@ class DMSCoreAttention(MegatronModule):
         self.pending_logits: torch.Tensor | None = None
         self.dms_accumulator: DecisionAccumulator | None = None  # set by attach_dms_pipeline
 
-    def _noise(self, B: int, H: int, T: int, device: torch.device) -> torch.Tensor | None:
+    def _noise(
+        self, B: int, H: int, T: int, device: torch.device, uniforms: bool = False
+    ) -> torch.Tensor | None:
+        """The layer's logistic noise ``[B, H, T]`` (or, with ``uniforms``, the uniforms it is drawn from);
+        None without training noise."""
         if not (self.training and self.dms_config.train_noise):
             return None
         per_layer = self.dms_config.decisions_per == "layer"
@@ -320,7 +324,8 @@ class DMSCoreAttention(MegatronModule):
             layer=self.layer_number - 1,
         )
         head_offset = 0 if per_layer else self.tp_group.rank() * H
-        n = logistic_noise(key, (B, 1 if per_layer else H, T), head_offset=head_offset, device=device)
+        draw = uniform_from_hash if uniforms else logistic_noise
+        n = draw(key, (B, 1 if per_layer else H, T), head_offset=head_offset, device=device)
         return n.expand(B, H, T) if per_layer else n
 
     def forward(
@@ -356,15 +361,17 @@ class DMSCoreAttention(MegatronModule):
         relaxed = log_keep = None
         if self.dms_config.teacher_mode or self.dms_state.teacher_pass or logits_bht is None:
             pass
+        elif self.training and self._fuses_decisions(q):  # noise, decisions, shifted bias: one launch
+            from dms_megatron.kernels.decisions import fused_decisions
+
+            uniforms = self._noise(B, ng, T, q.device, uniforms=True)
+            same = None if doc_ids is None else same_next_mask(doc_ids, B, T, q.device)
+            decisions, log_keep = fused_decisions(
+                logits_bht, None, self.dms_config.tau, same, uniforms=uniforms
+            )
         elif self.training:
             noise = self._noise(B, ng, T, q.device)
-            if self._fuses_decisions(q):  # decisions and shifted bias in one launch each way
-                from dms_megatron.kernels.decisions import fused_decisions
-
-                same = None if doc_ids is None else same_next_mask(doc_ids, B, T, q.device)
-                decisions, log_keep = fused_decisions(logits_bht, noise, self.dms_config.tau, same)
-            else:
-                decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
+            decisions, relaxed = relaxed_decisions(logits_bht, noise, self.dms_config.tau)
         else:  # inference semantics (eval mode): hard decisions, no noise, no temperature
             hard = evicts(logits_bht)
             decisions = hard.float()

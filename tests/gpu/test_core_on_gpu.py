@@ -136,26 +136,32 @@ def test_fused_decisions_equal_the_core_ops_on_cuda_in_few_launches():
     gen = torch.Generator(device="cuda").manual_seed(4)
     B, H, T, tau = 2, 3, 4099, 0.1
     logits = torch.randn(B, H, T, device="cuda", generator=gen) * 3
-    noise = torch.randn(B, H, T, device="cuda", generator=gen)
+    uniforms = torch.rand(B, H, T, device="cuda", generator=gen).clamp(1e-6, 1 - 1e-6)
+    noise = torch.log(uniforms) - torch.log1p(-uniforms)  # core.noise.logistic_from_uniform
     doc_ids = torch.arange(T, device="cuda") // 700
     same = same_doc_as_next(doc_ids.expand(B, T))
     g = torch.randn(B, H, T, device="cuda", generator=gen)
 
     def torch_ops(x):
-        dec, relaxed = relaxed_decisions(x, noise, tau)
+        dec, relaxed = relaxed_decisions(x, torch.log(uniforms) - torch.log1p(-uniforms), tau)
         return dec, shifted_log_keep(relaxed, doc_ids)
 
     results = []
-    for fn in (torch_ops, lambda x: fused_decisions(x, noise, tau, same)):
+    for fn in (
+        torch_ops,
+        lambda x: fused_decisions(x, noise, tau, same),
+        lambda x: fused_decisions(x, None, tau, same, uniforms=uniforms),
+    ):
         x = logits.clone().requires_grad_(True)
         dec, lk = fn(x)
         ((dec + lk) * g).sum().backward()
         results.append((dec, lk, x.grad))
-    (dec_t, lk_t, gx_t), (dec_f, lk_f, gx_f) = results
-    assert torch.equal(dec_f.round(), dec_t.round())
-    torch.testing.assert_close(dec_f, dec_t, atol=1e-6, rtol=0)
-    torch.testing.assert_close(lk_f, lk_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx_f, gx_t, atol=1e-4, rtol=1e-4)
+    (dec_t, lk_t, gx_t), *fused_results = results
+    for dec_f, lk_f, gx_f in fused_results:  # noise given, and drawn from its uniforms in the kernel
+        assert torch.equal(dec_f.round(), dec_t.round())
+        torch.testing.assert_close(dec_f, dec_t, atol=1e-6, rtol=0)
+        torch.testing.assert_close(lk_f, lk_t, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx_f, gx_t, atol=1e-4, rtol=1e-4)
 
     def launches(fn) -> int:
         x = logits.clone().requires_grad_(True)
@@ -168,6 +174,6 @@ def test_fused_decisions_equal_the_core_ops_on_cuda_in_few_launches():
         return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
 
     core = launches(torch_ops)
-    fused = launches(lambda x: fused_decisions(x, noise, tau, same))
+    fused = launches(lambda x: fused_decisions(x, None, tau, same, uniforms=uniforms))
     print(f"decision kernels forward + backward: core torch ops {core}, kernels.decisions {fused}")
     assert fused < core

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("triton")
 from tests.unit.interpreted import run_interpreted
 
-CASES = 10
+CASES = 14
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def test_kernel_equals_the_core_ops(report) -> None:
     assert len(rows) == CASES
     assert any(r["shape"][2] > 1024 for r in rows)  # more than one program per row
     assert any(r["documents"] for r in rows) and any(not r["documents"] for r in rows)
-    assert any(r["noise"] for r in rows) and any(not r["noise"] for r in rows)
+    assert {r["draw"] for r in rows} == {"none", "noise", "uniforms"}
+    assert any(r["per_layer"] and r["draw"] != "none" for r in rows) and any(r["strided"] for r in rows)
     for r in rows:
         assert r["dtypes"] == ["torch.float32", "torch.float32"], r
         assert r["hard_equal"] and r["last_keys_zero"], r
@@ -32,7 +33,7 @@ def test_kernel_equals_the_core_ops(report) -> None:
 
 
 def test_kernel_rejects_bad_inputs(report) -> None:
-    assert report["bad_inputs_rejected"] == [True, True, True]
+    assert report["bad_inputs_rejected"] == [True, True, True, True]
 
 
 def test_megatron_core_attention_with_the_kernels_equals_the_reference_path() -> None:

@@ -61,6 +61,17 @@ def _enclosing_region(event: Any, backward_nodes: bool = False) -> str:
     return "no region"
 
 
+def _issuing_op(event: Any) -> str:
+    """The outermost op (below any named region or autograd node) whose call issued ``event``."""
+    op, parent = "none", event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(("dms.", BACKWARD_PREFIX, "ProfilerStep")):
+            break
+        op = parent.name
+        parent = parent.cpu_parent
+    return op
+
+
 def summarize(
     events: list[Any], averages: list[Any], steps: int, wall_s: float, on_device: bool, top: int = 25
 ) -> dict[str, Any]:
@@ -71,6 +82,7 @@ def summarize(
     backward: dict[str, float] = defaultdict(float)
     syncs: dict[str, int] = defaultdict(int)
     launches: dict[str, int] = defaultdict(int)
+    launch_ops: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     kernels_us = 0.0
     kernel_count = 0
     for e in events:
@@ -87,7 +99,10 @@ def summarize(
         if name in SYNC_EVENTS:
             syncs[f"{name} in {_enclosing_region(e)}"] += 1
         if name in LAUNCH_EVENTS:
-            launches[_enclosing_region(e, backward_nodes=True)] += 1
+            where = _enclosing_region(e, backward_nodes=True)
+            launches[where] += 1
+            if where.startswith("dms."):
+                launch_ops[where][_issuing_op(e)] += 1
     wall_ms = wall_s * 1e3 / steps
     total_ms = kernels_us * per if on_device else wall_ms
     named = {k: regions.get(k, 0.0) * per for k in (*FORWARD_REGIONS, *OUTSIDE_REGIONS)}
@@ -127,6 +142,11 @@ def summarize(
         # CUDA launches (kernels, async copies / memsets, graph replays) per step by region or backward
         # node; empty on CPU
         "launches_per_step": {k: v / steps for k, v in sorted(launches.items(), key=lambda kv: -kv[1])},
+        # the same inside each named region, by the outermost op that issued them (top 15)
+        "launches_by_op": {
+            region: {k: v / steps for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]}
+            for region, ops in sorted(launch_ops.items())
+        },
     }
 
 
@@ -164,6 +184,9 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
     if launches:
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(launches.items())[:10])
         lines.append(f"  CUDA launches per step: {sum(launches.values()):.0f} ({top})")
+    for region, ops in (s.get("launches_by_op") or {}).items():
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(ops.items())[:8])
+        lines.append(f"    {region} launches by op: {top}")
     lines.append("  backward by autograd node (top 8):")
     for k, v in list(s["backward_nodes_ms"].items())[:8]:
         lines.append(f"    {k:40s} {v:9.2f} ms")

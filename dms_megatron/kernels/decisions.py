@@ -105,8 +105,7 @@ class _FusedDecisions(torch.autograd.Function):
     def backward(ctx, g_dec, g_lk):  # type: ignore[override]
         s, same_next = ctx.saved_tensors
         B, H, T = s.shape
-        g_dec = torch.zeros_like(s) if g_dec is None else g_dec.float().contiguous()
-        g_lk = torch.zeros_like(s) if g_lk is None else g_lk.float().contiguous()
+        g_dec, g_lk = g_dec.float().contiguous(), g_lk.float().contiguous()  # autograd materialises zeros
         g_logits = torch.empty_like(s)
         if s.numel():
             grid = (B * H, triton.cdiv(T, _BLOCK))

@@ -144,8 +144,8 @@ def summarize(
         "launches_per_step": {k: v / steps for k, v in sorted(launches.items(), key=lambda kv: -kv[1])},
         # the same inside each named region, by the outermost op that issued them (top 15)
         "launches_by_op": {
-            region: {k: v / steps for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]}
-            for region, ops in sorted(launch_ops.items())
+            region: {k: v / steps for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]}
+            for region, by_op in sorted(launch_ops.items())
         },
     }
 

@@ -64,7 +64,7 @@ def test_every_run_builds_a_valid_retrofit_config(study):
 
 @pytest.mark.parametrize(
     ("preset_name", "run"),
-    [("smollm2_cr4", "cr4_adapter_w256_long"), ("smollm2_cr8", "cr8_full_seq8k_t94_long")],
+    [("smollm2_cr4", "cr4_adapter_w256_long"), ("smollm2_cr8", "cr8_full_seq8k_t9_900")],
 )
 def test_the_presets_are_the_measured_study_runs(study, preset_name, run):
     """``experiment=smollm2_cr4`` / ``smollm2_cr8`` train what their study runs measured

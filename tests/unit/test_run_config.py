@@ -55,7 +55,7 @@ def test_experiment_presets_compose(name):
     ("name", "recipe"),
     [
         ("smollm2_cr4", ("adapter", "adapter", 256, 4.4, 2048)),
-        ("smollm2_cr8", ("adapter", "full", 256, 9.4, 8192)),
+        ("smollm2_cr8", ("adapter", "full", 256, 9.0, 8192)),
         ("smollm2_paper", ("neuron", "full", 256, 8.0, 2048)),
     ],
 )

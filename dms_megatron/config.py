@@ -256,7 +256,9 @@ class TrainConfig:
     can move the eviction adapters fast and the base weights slowly (1: one rate for every weight).
     ``on_nonfinite``: a step whose loss or gradients hold NaN/Inf is ``skip``-ped (no update, logged with
     the step and micro-batches) or ``stop``-s the run; ``max_nonfinite_skips`` consecutive skips stop it
-    too (the last checkpoint is the last good state)."""
+    too (the last checkpoint is the last good state). ``teacher_cuda_graph``: replay the separate
+    teacher's forward as CUDA graphs (megatron/teacher_graph.py; for small models, whose step is
+    host-bound; needs train.mode=full, dms.attention_backend=triton and parallel.tp=1)."""
 
     steps: int = 1000
     mode: str = "full"
@@ -272,6 +274,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | <checkpoint folder>
     on_nonfinite: str = "skip"  # skip | stop
     max_nonfinite_skips: int = 5
+    teacher_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "save_interval", "keep_last", "max_nonfinite_skips"):
@@ -340,9 +343,25 @@ class RetrofitConfig:
                 "key stays inside the window, so no token can ever be evicted; lower dms.window below "
                 "data.seq_length or raise data.seq_length"
             )
+        if self.train.teacher_cuda_graph:
+            self._check_teacher_graph()
         from dms_megatron.families import arch_from_hf_config
 
         arch_from_hf_config(self.model.hf_config).check_parallel(self.parallel.tp, self.parallel.pp)
+
+    def _check_teacher_graph(self) -> None:
+        needs = {
+            "train.mode=full (a separate teacher; the adapter recipe's teacher is the student)": (
+                self.train.mode == "full"
+            ),
+            "dms.attention_backend=triton (its document bounds need no host sync while capturing)": (
+                self.dms.attention_backend == "triton"
+            ),
+            "parallel.tp=1 (no collectives inside the graph)": self.parallel.tp == 1,
+        }
+        missing = [need for need, ok in needs.items() if not ok]
+        if missing:
+            raise ValueError("train.teacher_cuda_graph=true needs " + "; ".join(missing))
 
     def check_world_size(self, world_size: int) -> None:
         """Refuse a process count the layout cannot use: it must be a multiple of TP x PP, and the global

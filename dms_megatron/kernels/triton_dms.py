@@ -452,13 +452,14 @@ def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(T, device=doc_ids.device).expand(B, T)
     new = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
     new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    runs = new.sum(dim=1)
-    distinct = torch.tensor([row.unique().numel() for row in doc_ids], device=doc_ids.device)
-    if bool((runs != distinct).any()):
-        raise ValueError(
-            "the triton backend needs each document to be one contiguous run of positions (packed "
-            "sequences); these doc_ids reuse an id after another document"
-        )
+    if not _capturing():  # the check reads the ids on the host; a CUDA-graph capture cannot
+        runs = new.sum(dim=1)
+        distinct = torch.tensor([row.unique().numel() for row in doc_ids], device=doc_ids.device)
+        if bool((runs != distinct).any()):
+            raise ValueError(
+                "the triton backend needs each document to be one contiguous run of positions (packed "
+                "sequences); these doc_ids reuse an id after another document"
+            )
     start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
     last = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
     last[:, :-1] = new[:, 1:]
@@ -466,16 +467,23 @@ def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 # The layers of one micro-batch share one doc_ids tensor: compute (and check) its bounds once, not once
-# per layer. Holding the tensor keeps its id valid.
-_bounds_cache: list = [None, None, None]  # [doc_ids tensor, B, (doc_start, doc_end)]
+# per layer. Holding the tensor keeps its id valid. A CUDA-graph capture (megatron/teacher_graph.py)
+# refills the same static doc_ids between replays, so an entry made outside a capture is not used inside
+# one (nor the reverse): the capture computes the bounds in the graph, once for all its layers.
+_bounds_cache: list = [None, None, None, None]  # [doc_ids tensor, B, capturing, (doc_start, doc_end)]
 
 
 def _cached_document_bounds(doc_ids: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if _bounds_cache[0] is doc_ids and _bounds_cache[1] == B:
-        return _bounds_cache[2]
+    capturing = _capturing()
+    if _bounds_cache[0] is doc_ids and _bounds_cache[1] == B and _bounds_cache[2] == capturing:
+        return _bounds_cache[3]
     bounds = document_bounds(check_doc_ids(doc_ids, B, T))
-    _bounds_cache[:] = [doc_ids, B, bounds]
+    _bounds_cache[:] = [doc_ids, B, capturing, bounds]
     return bounds
 
 

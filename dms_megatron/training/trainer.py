@@ -86,7 +86,7 @@ class RetrofitTrainer:
 
         self.cfg, self.models, self.optimizer, self.scheduler = cfg, models, optimizer, scheduler
         self.dataset, self.eos = dataset, eos_token_id
-        self.stage = DistillationStage(models.ddp, models.teacher)
+        self.stage = DistillationStage(models.ddp, models.teacher, teacher_graph=cfg.train.teacher_cuda_graph)
         self.state = dms_run_state(models.student)
         self.slicer = StepSlice(
             cfg.parallel.global_batch_size,

@@ -12,7 +12,9 @@ from dms_megatron.megatron import apply_dms, attach_dms_pipeline, dms_compressio
 from dms_megatron.megatron.distill import DistillationStage, adjust_distill_p2p_shapes
 from dms_megatron.megatron.families import decoder_block_spec, local_layer_spec
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss
+from dms_megatron.megatron.teacher_graph import TeacherGraph
 from dms_megatron.testing import tiny_gpt
+from dms_megatron.testing.graph_stand_in import rerun_capture
 from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
 
 
@@ -65,3 +67,46 @@ def distill_job(
         "teacher_grads_none": all(g is None for g in teacher_grads),
         "trainable": sorted(n for n, p in stage.named_parameters() if p.requires_grad),
     }
+
+
+def _packed(seed: int) -> dict:
+    """A THD micro-batch of the tiny GPT's shape with documents of random lengths (pack_thd)."""
+    from dms_megatron.training.batches import pack_thd
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, tiny_gpt.VOCAB, (tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN), generator=gen)
+    starts = torch.rand(tokens.shape, generator=gen) < 0.25
+    starts[:, 0] = True
+    idx = torch.arange(tokens.shape[1]).expand_as(tokens)
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return pack_thd({"tokens": tokens, "position_ids": idx - first}, "cpu")
+
+
+def teacher_graph_job(rank: int, world: int) -> dict:
+    """The separate teacher (DMS layers in teacher mode) through TeacherGraph's static buffers (padded
+    cu_seqlens, pinned max lengths, per-token ids refilled) vs its own forward, micro-batch by micro-batch."""
+    import copy
+
+    from dms_megatron.training.setup import teacher_dms_config
+
+    tiny_gpt.init_parallel(1, 1, seed=7)
+    config = tiny_gpt.tiny_gpt_config(1, 1)
+    teacher = _gpt(config, apply_dms(local_layer_spec(), teacher_dms_config(dms_test_config())))
+    teacher.requires_grad_(False)
+    teacher.eval()
+    graph = TeacherGraph(teacher, capture=rerun_capture)
+    diffs, docs = [], []
+    for seed in range(4):
+        p = _packed(seed)
+        kwargs = {
+            "input_ids": p["input_ids"],
+            "position_ids": p["position_ids"],
+            "attention_mask": None,
+            "packed_seq_params": p["packed_seq_params"],
+        }
+        with torch.no_grad():
+            want = teacher(**copy.deepcopy(kwargs))
+        got = graph(None, **kwargs)
+        diffs.append(float((got - want).abs().max()))
+        docs.append(p["packed_seq_params"].cu_seqlens_q.numel() - 1)
+    return {"diffs": diffs, "docs": docs, "graphs": len(graph._graphs), "replays": graph.replays}

@@ -56,3 +56,14 @@ def test_self_teacher_equals_separate_stock_teacher(reference):
 def test_teacher_mode_student_has_zero_kd():
     losses, _ = _run(1, 1, 1, False, "separate", teacher_mode=True)
     assert all(abs(d["kd"]) < 1e-6 for d in losses)
+
+
+def test_the_teacher_through_its_graph_buffers_equals_its_own_forward():
+    """TeacherGraph's static packed sequence (cu_seqlens padded with empty documents, max lengths
+    pinned to the token count, per-token ids and positions refilled) changes nothing a real DMS teacher
+    computes, over micro-batches of different document counts served by one signature (CPU stand-in
+    capture; the CUDA capture: tests/gpu/test_teacher_graph.py)."""
+    (res,) = run_distributed(distill_jobs.teacher_graph_job, 1, timeout=300)
+    assert len(set(res["docs"])) > 1, res["docs"]
+    assert res["graphs"] == 1 and res["replays"] == 4
+    assert res["diffs"] == [0.0] * 4, res["diffs"]

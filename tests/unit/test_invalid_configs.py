@@ -62,6 +62,17 @@ INVALID = [
     (["train.lr=1e-5", "train.min_lr=1e-4"], r"need lr > 0 and 0 <= min_lr <= lr", None),
     (["train.mode=lora"], r"train\.mode=.lora. is invalid", None),
     (["train.adapter_lr_mult=0"], r"train\.adapter_lr_mult=0", None),
+    (["train.teacher_cuda_graph=true"], r"teacher_cuda_graph=true needs dms\.attention_backend=triton", None),
+    (
+        ["train.teacher_cuda_graph=true", "dms.attention_backend=triton", "train=adapter", "dms=adapter"],
+        r"teacher_cuda_graph=true needs train\.mode=full",
+        None,
+    ),
+    (
+        ["train.teacher_cuda_graph=true", "dms.attention_backend=triton", "parallel.tp=3"],
+        r"teacher_cuda_graph=true needs parallel\.tp=1",
+        None,
+    ),
     (["data.prefixes=[a,b]", "data.weights=[1.0]"], "data.weights", None),
     (["data.prefixes=[a]", "data.weights=[-1.0]"], r"data\.weights=\[-1\.0\] must all be > 0", None),
     (["logging.log_interval=0"], r"logging\.log_interval=0 is invalid", None),

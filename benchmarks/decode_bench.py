@@ -108,7 +108,16 @@ def _kernel_ms(cache, layer: int) -> float | None:
     return statistics.median(times)
 
 
-def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, backend: str) -> dict:
+def run_one(
+    model,
+    prompts: list[list[int]],
+    new_tokens: int,
+    block_size: int,
+    backend: str,
+    prefill_chunk: int = 1024,
+) -> dict:
+    """Both decodes of ``prompts`` at one batch: the engine's own loop, then steady-state steps on the
+    same rows prefilled again; ``prefill_chunk``: prompt tokens per prefill call."""
     import torch
 
     from dms_megatron.inference.batch_engine import BatchEngine
@@ -118,7 +127,12 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     per_stream = (len(prompts[0]) + new_tokens) // block_size + 2
     blocks = len(prompts) * L * H * per_stream
     engine = BatchEngine(
-        model, num_blocks=blocks, block_size=block_size, max_batch=len(prompts), backend=backend
+        model,
+        num_blocks=blocks,
+        block_size=block_size,
+        max_batch=len(prompts),
+        backend=backend,
+        prefill_chunk=prefill_chunk,
     )
     cache = engine.cache
     requests = [Request(p, max_new_tokens=new_tokens) for p in prompts]
@@ -150,7 +164,7 @@ def run_one(model, prompts: list[list[int]], new_tokens: int, block_size: int, b
     # + CUDA-graph capture), each step as the engine runs it (reserve, decode, tokens to the host)
     rows = [cache.add_row() for _ in prompts]
     for row, p in zip(rows, prompts, strict=True):
-        cache.prefill_chunked(row, torch.tensor(p, device=model.device))
+        cache.prefill_chunked(row, torch.tensor(p, device=model.device), prefill_chunk)
     out["allocated_kv_bytes"] = (
         (cache.allocated_blocks() * block_size + cache.rows * L * H * cache.W) * 2 * D * elem
     )

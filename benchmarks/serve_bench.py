@@ -208,7 +208,12 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
             for mode in ("dms", "dense"):
                 model.dms = dms_block if mode == "dms" else None
                 res = run_one(
-                    model, prompts[: args.equal_batch], args.new_tokens, args.block_size, args.backend
+                    model,
+                    prompts[: args.equal_batch],
+                    args.new_tokens,
+                    args.block_size,
+                    args.backend,
+                    args.prefill_chunk,
                 )
                 row = {"mode": mode, **res}
                 print(json.dumps(row), flush=True)

@@ -13,7 +13,9 @@ rows decoding at once and the mean per step, decode tokens/s over the run, time 
 decode step, p50 / p99), prefill tokens/s, memory CR, preemptions, queue time, wall time; then DMS /
 dense ratios. ``--equal-batch B``: also both modes at batch B with a pool large enough for dense
 (``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context
-cannot hold is reported as skipped. Progress (every ``--progress-every`` prefills, and request 0's tokens)
+cannot hold is reported as skipped, unless ``--past-context``: then the model serves it with RoPE
+positions past its trained context (a throughput and memory probe: what it generates there is not
+meaningful, and each such row is marked ``past_trained_context``). Progress (every ``--progress-every`` prefills, and request 0's tokens)
 is printed as it goes, and ``--out`` is rewritten after every row (``complete`` once all ran), so a run
 cut by a time limit keeps what it measured.
 """
@@ -76,6 +78,13 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     }
 
 
+def extend_context(model, positions: int) -> None:
+    """Let ``model`` (the inference engine's) take ``positions`` positions: its context raised and its
+    RoPE table rebuilt on next use (positions past the trained context are extrapolated)."""
+    model.arch = dataclasses.replace(model.arch, max_position_embeddings=positions)
+    model._rope.clear()
+
+
 def _progress(requests: int, new_tokens: int, every: int):
     """An ``on_token`` callback printing (flushed) every ``every`` prefills done and every ``every``
     tokens of the first request, so a run cut by a time limit shows where its time went."""
@@ -129,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--progress-every", type=int, default=32, help="print every N prefills / tokens (0: quiet)"
     )
+    ap.add_argument(
+        "--past-context",
+        action="store_true",
+        help="serve prompts longer than the model's context (RoPE extrapolated; throughput and memory only)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -162,11 +176,16 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
         "complete": False,  # True once every row ran (the file is rewritten after each row)
     }
     context = model.arch.max_position_embeddings
+    longest = max(args.prompt_lengths) + args.new_tokens
+    if getattr(args, "past_context", False) and longest > context:
+        extend_context(model, longest)
+        report["past_context"] = {"trained_context": context, "served_up_to": longest}
+        print(f"serving up to {longest} positions past the trained context of {context}", flush=True)
     for mode in ("dms", "dense"):  # warm-up: Triton compilation and lazy CUDA state outside the timings
         model.dms = dms_block if mode == "dms" else None
         run_one(model, [ids[: min(256, context - 8)]], 4, args.block_size, args.backend)  # + 6 timed steps
     for length in args.prompt_lengths:
-        if length + args.new_tokens > context:
+        if length + args.new_tokens > model.arch.max_position_embeddings:
             report["runs"].append(
                 {"prompt_tokens": length, "skipped": f"beyond the model context ({context})"}
             )
@@ -187,13 +206,16 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
                 except ValueError as exc:  # a budget too small for one row of this mode
                     res = {"skipped": str(exc)}
                 row = {"mode": mode, "prompt_tokens": length, "kv_budget_gib": budget, **res}
+                if length + args.new_tokens > context:
+                    row["past_trained_context"] = True
                 print(json.dumps(row), flush=True)
                 report["runs"].append(row)
                 _save(report, args)
                 pair[mode] = row
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-            if all("decode_tokens_per_s" in r for r in pair.values()):
+            # a ratio only where both decoded (a dense row too large for the budget finishes nothing)
+            if all(r.get("decode_tokens_per_s") for r in pair.values()):
                 ratio = {
                     "prompt_tokens": length,
                     "kv_budget_gib": budget,

@@ -20,7 +20,9 @@
 #        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it, and a row of
 #        # 384 did not finish in 330 s (2026-12-07, before the prefill's page allocation was batched);
 #        # PREFILL_CHUNK (default 1024) sets the prompt tokens per prefill call; SERVE_BUDGETS (GiB,
-#        # default "8 32"), SERVE_REQUESTS (96; SERVE_DENSE_REQUESTS: fewer for the dense runs) and
+#        # default "8 32"), SERVE_PROMPT_LENGTHS (default 7936; SERVE_PAST_CONTEXT=1 serves lengths past
+#        # the model's context, RoPE extrapolated: a throughput probe), SERVE_EQUAL_BATCH (32; 0 skips),
+#        # SERVE_REQUESTS (96; SERVE_DENSE_REQUESTS: fewer for the dense runs) and
 #        # SERVE_MAX_BATCH (128) size the runs: SmolLM2 holds
 #        # 23,040 KV bytes a token, so 8 GiB fits ~45 dense rows of 8K tokens, and 96 requests cap the
 #        # DMS / dense row ratio near 2.1x whatever the compression)
@@ -120,9 +122,11 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
     read -r -a BUDGETS <<< "${SERVE_BUDGETS:-8 32}"  # GiB, space-separated
     for run in "${RUNS[@]}"; do
         for backend in ${SERVE_BACKENDS:-triton fused}; do
+            read -r -a LENGTHS <<< "${SERVE_PROMPT_LENGTHS:-7936}"
             timeout -k 5 "${SERVE_SECONDS:-300}" python3 benchmarks/serve_bench.py --model "exports/study/$run" \
-                --text assets/shakespeare.txt --prompt-lengths 7936 --new-tokens 256 --kv-budget-gib "${BUDGETS[@]}" \
-                --requests "${SERVE_REQUESTS:-96}" ${SERVE_DENSE_REQUESTS:+--dense-requests "$SERVE_DENSE_REQUESTS"} --max-batch "${SERVE_MAX_BATCH:-128}" --equal-batch 32 \
+                --text assets/shakespeare.txt --prompt-lengths "${LENGTHS[@]}" --new-tokens 256 --kv-budget-gib "${BUDGETS[@]}" \
+                --requests "${SERVE_REQUESTS:-96}" ${SERVE_DENSE_REQUESTS:+--dense-requests "$SERVE_DENSE_REQUESTS"} --max-batch "${SERVE_MAX_BATCH:-128}" \
+                --equal-batch "${SERVE_EQUAL_BATCH:-32}" ${SERVE_PAST_CONTEXT:+--past-context} \
                 --backend "$backend" --prefill-chunk "${PREFILL_CHUNK:-1024}" \
                 --out "$OUT/serve_${run}_${backend}.json" > "$OUT/serve_${run}_${backend}.log" 2>&1 || true
             tail -4 "$OUT/serve_${run}_${backend}.log"

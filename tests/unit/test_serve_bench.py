@@ -74,3 +74,31 @@ def test_fixed_budget_admits_more_dms_rows_and_reports_consistent_ratios(
     printed = capsys.readouterr().out  # progress lines: prefills done, then request 0's tokens
     assert "prefilled 3/6" in printed and "prefilled 6/6" in printed and "prefilled 5/5" in printed
     assert "request 0: 12/12 tokens" in printed
+
+
+def test_past_context_serves_longer_prompts_and_marks_their_rows(serve_bench, tiny, tmp_path) -> None:  # noqa: F811
+    """``--past-context``: a prompt longer than the model's context (256 here) is served, not skipped,
+    with RoPE positions extrapolated, and its rows say so; the model's own context is raised for it."""
+    model = _with_dms(tiny[1], "adapter", "head", 4)
+    context = model.arch.max_position_embeddings
+    ids = torch.randint(0, 96, (1200,), generator=torch.Generator().manual_seed(4)).tolist()
+    args = argparse.Namespace(
+        prompt_lengths=[300], new_tokens=8, kv_budget_gib=[2e-3, 1e-5], requests=3, dense_requests=2,
+        max_batch=3, equal_batch=0, block_size=4, prefill_chunk=64, backend="auto", device="cpu", model=None,
+        out=tmp_path / "serve.json", progress_every=0, past_context=True,
+    )  # fmt: skip
+    try:
+        report = serve_bench.benchmark(model, ids, args)
+        assert report["past_context"] == {"trained_context": context, "served_up_to": 308}
+        rows = [r for r in report["runs"] if "mode" in r and r["kv_budget_gib"] == 2e-3]
+        assert {r["mode"] for r in rows} == {"dms", "dense"}
+        for row in rows:
+            assert row["past_trained_context"] and row["finished"] == row["requests"] and not row["errors"]
+        # at a budget too small for one dense row, dense finishes nothing and no ratio is made of it
+        small = {r["mode"]: r for r in report["runs"] if "mode" in r and r["kv_budget_gib"] == 1e-5}
+        assert small["dense"]["finished"] == 0 and small["dense"]["errors"]
+        ratios = [r for r in report["runs"] if "decode_tokens_per_s_dms_over_dense" in r]
+        assert [r["kv_budget_gib"] for r in ratios] == [2e-3]
+        assert model.arch.max_position_embeddings == 308
+    finally:
+        serve_bench.extend_context(model, context)  # the module fixture's model, as it was

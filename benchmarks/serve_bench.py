@@ -15,8 +15,9 @@ dense ratios. ``--equal-batch B``: also both modes at batch B with a pool large 
 (``decode_bench.run_one``: per-step latency at equal batch). A prompt length the model's context
 cannot hold is reported as skipped, unless ``--past-context``: then the model serves it with RoPE
 positions past its trained context (a throughput and memory probe: what it generates there is not
-meaningful, and each such row is marked ``past_trained_context``). Progress (every ``--progress-every`` prefills, and request 0's tokens)
-is printed as it goes, and ``--out`` is rewritten after every row (``complete`` once all ran), so a run
+meaningful, and each such row is marked ``past_trained_context``). Progress (every
+``--progress-every`` prefills, and request 0's tokens) is printed as it goes, and ``--out`` is
+rewritten after every row (``complete`` once all ran), so a run
 cut by a time limit keeps what it measured.
 """
 

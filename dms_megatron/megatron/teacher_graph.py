@@ -89,7 +89,6 @@ class _Entry:
     """The static inputs, replay and output of one captured signature."""
 
     def __init__(self, stage_input: torch.Tensor | None, args: tuple, kwargs: dict) -> None:
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (static, incoming) pairs of the capture
         self.stage_input = None if stage_input is None else stage_input.clone()
         self.args = tuple(self._static(a) for a in args)
         self.kwargs = {k: self._static(v) for k, v in kwargs.items()}
@@ -174,7 +173,8 @@ class TeacherGraph:
             log.warning("teacher CUDA graph: %s; this forward runs eagerly", why)
         if stage_input is not None:
             self.model.set_input_tensor(stage_input)
-        return self.model(*args, **kwargs)
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
 
     def __call__(self, stage_input: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The teacher's output for this micro-batch; ``stage_input``: the stage's input tensor on a

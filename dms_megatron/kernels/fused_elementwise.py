@@ -1,12 +1,14 @@
-"""One-kernel RMSNorm and rotary embedding for the decode step (Triton), each rounding as the torch
-composition it replaces does, op by op, so 16-bit results equal it:
+"""One-kernel RMSNorm and rotary embedding (Triton) for the decode step, and the rotary for training,
+each rounding as the torch composition it replaces does, op by op, so 16-bit results equal it:
 
 * ``rms_norm(x, w, eps)``: ``(x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) * w`` (the
   Llama / Qwen RMSNorm of transformers: normalised in fp32, cast back, then scaled) in one launch
   instead of ~7 kernels;
 * ``rotary(q, k, cos, sin)``: the rotate-half RoPE ``x * cos + cat(-x2, x1) * sin`` of q ``[T, Hq, D]``
   and k ``[T, Hkv, D]`` together, one launch instead of ~10;
-* ``silu_mul(gate, up)``: the gated MLP's ``silu(gate) * up``, one launch instead of two.
+* ``silu_mul(gate, up)``: the gated MLP's ``silu(gate) * up``, one launch instead of two;
+* ``rotary_with_grad``: ``rotary`` with its backward (one launch each way), for training: megatron's
+  unfused RoPE, which the DMS attention of packed sequences uses, is ~12 kernels per q or k forward.
 
 The rotary kernel launches with ``enable_fp_fusion=False``: Triton's default lets the compiler contract
 a product and a sum into one FMA, which skips a rounding torch does. With it the bf16 GPU test failed on
@@ -113,6 +115,43 @@ def rotary(
             enable_fp_fusion=False,  # no mul + add -> FMA contraction: each product rounded, as torch does
         )  # fmt: skip
     return qo, ko
+
+
+class _RotaryQK(torch.autograd.Function):
+    """``rotary`` with a gradient. The rotate-half RoPE's transpose is the same rotation with the sine
+    table negated and its halves swapped (``sin_back``): the backward is one launch too, and rounds as
+    autograd through the torch composition does (each product, then the sum)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, sin_back):  # type: ignore[override]
+        ctx.save_for_backward(cos, sin_back)
+        return rotary(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):  # type: ignore[override]
+        cos, sin_back = ctx.saved_tensors
+        dq, dk = rotary(dq, dk, cos, sin_back)
+        return dq, dk, None, None, None
+
+
+def rotary_tables(
+    freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cos, sin, sin_back)`` ``[T, D]`` for ``rotary_with_grad`` from per-token RoPE angles ``freqs``
+    (``[T, ..., D]``, megatron's layout), rounded as megatron's unfused RoPE rounds them:
+    ``(cos(freqs) * mscale).to(dtype)``; ``sin_back`` = ``cat(-sin2, -sin1)``, the backward's table."""
+    f = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    cos = (torch.cos(f) * mscale).to(dtype)
+    sin = (torch.sin(f) * mscale).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, sin, torch.cat((-sin[:, half:], -sin[:, :half]), dim=-1)
+
+
+def rotary_with_grad(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_back: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary(q, k, cos, sin)`` that autograd differentiates in one launch (tables: ``rotary_tables``)."""
+    return _RotaryQK.apply(q, k, cos, sin, sin_back)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ class DMSSelfAttention(SelfAttention):
         self.residual_is_input = residual_is_input
         self.dms_residual: torch.Tensor | None = None
         self._token_freqs: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) during forward
+        self._rotary_tables: dict | None = None  # the micro-batch's fused-rotary tables, during forward
         self.adapter: EvictionAdapter | None = None
         if dms_config.variant == "adapter":
             self.adapter = EvictionAdapter(
@@ -158,16 +159,48 @@ class DMSSelfAttention(SelfAttention):
         cached = getattr(packed, "_dms_token_freqs", None)  # every layer of a model shares its tables
         if cached is None or cached[0] is not q_freqs or cached[1] is not k_freqs:
             positions = packed_positions(packed, total)
-            cached = (q_freqs, k_freqs, (q_freqs[positions], k_freqs[positions]))  # [t, 1, 1, d]
+            q_tok = q_freqs[positions]  # [t, 1, 1, d]
+            k_tok = q_tok if k_freqs is q_freqs else k_freqs[positions]
+            cached = (q_freqs, k_freqs, (q_tok, k_tok), {})  # {}: fused-rotary tables by dtype
             packed._dms_token_freqs = cached
-        self._token_freqs = cached[2]
+        self._token_freqs, self._rotary_tables = cached[2], cached[3]
         try:
             return super().forward(*args, rotary_pos_emb=None, **kwargs)
         finally:
-            self._token_freqs = None
+            self._token_freqs = self._rotary_tables = None
+
+    def _fuses_rotary(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """RoPE of q and k in one Triton launch each way (``kernels.fused_elementwise.rotary_with_grad``)
+        where Triton runs, for megatron's plain rotate-half RoPE over the whole head of one packed row."""
+        q_freqs, k_freqs = self._token_freqs  # type: ignore[misc]
+        d = query.shape[-1]
+        return (
+            triton_runs_on(query.device)
+            and q_freqs is k_freqs
+            and not self.config.rotary_interleaved
+            and not self.config.multi_latent_attention
+            and q_freqs.shape[-1] == d == key.shape[-1]
+            and d >= 2
+            and d & (d - 1) == 0
+            and query.dim() == key.dim() == 4
+            and query.shape[1] == key.shape[1] == 1
+            and query.dtype == key.dtype
+        )
 
     def _rotate(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_freqs, k_freqs = self._token_freqs  # type: ignore[misc]
+        if self._fuses_rotary(query, key):
+            from dms_megatron.kernels.fused_elementwise import rotary_tables, rotary_with_grad
+
+            mscale = self._yarn_concentration_factor
+            tables = self._rotary_tables.get((query.dtype, mscale))  # type: ignore[union-attr]
+            if tables is None:  # once per micro-batch, model and dtype: every layer shares them
+                tables = rotary_tables(q_freqs, query.dtype, mscale)
+                self._rotary_tables[(query.dtype, mscale)] = tables  # type: ignore[index]
+            q3 = query.reshape(query.shape[0], query.shape[2], query.shape[3])
+            k3 = key.reshape(key.shape[0], key.shape[2], key.shape[3])
+            q_out, k_out = rotary_with_grad(q3, k3, *tables)
+            return q_out.view(query.shape), k_out.view(key.shape)
         common = {
             "config": self.config,
             "mscale": self._yarn_concentration_factor,

@@ -177,3 +177,50 @@ def test_fused_decisions_equal_the_core_ops_on_cuda_in_few_launches():
     fused = launches(lambda x: fused_decisions(x, None, tau, same, uniforms=uniforms))
     print(f"decision kernels forward + backward: core torch ops {core}, kernels.decisions {fused}")
     assert fused < core
+
+
+def test_training_rotary_equals_megatrons_rope_in_bf16_in_two_launches():
+    """``rotary_with_grad`` (the DMS attention's RoPE of packed sequences on CUDA) equals megatron's
+    unfused RoPE bit for bit in bf16, output and q / k gradients, in one kernel each way where
+    megatron's takes ~12 per q or k."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from torch.profiler import ProfilerActivity, profile
+
+    from dms_megatron.kernels.fused_elementwise import rotary_tables, rotary_with_grad
+
+    gen = torch.Generator().manual_seed(0)
+    T, HQ, HK, D = 4096, 9, 3, 64
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    half = torch.outer(torch.randint(0, 8192, (T,), generator=gen).float(), inv)
+    freqs = torch.cat((half, half), -1).reshape(T, 1, 1, D).cuda()
+    q = torch.randn(T, 1, HQ, D, generator=gen).cuda().bfloat16().requires_grad_()
+    k = torch.randn(T, 1, HK, D, generator=gen).cuda().bfloat16().requires_grad_()
+    gq = torch.randn(T, 1, HQ, D, generator=gen).cuda().bfloat16()
+    gk = torch.randn(T, 1, HK, D, generator=gen).cuda().bfloat16()
+
+    def megatron():
+        out = _apply_rotary_pos_emb_bshd(q, freqs), _apply_rotary_pos_emb_bshd(k, freqs)
+        return out, torch.autograd.grad(out, (q, k), (gq, gk))
+
+    tables = rotary_tables(freqs, torch.bfloat16)
+
+    def fused():
+        qo, ko = rotary_with_grad(q.view(T, HQ, D), k.view(T, HK, D), *tables)
+        grads = torch.autograd.grad((qo, ko), (q, k), (gq.view(T, HQ, D), gk.view(T, HK, D)))
+        return (qo.view(q.shape), ko.view(k.shape)), grads
+
+    (want, want_g), (got, got_g) = megatron(), fused()
+    for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_g), (*want, *want_g), strict=True):
+        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
+
+    def launches(fn) -> int:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+    n_megatron, n_fused = launches(megatron), launches(fused)
+    print(f"rotary kernels forward + backward (q and k): megatron {n_megatron}, fused {n_fused}")
+    assert n_fused <= 4 < n_megatron

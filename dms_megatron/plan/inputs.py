@@ -41,6 +41,7 @@ class PlanInput:
     dtype: str = "bf16"
     norm: str = "torch"
     kd_backend: str = "triton"  # torch | triton (``dms.kd_backend``; ``auto`` is triton on GPUs)
+    teacher_graph: bool = False  # the separate teacher's forward as CUDA graphs (train.teacher_cuda_graph)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class PlanInput:
                 raise ValueError(
                     f"{key}={getattr(self, key)!r} is invalid: choose one of {', '.join(allowed)}"
                 )
+        if self.teacher_graph and self.teacher != "separate":
+            raise ValueError("teacher_graph replays a separate teacher's forward: it needs teacher=separate")
         if self.train_mode == "adapter" and self.variant != "adapter":
             raise ValueError("train_mode=adapter trains the DMS adapters: it needs variant=adapter")
         if self.sequence_parallel and self.tp == 1:

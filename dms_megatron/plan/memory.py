@@ -176,6 +176,7 @@ class StageMemory:
     p2p: float
     lm_head: float  # last stage: final-norm and output-layer inputs
     logits_kl: float  # last stage: logits + KD loss buffers at the loss's peak
+    teacher_graph: float  # the teacher's CUDA graph: its static output and one layer's no-grad temporaries
     working: float  # backward working set
     allocated: float  # what torch.cuda.max_memory_allocated would report
     reserved: float  # allocated x (1 + fragmentation) + runtime reserve
@@ -205,6 +206,11 @@ def stage_memory(inp: PlanInput, asm: Assumptions, stage: int) -> StageMemory:
         lm_head = tokens * (_norm_bytes(inp, a.hidden_size) + e * a.hidden_size) / sd
         shard = tokens * inp.padded_vocab / inp.tp
         logits_kl = shard * (2 * e + FP32 * asm.kl_fp32_buffers)
+    teacher_graph = 0.0
+    if inp.teacher_graph:  # the graph's pool keeps its output (logits or the stage's hidden) and, at most,
+        # one layer's no-grad temporaries (bounded by what autograd would save for that layer)
+        output = tokens * inp.padded_vocab / inp.tp * e if last else tokens * a.hidden_size * e / sd
+        teacher_graph = output + tokens * layer_activation_bytes(inp, "none")
     # the loss's peak comes before the backward starts; the working set after it
     transient = max(logits_kl, working) if last else working
     static = {
@@ -213,7 +219,7 @@ def stage_memory(inp: PlanInput, asm: Assumptions, stage: int) -> StageMemory:
         "optimizer": params.trainable * (master + 2 * FP32) / inp.dp,
         "teacher_params": params.teacher * e,
     }
-    allocated = sum(static.values()) + activations + p2p + lm_head + transient
+    allocated = sum(static.values()) + activations + p2p + lm_head + transient + teacher_graph
     return StageMemory(
         stage=stage,
         layers=inp.layers_per_stage,
@@ -223,6 +229,7 @@ def stage_memory(inp: PlanInput, asm: Assumptions, stage: int) -> StageMemory:
         p2p=p2p,
         lm_head=lm_head,
         logits_kl=logits_kl,
+        teacher_graph=teacher_graph,
         working=working,
         allocated=allocated,
         reserved=allocated * (1 + asm.fragmentation) + asm.runtime_reserve_gib * GIB,

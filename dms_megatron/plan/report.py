@@ -190,6 +190,7 @@ def plan_input_from_config(
         dtype=cfg.model.dtype,
         norm=norm,
         kd_backend="torch" if cfg.dms.kd_backend == "torch" else "triton",  # auto: triton on GPUs
+        teacher_graph=cfg.train.teacher_cuda_graph,
         name=cfg.model.name,
     )
 
@@ -245,6 +246,8 @@ def format_plan(plan: Plan) -> str:
         [_gib(s.logits_kl) for s in stages],
     )
     row("backward working set (max with logits+KL)", [_gib(s.working) for s in stages])
+    if inp.teacher_graph:
+        row("teacher CUDA graph (output + one layer)", [_gib(s.teacher_graph) for s in stages])
     row("allocated peak", [_gib(s.allocated) for s in stages])
     row(
         f"+ {asm.fragmentation:.0%} fragmentation + {asm.runtime_reserve_gib:g} GiB reserve",

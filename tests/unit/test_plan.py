@@ -171,6 +171,26 @@ def test_adapter_mode_trains_only_adapters_with_self_teacher():
     assert "adapter" in layer_activation_terms(_tiny(variant="adapter"))
 
 
+def test_the_teacher_graph_adds_its_output_and_one_layer():
+    """``teacher_graph``: the last stage holds one more logits shard (the graph's static output) and at
+    most one layer's no-grad temporaries; an earlier stage one more hidden state instead of logits."""
+    asm = Assumptions()
+    for pp, stage, last in ((1, 0, True), (2, 0, False)):
+        off = stage_memory(_tiny(pp=pp), asm, stage)
+        on = stage_memory(_tiny(pp=pp, teacher_graph=True), asm, stage)
+        tokens = 2 * 32
+        output = tokens * _vocab_shard(_tiny()) * 2 if last else tokens * 64 * 2
+        assert off.teacher_graph == 0
+        assert on.teacher_graph == output + tokens * layer_activation_bytes(_tiny(), "none")
+        assert on.allocated - off.allocated == pytest.approx(on.teacher_graph)
+    with pytest.raises(ValueError, match="teacher=separate"):
+        _tiny(variant="adapter", train_mode="adapter", teacher="self", teacher_graph=True)
+
+
+def _vocab_shard(inp: PlanInput) -> int:
+    return inp.padded_vocab // inp.tp
+
+
 def test_smollm2_matches_the_measured_h100_peak():
     """The one GPU measurement (docs/results/2026-11-22_h100_trainer_smollm2/step_throughput.json):
     SmolLM2-135M, micro-batch 4 x 2048, full model, neuron: torch.cuda.max_memory_allocated 20.46 GiB."""

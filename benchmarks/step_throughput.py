@@ -25,6 +25,10 @@ overrides on top, timed in the same process on the same batches after the base o
 ``kd_triton=dms.kd_backend=triton``; reported as ``NAME`` and ``NAME_over_dms_retrofit_step_time`` (a
 host-bound step's time moves with the machine: compare changes inside one process).
 
+``--start-step N``: time steps N, N+1, ... of the schedule (e.g. a typical step past the neuron channel
+fade, ``dms.neuron_fade_steps``, whose extra ops last only the run's first steps; the steps before N are
+not run, so the weights are the initial ones: timing only).
+
 ``--profile DIR``: afterwards, ``--profile-steps`` more steps of each under torch.profiler: a Chrome
 trace per step kind and ``profile.json`` / ``profile.txt`` with the time per named region of the
 retrofit step (teacher forward, student forward, KD loss, compression loss, optimizer, ...), the
@@ -62,7 +66,7 @@ def _compose(overrides: list[str], args: argparse.Namespace) -> tuple[dict, obje
         container["parallel"] = {**container["parallel"], "tp": 1, "pp": 1, "sequence_parallel": False}
         data = Path(container["run_dir"]) / "data" / "random"
         seq, gbs = container["data"]["seq_length"], container["parallel"]["global_batch_size"]
-        steps = args.warmup + args.measure + args.profile_steps + 1
+        steps = args.start_step + args.warmup + args.measure + args.profile_steps + 1
         write_data(data, hf["vocab_size"], seq * gbs * steps)
         container["data"] = {**container["data"], "prefixes": [str(data)], "weights": None}
     return container, RetrofitConfig.from_dict(container)
@@ -73,19 +77,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(step_fn, warmup: int, measure: int) -> list[float]:
+def _time_steps(step_fn, warmup: int, measure: int, start: int = 0) -> list[float]:
     times = []
     for i in range(warmup + measure):
         _sync()
         t0 = time.perf_counter()
-        step_fn(i)
+        step_fn(start + i)
         _sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
 
 
-def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: str = "local") -> tuple:
+def _vanilla(
+    cfg, arch, dataset, slicer, warmup: int, measure: int, attention: str = "local", start: int = 0
+) -> tuple:
     """Step times of the vanilla model with ``attention`` (local | sdpa), and its step function."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -141,7 +147,7 @@ def _vanilla(cfg, arch, dataset, slicer, warmup: int, measure: int, attention: s
         optimizer.step()
         scheduler.step(increment=1)
 
-    times = _time_steps(step, warmup, measure)
+    times = _time_steps(step, warmup, measure, start)
     return times, step
 
 
@@ -207,6 +213,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--measure", type=int, default=15)
     ap.add_argument(
+        "--start-step",
+        type=int,
+        default=0,
+        help="the run's step the warm-up starts at (the schedule's; e.g. past the neuron channel fade, "
+        "whose extra ops last only its first steps): timing only, earlier steps are not run",
+    )
+    ap.add_argument(
         "--profile", default=None, help="folder for a torch.profiler breakdown of both step kinds"
     )
     ap.add_argument("--profile-steps", type=int, default=2)
@@ -257,7 +270,7 @@ def main() -> None:
     pre = preflight(cfg)
     dp = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     profile_dir = Path(args.profile) if args.profile else None
-    steps = args.warmup + args.measure + (args.profile_steps if profile_dir else 0)
+    steps = args.start_step + args.warmup + args.measure + (args.profile_steps if profile_dir else 0)
     dataset = build_gpt_dataset(
         cfg.data.prefixes,
         cfg.data.weights,
@@ -268,7 +281,7 @@ def main() -> None:
         pre.eos_token_id or 0,
         Path(cfg.run_dir) / "data_cache",
     )
-    first = args.warmup + args.measure
+    first = args.start_step + args.warmup + args.measure
     retrofit_runs = {}  # report name -> (times, peak memory GB, profile)
     resident: dict[str, dict] = {}  # GPU memory still allocated before each run (what an earlier left)
     for name, run_cfg in {"dms_retrofit": cfg, **variant_cfgs}.items():
@@ -279,7 +292,7 @@ def main() -> None:
         resident[name]["allocated_after_build_gb"] = _allocated_gb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        times = _time_steps(trainer.train_step, args.warmup, args.measure)
+        times = _time_steps(trainer.train_step, args.warmup, args.measure, args.start_step)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         prof = _profile(name, trainer.train_step, first, args.profile_steps, profile_dir, dist.get_rank())
         retrofit_runs[name] = (times, mem, prof)
@@ -297,7 +310,9 @@ def main() -> None:
     for attention in args.vanilla_attention:
         name = "vanilla" if attention == "local" else f"vanilla_{attention}"
         resident[name] = {"allocated_before_build_gb": _allocated_gb()}
-        times, step = _vanilla(cfg, pre.arch, dataset, slicer, args.warmup, args.measure, attention)
+        times, step = _vanilla(
+            cfg, pre.arch, dataset, slicer, args.warmup, args.measure, attention, args.start_step
+        )
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         prof = _profile(name, step, first, args.profile_steps, profile_dir, dist.get_rank())
         vanilla_runs[name] = (times, mem, prof)
@@ -311,6 +326,7 @@ def main() -> None:
         "world_size": world,
         "config": {k: container[k] for k in ("parallel", "data", "dms", "train")},
         "tokens_per_step": tokens,
+        "start_step": args.start_step,
     }
     retrofit_flops = retrofit_flops_per_token(pre.arch, cfg.data.seq_length)
     runs = [("dms_retrofit", dms_times, retrofit_flops, dms_mem)]

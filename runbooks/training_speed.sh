@@ -141,8 +141,9 @@ smollm2)
     tail -1 "$OUT/step_kernel_tests.log"
     # beside the base step, in the same process: the teacher's forward replayed as CUDA graphs (which needs
     # the triton backend: with BACKENDS=flex the variant is triton + graphs)
+    # from step 40 (STEP_START): past the preset's 30-step channel fade, whose extra ops a typical step lacks
     STEP_VARIANTS=${STEP_VARIANTS-teacher_graph=train.teacher_cuda_graph=true,dms.attention_backend=triton} \
-        step_pair smollm2 experiment=smollm2_paper run_dir=runs/bench
+        step_pair smollm2 --start-step "${STEP_START:-40}" experiment=smollm2_paper run_dir=runs/bench
     ;;
 curves)
     start_runbook curves

@@ -51,3 +51,11 @@ def test_triton_launch_settings_are_loaded_and_unknown_kernels_refused(bench, tm
     bad.write_text('{"bwd": {"num_warps": 8}}')
     with pytest.raises(SystemExit, match="unknown kernels"):
         bench._use_triton_launch(bad)
+
+
+def test_timed_steps_start_where_asked(bench) -> None:
+    """``--start-step N``: the warm-up and measured steps are N, N+1, ... of the schedule; only the
+    measured ones are timed."""
+    seen: list[int] = []
+    times = bench._time_steps(seen.append, warmup=2, measure=3, start=40)
+    assert seen == [40, 41, 42, 43, 44] and len(times) == 3

@@ -21,18 +21,23 @@ from __future__ import annotations
 import torch
 
 from dms_megatron.megatron.pipeline import DECISION_CHANNELS, dms_run_state
-from dms_megatron.megatron.teacher_graph import TeacherGraph
+from dms_megatron.megatron.teacher_graph import Capture, TeacherGraph
 
 
 class DistillationStage(torch.nn.Module):
     """One pipeline stage of student + frozen teacher (see the module docstring)."""
 
     def __init__(
-        self, student: torch.nn.Module, teacher: torch.nn.Module | None = None, teacher_graph: bool = False
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None = None,
+        teacher_graph: bool = False,
+        graph_capture: Capture | None = None,
     ) -> None:
         """``student``: the DMS stage, bare or wrapped (megatron DDP / ``Float16Module``: ``.module``);
         ``teacher_graph``: replay the separate teacher's forward as CUDA graphs (``teacher_graph.py``)
-        where it runs on CUDA."""
+        where it runs on CUDA; ``graph_capture``: a stand-in for the CUDA capture (tests; then on any
+        device)."""
         super().__init__()
         self.student = student
         inner = student
@@ -56,7 +61,7 @@ class DistillationStage(torch.nn.Module):
         self._teacher = [teacher] if teacher is not None else []
         if teacher_graph and teacher is None:
             raise ValueError("teacher_graph needs a separate teacher (the adapter recipe's is the student)")
-        self._teacher_graph = teacher_graph
+        self._teacher_graph, self._graph_capture = teacher_graph, graph_capture
         self._graph: TeacherGraph | None = None
         self._teacher_input: torch.Tensor | None = None
         self._student_input: torch.Tensor | None = None
@@ -84,9 +89,10 @@ class DistillationStage(torch.nn.Module):
         self._student_input, self._teacher_input = input_tensor[..., :split], input_tensor[..., split:]
 
     def _teacher_forward(self, *args, **kwargs) -> torch.Tensor:
-        if self._teacher_graph and next(self.teacher.parameters()).is_cuda:  # type: ignore[union-attr]
+        on_cuda = next(self.teacher.parameters()).is_cuda if self._teacher_graph else False  # type: ignore[union-attr]
+        if self._teacher_graph and (on_cuda or self._graph_capture is not None):
             if self._graph is None:
-                self._graph = TeacherGraph(self.teacher)  # type: ignore[arg-type]
+                self._graph = TeacherGraph(self.teacher, capture=self._graph_capture)  # type: ignore[arg-type]
             return self._graph(None if self.pre_process else self._teacher_input, *args, **kwargs)
         model = self.teacher if self.teacher is not None else self._inner[0]
         with torch.no_grad():

@@ -34,14 +34,26 @@ def _gpt(config, spec) -> GPTModel:
 
 
 def distill_job(
-    rank: int, world: int, tp: int, pp: int, sp: bool, teacher: str, dms_kwargs: dict[str, Any]
+    rank: int,
+    world: int,
+    tp: int,
+    pp: int,
+    sp: bool,
+    teacher: str,
+    dms_kwargs: dict[str, Any],
+    teacher_graph: bool = False,
 ) -> dict:
     tiny_gpt.init_parallel(tp, pp, seed=7)
     config = tiny_gpt.tiny_gpt_config(tp, pp, sequence_parallel=sp)
     spec = local_layer_spec()
     student = _gpt(config, apply_dms(spec, dms_test_config(**dms_kwargs)))
     state = attach_dms_pipeline(student)
-    stage = DistillationStage(student, _gpt(config, spec) if teacher == "separate" else None)
+    stage = DistillationStage(
+        student,
+        _gpt(config, spec) if teacher == "separate" else None,
+        teacher_graph=teacher_graph,
+        graph_capture=rerun_capture if teacher_graph else None,  # the CPU stand-in for the CUDA capture
+    )
     batches = tiny_gpt.make_batches(2)
     counter = iter(range(2))
 
@@ -61,6 +73,7 @@ def distill_job(
     tiny_gpt.allreduce_tp_replicated_grads(stage.student)
     teacher_grads = [] if stage.teacher is None else [p.grad for p in stage.teacher.parameters()]
     return {
+        "graph_replays": stage._graph.replays if stage._graph is not None else 0,
         "losses": [{k: float(v) for k, v in d.items()} for d in out] if out else [],
         # teacher mode: the adapter is unused, so it has no gradient to gather
         "grads": {} if dms_kwargs.get("teacher_mode") else tiny_gpt.gather_full_grads(stage.student),

@@ -7,6 +7,18 @@ import torch
 from dms_megatron.core import NoiseKey, dms_attention_reference, logistic_noise, token_kl, uniform_from_hash
 
 
+def cuda_launches(fn) -> int:
+    """CUDA kernels ``fn()`` launches (counted on its second call: the first compiles)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
 def test_noise_uniforms_bit_identical_and_noise_within_ulps_on_cpu_and_gpu():
     key = NoiseKey(seed=42, step=1000, micro_batch=3, dp_rank=5, layer=63)
     kw = {"head_offset": 8, "position_offset": 8192}
@@ -53,8 +65,6 @@ def test_kl_matches_cpu():
 def test_noise_kernel_equals_the_core_torch_ops_on_cuda_in_few_launches():
     """``kernels.noise`` (one Triton launch for the hash) draws the core's torch-op noise bit for bit on
     CUDA, offsets past 2**32 included, and launches a handful of kernels where the core launches ~190."""
-    from torch.profiler import ProfilerActivity, profile
-
     from dms_megatron.kernels import noise as kernel_noise
 
     key = NoiseKey(seed=7, step=321, micro_batch=1, dp_rank=2, layer=29)
@@ -68,16 +78,8 @@ def test_noise_kernel_equals_the_core_torch_ops_on_cuda_in_few_launches():
         want = logistic_noise(key, shape, device="cuda", **kw)
         assert torch.equal(kernel_noise.logistic_noise(key, shape, device="cuda", **kw), want)
 
-    def launches(fn) -> int:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-
-    core = launches(lambda: logistic_noise(key, (4, 3, 2048), device="cuda"))
-    fused = launches(lambda: kernel_noise.logistic_noise(key, (4, 3, 2048), device="cuda"))
+    core = cuda_launches(lambda: logistic_noise(key, (4, 3, 2048), device="cuda"))
+    fused = cuda_launches(lambda: kernel_noise.logistic_noise(key, (4, 3, 2048), device="cuda"))
     print(f"noise kernels per draw: core torch ops {core}, kernels.noise {fused}")
     assert fused <= 6 < core
 
@@ -184,7 +186,6 @@ def test_training_rotary_equals_megatrons_rope_in_bf16_in_two_launches():
     unfused RoPE bit for bit in bf16, output and q / k gradients, in one kernel each way where
     megatron's takes ~12 per q or k."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-    from torch.profiler import ProfilerActivity, profile
 
     from dms_megatron.kernels.fused_elementwise import rotary_tables, rotary_with_grad
 
@@ -213,14 +214,6 @@ def test_training_rotary_equals_megatrons_rope_in_bf16_in_two_launches():
     for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_g), (*want, *want_g), strict=True):
         assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max().item())
 
-    def launches(fn) -> int:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-
-    n_megatron, n_fused = launches(megatron), launches(fused)
+    n_megatron, n_fused = cuda_launches(megatron), cuda_launches(fused)
     print(f"rotary kernels forward + backward (q and k): megatron {n_megatron}, fused {n_fused}")
     assert n_fused <= 4 < n_megatron

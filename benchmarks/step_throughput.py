@@ -23,7 +23,8 @@ GPU: ``--emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 parall
 ``--dms-variant NAME=OVERRIDE[,OVERRIDE...]`` (repeatable): more retrofit steps with those Hydra
 overrides on top, timed in the same process on the same batches after the base one, e.g.
 ``kd_triton=dms.kd_backend=triton``; reported as ``NAME`` and ``NAME_over_dms_retrofit_step_time`` (a
-host-bound step's time moves with the machine: compare changes inside one process).
+host-bound step's time moves with the machine: compare changes inside one process). A variant that fails
+in a one-process run is reported under ``variant_errors`` and the other runs go on.
 
 ``--start-step N``: time steps N, N+1, ... of the schedule (e.g. a typical step past the neuron channel
 fade, ``dms.neuron_fade_steps``, whose extra ops last only the run's first steps; the steps before N are
@@ -284,7 +285,9 @@ def main() -> None:
     first = args.start_step + args.warmup + args.measure
     retrofit_runs = {}  # report name -> (times, peak memory GB, profile)
     resident: dict[str, dict] = {}  # GPU memory still allocated before each run (what an earlier left)
-    for name, run_cfg in {"dms_retrofit": cfg, **variant_cfgs}.items():
+    variant_errors: dict[str, str] = {}  # a variant that failed (one process: the others still run)
+
+    def retrofit_run(name: str, run_cfg) -> None:
         resident[name] = {"allocated_before_build_gb": _allocated_gb()}
         models = build_models(run_cfg, pre.arch, pre.meta)
         optimizer, scheduler = build_optimizer(run_cfg, models.ddp)
@@ -297,7 +300,15 @@ def main() -> None:
         prof = _profile(name, trainer.train_step, first, args.profile_steps, profile_dir, dist.get_rank())
         retrofit_runs[name] = (times, mem, prof)
         print(f"{name}: median step {statistics.median(times):.4f} s, peak memory {mem} GB", flush=True)
-        del trainer, models, optimizer, scheduler
+
+    for name, run_cfg in {"dms_retrofit": cfg, **variant_cfgs}.items():
+        try:
+            retrofit_run(name, run_cfg)
+        except Exception as exc:  # reported; with several ranks it is raised
+            if name == "dms_retrofit" or dist.get_world_size() > 1:
+                raise
+            variant_errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name}: failed ({variant_errors[name]}); the other runs go on", flush=True)
         _free()  # the models sit in reference cycles (config hooks); free them before the next run
     dms_times, dms_mem, dms_profile = retrofit_runs.pop("dms_retrofit")
     slicer = StepSlice(
@@ -327,6 +338,7 @@ def main() -> None:
         "config": {k: container[k] for k in ("parallel", "data", "dms", "train")},
         "tokens_per_step": tokens,
         "start_step": args.start_step,
+        "variant_errors": variant_errors,
     }
     retrofit_flops = retrofit_flops_per_token(pre.arch, cfg.data.seq_length)
     runs = [("dms_retrofit", dms_times, retrofit_flops, dms_mem)]

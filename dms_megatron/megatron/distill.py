@@ -88,11 +88,14 @@ class DistillationStage(torch.nn.Module):
         split = self.config.hidden_size + DECISION_CHANNELS
         self._student_input, self._teacher_input = input_tensor[..., :split], input_tensor[..., split:]
 
+    def _graph_can_serve(self) -> bool:
+        """A CUDA teacher, or a stand-in capture (tests): the graph is made on the first such forward."""
+        return self._graph_capture is not None or next(self.teacher.parameters()).is_cuda  # type: ignore[union-attr]
+
     def _teacher_forward(self, *args, **kwargs) -> torch.Tensor:
-        on_cuda = next(self.teacher.parameters()).is_cuda if self._teacher_graph else False  # type: ignore[union-attr]
-        if self._teacher_graph and (on_cuda or self._graph_capture is not None):
-            if self._graph is None:
-                self._graph = TeacherGraph(self.teacher, capture=self._graph_capture)  # type: ignore[arg-type]
+        if self._graph is None and self._teacher_graph and self._graph_can_serve():
+            self._graph = TeacherGraph(self.teacher, capture=self._graph_capture)  # type: ignore[arg-type]
+        if self._graph is not None:
             return self._graph(None if self.pre_process else self._teacher_input, *args, **kwargs)
         model = self.teacher if self.teacher is not None else self._inner[0]
         with torch.no_grad():

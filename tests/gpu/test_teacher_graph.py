@@ -60,16 +60,10 @@ def teacher(request):
 
 
 def _micro_batch(seed: int) -> dict:
-    from dms_megatron.training.batches import pack_thd
+    from dms_megatron.testing.graph_stand_in import packed_micro_batch
 
-    gen = torch.Generator().manual_seed(seed)
-    rows = 2
-    tokens = torch.randint(0, VOCAB, (rows, TOKENS // rows), generator=gen)
-    starts = torch.rand(tokens.shape, generator=gen) < 0.02 * (seed + 1)  # 2..10% document starts
-    starts[:, 0] = True
-    idx = torch.arange(tokens.shape[1]).expand_as(tokens)
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    p = pack_thd({"tokens": tokens, "position_ids": idx - first}, "cuda")
+    # 2 rows of 256; 2..10% of the positions start a document
+    p = packed_micro_batch(seed, 2, TOKENS // 2, VOCAB, start_prob=0.02 * (seed + 1), device="cuda")
     return {
         "input_ids": p["input_ids"],
         "position_ids": p["position_ids"],

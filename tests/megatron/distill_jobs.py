@@ -14,7 +14,7 @@ from dms_megatron.megatron.families import decoder_block_spec, local_layer_spec
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss
 from dms_megatron.megatron.teacher_graph import TeacherGraph
 from dms_megatron.testing import tiny_gpt
-from dms_megatron.testing.graph_stand_in import rerun_capture
+from dms_megatron.testing.graph_stand_in import packed_micro_batch, rerun_capture
 from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
 
 
@@ -82,19 +82,6 @@ def distill_job(
     }
 
 
-def _packed(seed: int) -> dict:
-    """A THD micro-batch of the tiny GPT's shape with documents of random lengths (pack_thd)."""
-    from dms_megatron.training.batches import pack_thd
-
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, tiny_gpt.VOCAB, (tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN), generator=gen)
-    starts = torch.rand(tokens.shape, generator=gen) < 0.25
-    starts[:, 0] = True
-    idx = torch.arange(tokens.shape[1]).expand_as(tokens)
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return pack_thd({"tokens": tokens, "position_ids": idx - first}, "cpu")
-
-
 def teacher_graph_job(rank: int, world: int) -> dict:
     """The separate teacher (DMS layers in teacher mode) through TeacherGraph's static buffers (padded
     cu_seqlens, pinned max lengths, per-token ids refilled) vs its own forward, micro-batch by micro-batch."""
@@ -110,7 +97,7 @@ def teacher_graph_job(rank: int, world: int) -> dict:
     graph = TeacherGraph(teacher, capture=rerun_capture)
     diffs, docs = [], []
     for seed in range(4):
-        p = _packed(seed)
+        p = packed_micro_batch(seed, tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN, tiny_gpt.VOCAB, start_prob=0.25)
         kwargs = {
             "input_ids": p["input_ids"],
             "position_ids": p["position_ids"],

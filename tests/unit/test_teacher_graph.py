@@ -13,8 +13,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from dms_megatron.megatron.teacher_graph import TeacherGraph
+from dms_megatron.testing.graph_stand_in import packed_micro_batch
 from dms_megatron.testing.graph_stand_in import rerun_capture as stand_in_capture
-from dms_megatron.training.batches import pack_thd
 
 
 class Toy(torch.nn.Module):
@@ -42,16 +42,7 @@ class Toy(torch.nn.Module):
 
 
 def micro_batch(seed: int, b: int = 2, s: int = 12) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 50, (b, s), generator=gen)
-    pos = torch.zeros(b, s, dtype=torch.long)
-    for row in range(b):  # documents of random lengths
-        start = 0
-        for t in range(s):
-            if t > 0 and torch.rand((), generator=gen) < 0.3:
-                start = t
-            pos[row, t] = t - start
-    return pack_thd({"tokens": tokens, "position_ids": pos}, "cpu")
+    return packed_micro_batch(seed, b, s, vocab=50, start_prob=0.3)
 
 
 def call(graph_or_model, p: dict, stage_input=None):

@@ -79,13 +79,6 @@ def fixed_budget_run(model, prompts: list[list[int]], new_tokens: int, budget_gi
     }
 
 
-def extend_context(model, positions: int) -> None:
-    """Let ``model`` (the inference engine's) take ``positions`` positions: its context raised and its
-    RoPE table rebuilt on next use (positions past the trained context are extrapolated)."""
-    model.arch = dataclasses.replace(model.arch, max_position_embeddings=positions)
-    model._rope.clear()
-
-
 def _progress(requests: int, new_tokens: int, every: int):
     """An ``on_token`` callback printing (flushed) every ``every`` prefills done and every ``every``
     tokens of the first request, so a run cut by a time limit shows where its time went."""
@@ -179,7 +172,7 @@ def benchmark(model, ids: list[int], args: argparse.Namespace) -> dict:
     context = model.arch.max_position_embeddings
     longest = max(args.prompt_lengths) + args.new_tokens
     if getattr(args, "past_context", False) and longest > context:
-        extend_context(model, longest)
+        model.extend_context(longest)
         report["past_context"] = {"trained_context": context, "served_up_to": longest}
         print(f"serving up to {longest} positions past the trained context of {context}", flush=True)
     for mode in ("dms", "dense"):  # warm-up: Triton compilation and lazy CUDA state outside the timings

@@ -13,6 +13,8 @@ layer. Without a ``dms`` block the model is the original one (no eviction).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from collections.abc import Mapping
@@ -129,6 +131,13 @@ class DMSCausalLM:
     @property
     def window(self) -> int:
         return self.dms.window if self.dms else 0
+
+    def extend_context(self, positions: int) -> None:
+        """Take ``positions`` positions (the engines check prompts against ``arch``): the context raised
+        and the RoPE table rebuilt on next use. Positions past the trained context are extrapolated:
+        for throughput and memory probes, not for text (``benchmarks/serve_bench.py --past-context``)."""
+        self.arch = dataclasses.replace(self.arch, max_position_embeddings=positions)
+        self._rope.clear()
 
     def _p(self, layer: int, name: str) -> torch.Tensor:
         return self.w[f"model.layers.{layer}.{name}"]

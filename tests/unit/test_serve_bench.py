@@ -101,4 +101,4 @@ def test_past_context_serves_longer_prompts_and_marks_their_rows(serve_bench, ti
         assert [r["kv_budget_gib"] for r in ratios] == [2e-3]
         assert model.arch.max_position_embeddings == 308
     finally:
-        serve_bench.extend_context(model, context)  # the module fixture's model, as it was
+        model.extend_context(context)  # the module fixture's model, as it was

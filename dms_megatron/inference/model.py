@@ -14,7 +14,6 @@ layer. Without a ``dms`` block the model is the original one (no eviction).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from collections.abc import Mapping

@@ -4,7 +4,7 @@
 forward on the static buffers and writes into the captured output, so tests check TeacherGraph's
 bookkeeping (what it copies, pads and pins) without CUDA. It does not show what a real capture leaves
 out: Python does not run on a real replay (tests/gpu/test_teacher_graph.py covers that).
-``packed_micro_batch``: a THD micro-batch with documents of random lengths, as ``pack_thd`` builds it."""
+``random_documents``: a micro-batch with documents of random lengths, for ``pack_thd``."""
 
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ def rerun_capture(fn: Callable[[], torch.Tensor], pool: Any) -> tuple[Callable[[
     return (lambda: out.copy_(fn())), out
 
 
-def packed_micro_batch(
-    seed: int, rows: int, length: int, vocab: int, start_prob: float, device: str = "cpu"
-) -> dict:
-    """``pack_thd`` of ``rows x length`` random tokens whose documents start at each position with
-    probability ``start_prob`` (and at each row's first token)."""
-    from dms_megatron.training.batches import pack_thd
-
+def random_documents(seed: int, rows: int, length: int, vocab: int, start_prob: float) -> dict:
+    """``{"tokens", "position_ids"}`` ``[rows, length]``: random tokens in documents that start at each
+    position with probability ``start_prob`` (and at each row's first token), for ``pack_thd``."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (rows, length), generator=gen)
     starts = torch.rand(tokens.shape, generator=gen) < start_prob
     starts[:, 0] = True
     idx = torch.arange(length).expand_as(tokens)
     first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return pack_thd({"tokens": tokens, "position_ids": idx - first}, device)
+    return {"tokens": tokens, "position_ids": idx - first}

@@ -60,10 +60,11 @@ def teacher(request):
 
 
 def _micro_batch(seed: int) -> dict:
-    from dms_megatron.testing.graph_stand_in import packed_micro_batch
+    from dms_megatron.testing.graph_stand_in import random_documents
+    from dms_megatron.training.batches import pack_thd
 
     # 2 rows of 256; 2..10% of the positions start a document
-    p = packed_micro_batch(seed, 2, TOKENS // 2, VOCAB, start_prob=0.02 * (seed + 1), device="cuda")
+    p = pack_thd(random_documents(seed, 2, TOKENS // 2, VOCAB, start_prob=0.02 * (seed + 1)), "cuda")
     return {
         "input_ids": p["input_ids"],
         "position_ids": p["position_ids"],

@@ -14,7 +14,7 @@ from dms_megatron.megatron.families import decoder_block_spec, local_layer_spec
 from dms_megatron.megatron.kd import vocab_parallel_kd_loss
 from dms_megatron.megatron.teacher_graph import TeacherGraph
 from dms_megatron.testing import tiny_gpt
-from dms_megatron.testing.graph_stand_in import packed_micro_batch, rerun_capture
+from dms_megatron.testing.graph_stand_in import random_documents, rerun_capture
 from dms_megatron.testing.tiny_dms import TARGET_FRACTION, dms_test_config
 
 
@@ -87,6 +87,7 @@ def teacher_graph_job(rank: int, world: int) -> dict:
     cu_seqlens, pinned max lengths, per-token ids refilled) vs its own forward, micro-batch by micro-batch."""
     import copy
 
+    from dms_megatron.training.batches import pack_thd
     from dms_megatron.training.setup import teacher_dms_config
 
     tiny_gpt.init_parallel(1, 1, seed=7)
@@ -97,7 +98,10 @@ def teacher_graph_job(rank: int, world: int) -> dict:
     graph = TeacherGraph(teacher, capture=rerun_capture)
     diffs, docs = [], []
     for seed in range(4):
-        p = packed_micro_batch(seed, tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN, tiny_gpt.VOCAB, start_prob=0.25)
+        p = pack_thd(
+            random_documents(seed, tiny_gpt.MICRO_BATCH, tiny_gpt.SEQ_LEN, tiny_gpt.VOCAB, start_prob=0.25),
+            "cpu",
+        )
         kwargs = {
             "input_ids": p["input_ids"],
             "position_ids": p["position_ids"],

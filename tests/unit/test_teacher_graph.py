@@ -13,8 +13,9 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from dms_megatron.megatron.teacher_graph import TeacherGraph
-from dms_megatron.testing.graph_stand_in import packed_micro_batch
+from dms_megatron.testing.graph_stand_in import random_documents
 from dms_megatron.testing.graph_stand_in import rerun_capture as stand_in_capture
+from dms_megatron.training.batches import pack_thd
 
 
 class Toy(torch.nn.Module):
@@ -42,7 +43,7 @@ class Toy(torch.nn.Module):
 
 
 def micro_batch(seed: int, b: int = 2, s: int = 12) -> dict:
-    return packed_micro_batch(seed, b, s, vocab=50, start_prob=0.3)
+    return pack_thd(random_documents(seed, b, s, vocab=50, start_prob=0.3), "cpu")
 
 
 def call(graph_or_model, p: dict, stage_input=None):

@@ -9,6 +9,8 @@ the fused Triton kernel depends on what the libraries do with those shapes; this
 - ``cudnn_D`` / ``cudnn_D+8``: the cuDNN attention op (causal, log-sum-exp returned) at D and D + 8,
   forward and forward + backward (its backward op called on the forward's output and log-sum-exp);
 - ``flash_D+8``: FlashAttention-2 (PyTorch's) causal at D + 8;
+- ``cudnn_D_vD+8``: the cuDNN op with q / k at head dim D and v at D + 8 (the bias carried on the
+  value side: v scaled by e^bias plus one channel of e^bias, the old part's normaliser);
 - ``flash_band``: FlashAttention-2 sliding window (left = window, right = 0) at D;
 - ``cudnn_D_keybias``: the cuDNN op at head dim D, causal, with a per-key additive bias ``[B, H, 1, T]``
   broadcast over the queries (stride 0), the way the old part could carry the DMS bias without extra
@@ -218,6 +220,14 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: 
             lambda t=t: _flash(t[0], t[1], t[2], scale, -1),
             lambda t=t: _flash_fb(t[0], t[1], t[2], t[3], scale, -1),
         )
+    # the old part with the bias on the value side instead (q / k at D, v at D + 8: v scaled by e^bias
+    # plus one channel of e^bias, whose output is the old part's normaliser): does cuDNN stay fast?
+    kx, vw, gw = k.repeat_interleave(G, 1), bhtd(Hq, D + 8), bhtd(Hq, D + 8)
+    timed(
+        f"cudnn_{D}_v{D + 8}",
+        lambda: _cudnn(q, kx, vw, scale),
+        lambda: _cudnn_fb(q, kx, vw, gw, scale),
+    )
     t = [x.transpose(1, 2) for x in (q, k, v, g)]
     timed(
         "flash_band",

@@ -254,6 +254,7 @@ def main() -> None:
         "--settings-out) used by every step of this process instead of the defaults",
     )
     args, overrides = ap.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]  # "--" may separate the flags from the Hydra overrides
     if args.triton_launch:
         _use_triton_launch(Path(args.triton_launch))
     import torch.distributed as dist

@@ -11,7 +11,8 @@
 #   bash runbooks/training_speed.sh layer32b    # carry .carry: one TP=8 rank of R1-Distill-Qwen-32B
 #                                               #   (5 / 1 heads, FFN 3456), 4 layers, 8K tokens, flex
 #                                               #   and triton attention, step_throughput --profile
-#   bash runbooks/training_speed.sh tune        # carry .carry: the fused kernel's bf16 GPU tests
+#   bash runbooks/training_speed.sh tune        # carry .carry: the split parts' probe (PROBE_SECONDS), the
+#                                               #   fused kernel's bf16 GPU tests
 #                                               #   (TEST_SECONDS), benchmarks/attention_tune.py: its launch
 #                                               #   settings swept (TUNE_SHAPES, TUNE_SEQS, TUNE_SECONDS),
 #                                               #   then the KD kernel's GPU test (KD_SECONDS) and, with
@@ -107,6 +108,11 @@ split)
     ;;
 tune)
     start_runbook tune
+    # first the library parts a faster exact decomposition would stand on (PROBE_SECONDS, 0 skips): cuDNN
+    # with a per-key bias broadcast over the queries, and with the bias carried on the value side
+    boxed "${PROBE_SECONDS:-60}" python3 benchmarks/probe_split_attention.py --shapes 5x1x128,32x8x128 \
+        --seqs 8192,32768 --out "$OUT/probe_split.json" > "$OUT/probe_split.log" 2>&1 || true
+    grep -h "sdpa_default\|keybias\|_v1" "$OUT/probe_split.log" || true
     boxed "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
         -k "bf16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"

@@ -222,7 +222,8 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: 
         )
     # the old part with the bias on the value side instead (q / k at D, v at D + 8: v scaled by e^bias
     # plus one channel of e^bias, whose output is the old part's normaliser): does cuDNN stay fast?
-    kx, vw, gw = k.repeat_interleave(G, 1), bhtd(Hq, D + 8), bhtd(Hq, D + 8)
+    kx, vx = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # also the key-bias call's
+    vw, gw = bhtd(Hq, D + 8), bhtd(Hq, D + 8)
     timed(
         f"cudnn_{D}_v{D + 8}",
         lambda: _cudnn(q, kx, vw, scale),
@@ -234,7 +235,6 @@ def probe(Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, doc_length: 
         lambda: _flash(t[0], t[1], t[2], scale, window),
         lambda: _flash_fb(t[0], t[1], t[2], t[3], scale, window),
     )
-    kx, vx = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     bias = torch.randn(1, Hq, 1, T, device=dev, dtype=dt)
     extra: dict = {}
     try:

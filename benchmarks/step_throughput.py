@@ -208,6 +208,11 @@ def _use_triton_launch(path: Path) -> None:
     print(f"triton attention launch settings from {path}: {triton_dms.LAUNCH_OVERRIDES}", flush=True)
 
 
+def _hydra_overrides(rest: list[str]) -> list[str]:
+    """The arguments argparse left over, without the ``--`` that may separate them from the flags."""
+    return [o for o in rest if o != "--"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -254,7 +259,7 @@ def main() -> None:
         "--settings-out) used by every step of this process instead of the defaults",
     )
     args, overrides = ap.parse_known_args()
-    overrides = [o for o in overrides if o != "--"]  # "--" may separate the flags from the Hydra overrides
+    overrides = _hydra_overrides(overrides)
     if args.triton_launch:
         _use_triton_launch(Path(args.triton_launch))
     import torch.distributed as dist

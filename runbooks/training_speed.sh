@@ -112,7 +112,7 @@ tune)
     # with a per-key bias broadcast over the queries, and with the bias carried on the value side
     boxed "${PROBE_SECONDS:-60}" python3 benchmarks/probe_split_attention.py --shapes 5x1x128,32x8x128 \
         --seqs 8192,32768 --out "$OUT/probe_split.json" > "$OUT/probe_split.log" 2>&1 || true
-    grep -h "sdpa_default\|keybias\|_v1" "$OUT/probe_split.log" || true
+    grep -h "sdpa_default\|keybias\|_v[0-9]" "$OUT/probe_split.log" || true
     boxed "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
         -k "bf16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"

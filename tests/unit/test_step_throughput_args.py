@@ -59,3 +59,10 @@ def test_timed_steps_start_where_asked(bench) -> None:
     seen: list[int] = []
     times = bench._time_steps(seen.append, warmup=2, measure=3, start=40)
     assert seen == [40, 41, 42, 43, 44] and len(times) == 3
+
+
+def test_a_separator_before_the_overrides_is_dropped(bench) -> None:
+    assert bench._hydra_overrides(["--", "experiment=smollm2_paper", "dms.tau=0.2"]) == [
+        "experiment=smollm2_paper",
+        "dms.tau=0.2",
+    ]

@@ -327,27 +327,56 @@ def _bwd_dq_kernel(
     )
 
 
-# Diagnostics only (benchmarks/triton_attention_check.py): per kernel ("fwd", "dkdv", "dq"), launch
-# options that replace the defaults: "blocks" (query block, key block) and Triton's num_warps / num_stages.
+# Launch settings per kernel ("fwd", "dkdv", "dq"): "blocks" (query block, key block) and Triton's
+# num_warps / num_stages. The CUDA defaults are the fastest of benchmarks/attention_tune.py's sweep on an
+# H100 (2026-12-07; docs/results/2026-12-07_h100_tuned_step): for D = 128 the same three settings won (or
+# were within 1.5% of the winner) at 5/1, 4/1 and 32/8 heads, T = 8K and 32K, and cut fwd+bwd by 28-31%
+# against the earlier 128x64 / 64x64 / 128x32 tiles at Triton's default warps. dK/dV stays off the 32 x 128
+# and 16 x 128 tiles at 4 warps: those gave dK 0.11-0.15 off the reference for one bf16 case (T=777, D=64,
+# documents) on an H100 on 2026-12-05.
+_CUDA_LAUNCH = {
+    64: {
+        "fwd": {"blocks": (64, 64), "num_warps": 4, "num_stages": 3},
+        "dkdv": {"blocks": (64, 64), "num_warps": 4, "num_stages": 3},
+        "dq": {"blocks": (64, 64), "num_warps": 4, "num_stages": 2},
+    },
+    128: {
+        "fwd": {"blocks": (128, 128), "num_warps": 8, "num_stages": 3},
+        "dkdv": {"blocks": (64, 128), "num_warps": 8, "num_stages": 3},
+        "dq": {"blocks": (64, 64), "num_warps": 4, "num_stages": 2},
+    },
+    # larger heads: small tiles (shared memory), Triton's default warps and stages
+    256: {
+        "fwd": {"blocks": (64, 32)},
+        "dkdv": {"blocks": (32, 64)},
+        "dq": {"blocks": (64, 32)},
+    },
+}
+_INTERPRETED_LAUNCH = {kernel: {"blocks": (16, 16)} for kernel in ("fwd", "dkdv", "dq")}
+# Diagnostics and tuning only (benchmarks/attention_tune.py, step_throughput --triton-launch): per kernel,
+# settings that replace the defaults above.
 LAUNCH_OVERRIDES: dict[str, dict] = {}
 
 
-def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
-    """(query block, key block) of each kernel: the forward, dK/dV (a key block visits query blocks) and
-    dQ (a query block visits key blocks)."""
+def _launch(d: int, dv: int, interpret: bool) -> dict[str, dict]:
+    """Launch settings of each kernel: the forward, dK/dV (a key block visits query blocks) and dQ (a
+    query block visits key blocks), for head dims ``d`` (queries, keys) and ``dv`` (values)."""
     if interpret:
-        blocks = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
-    elif max(d, dv) <= 128:
-        # dK/dV at 32 x 128 (and 16 x 128) gave dK 0.11-0.15 off the reference for one bf16 case on an
-        # H100 (2026-12-05, T=777, D=64, documents) where 64 x 64, num_warps=8 or num_stages=1 gave 3e-3
-        blocks = {"fwd": (128, 64), "dkdv": (64, 64), "dq": (128, 32)}
+        settings = _INTERPRETED_LAUNCH
     else:
-        blocks = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
-    return blocks | {k: o["blocks"] for k, o in LAUNCH_OVERRIDES.items() if "blocks" in o}
+        width = max(d, dv)
+        settings = _CUDA_LAUNCH[64 if width <= 64 else 128 if width <= 128 else 256]
+    return {kernel: settings[kernel] | LAUNCH_OVERRIDES.get(kernel, {}) for kernel in settings}
 
 
-def _options(kernel: str) -> dict:
-    return {k: v for k, v in LAUNCH_OVERRIDES.get(kernel, {}).items() if k != "blocks"}
+def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
+    """(query block, key block) of each kernel (see ``_launch``)."""
+    return {kernel: tuple(o["blocks"]) for kernel, o in _launch(d, dv, interpret).items()}
+
+
+def _options(d: int, dv: int, interpret: bool, kernel: str) -> dict:
+    """Triton's launch options (num_warps, num_stages) of one kernel (see ``_launch``)."""
+    return {k: v for k, v in _launch(d, dv, interpret)[kernel].items() if k != "blocks"}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -394,7 +423,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN, **_options("fwd"),
+            BM=BM, BN=BN, **_options(D, DV, interpret, "fwd"),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -427,7 +456,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options("dkdv"),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dkdv"),
         )  # fmt: skip
         if G > 1:  # the group's shares, summed in a fixed order
             dk = dk.view(B, HKV, G, T, D).sum(2).to(k.dtype)
@@ -439,7 +468,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, dout, lse, delta, dq,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options("dq"),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dq"),
         )  # fmt: skip
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 

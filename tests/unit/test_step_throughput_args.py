@@ -43,10 +43,11 @@ def test_triton_launch_settings_are_loaded_and_unknown_kernels_refused(bench, tm
     try:
         bench._use_triton_launch(good)
         assert triton_dms._blocks(128, 128, interpret=False)["dkdv"] == (32, 128)
-        assert triton_dms._options("dkdv") == {"num_warps": 8, "num_stages": 1}
-        assert triton_dms._options("fwd") == {}
+        assert triton_dms._options(128, 128, False, "dkdv") == {"num_warps": 8, "num_stages": 1}
+        assert triton_dms._launch(128, 128, False)["fwd"] == triton_dms._CUDA_LAUNCH[128]["fwd"]
     finally:
         triton_dms.LAUNCH_OVERRIDES.clear()
+    assert triton_dms._blocks(128, 128, interpret=False)["dkdv"] == (64, 128)  # the default again
     bad = tmp_path / "bad.json"
     bad.write_text('{"bwd": {"num_warps": 8}}')
     with pytest.raises(SystemExit, match="unknown kernels"):
@@ -66,3 +67,16 @@ def test_a_separator_before_the_overrides_is_dropped(bench) -> None:
         "experiment=smollm2_paper",
         "dms.tau=0.2",
     ]
+
+
+def test_triton_launch_defaults_follow_the_head_dim() -> None:
+    """Each head-dim class has its own tuned settings; the interpreter uses small tiles and no options."""
+    pytest.importorskip("triton")
+    from dms_megatron.kernels import triton_dms
+
+    assert triton_dms._blocks(64, 64, interpret=False) == {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)}
+    assert triton_dms._blocks(128, 128, interpret=False)["fwd"] == (128, 128)
+    assert triton_dms._options(96, 128, False, "dkdv") == {"num_warps": 8, "num_stages": 3}
+    assert triton_dms._blocks(256, 256, interpret=False)["dkdv"] == (32, 64)
+    assert triton_dms._options(128, 128, True, "fwd") == {}
+    assert set(triton_dms._blocks(128, 128, interpret=True).values()) == {(16, 16)}

@@ -352,31 +352,43 @@ _CUDA_LAUNCH = {
         "dq": {"blocks": (64, 32)},
     },
 }
+# fp32 inputs (tests, oracles) take twice the shared memory per tile: the 16-bit tiles above ran out of it
+# or stalled on an H100 (2026-12-07), so they keep the smaller tiles used before the sweep
+_FP32_LAUNCH = {
+    "fwd": {"blocks": (128, 64)},
+    "dkdv": {"blocks": (64, 64)},
+    "dq": {"blocks": (128, 32)},
+}
 _INTERPRETED_LAUNCH = {kernel: {"blocks": (16, 16)} for kernel in ("fwd", "dkdv", "dq")}
 # Diagnostics and tuning only (benchmarks/attention_tune.py, step_throughput --triton-launch): per kernel,
 # settings that replace the defaults above.
 LAUNCH_OVERRIDES: dict[str, dict] = {}
 
 
-def _launch(d: int, dv: int, interpret: bool) -> dict[str, dict]:
+def _launch(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, dict]:
     """Launch settings of each kernel: the forward, dK/dV (a key block visits query blocks) and dQ (a
-    query block visits key blocks), for head dims ``d`` (queries, keys) and ``dv`` (values)."""
+    query block visits key blocks), for head dims ``d`` (queries, keys) and ``dv`` (values) and 16-bit
+    (default) or fp32 inputs."""
+    width = max(d, dv)
     if interpret:
         settings = _INTERPRETED_LAUNCH
+    elif width > 128:
+        settings = _CUDA_LAUNCH[256]
+    elif fp32:
+        settings = _FP32_LAUNCH
     else:
-        width = max(d, dv)
-        settings = _CUDA_LAUNCH[64 if width <= 64 else 128 if width <= 128 else 256]
+        settings = _CUDA_LAUNCH[64 if width <= 64 else 128]
     return {kernel: settings[kernel] | LAUNCH_OVERRIDES.get(kernel, {}) for kernel in settings}
 
 
-def _blocks(d: int, dv: int, interpret: bool) -> dict[str, tuple[int, int]]:
+def _blocks(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, tuple[int, int]]:
     """(query block, key block) of each kernel (see ``_launch``)."""
-    return {kernel: tuple(o["blocks"]) for kernel, o in _launch(d, dv, interpret).items()}
+    return {kernel: tuple(o["blocks"]) for kernel, o in _launch(d, dv, interpret, fp32).items()}
 
 
-def _options(d: int, dv: int, interpret: bool, kernel: str) -> dict:
+def _options(d: int, dv: int, interpret: bool, kernel: str, fp32: bool = False) -> dict:
     """Triton's launch options (num_warps, num_stages) of one kernel (see ``_launch``)."""
-    return {k: v for k, v in _launch(d, dv, interpret)[kernel].items() if k != "blocks"}
+    return {k: v for k, v in _launch(d, dv, interpret, fp32)[kernel].items() if k != "blocks"}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -414,7 +426,8 @@ class _DMSAttentionTriton(torch.autograd.Function):
         HKV, DV = k.shape[1], v.shape[-1]
         G = HQ // HKV
         interpret = not q.is_cuda
-        BM, BN = _blocks(D, DV, interpret)["fwd"]
+        fp32 = q.dtype == torch.float32
+        BM, BN = _blocks(D, DV, interpret, fp32)["fwd"]
         out = torch.empty(B, HQ, T, DV, dtype=q.dtype, device=q.device)
         lse = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
@@ -423,7 +436,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN, **_options(D, DV, interpret, "fwd"),
+            BM=BM, BN=BN, **_options(D, DV, interpret, "fwd", fp32),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -437,7 +450,8 @@ class _DMSAttentionTriton(torch.autograd.Function):
         HKV, DV = k.shape[1], v.shape[-1]
         G = HQ // HKV
         interpret = not q.is_cuda
-        blocks = _blocks(D, DV, interpret)
+        fp32 = q.dtype == torch.float32
+        blocks = _blocks(D, DV, interpret, fp32)
         dout = _last_dim_contiguous(dout)
         delta = (dout.float() * out.float()).sum(-1).reshape(B * HQ, T)
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
@@ -456,7 +470,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dkdv"),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dkdv", fp32),
         )  # fmt: skip
         if G > 1:  # the group's shares, summed in a fixed order
             dk = dk.view(B, HKV, G, T, D).sum(2).to(k.dtype)
@@ -468,7 +482,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, dout, lse, delta, dq,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dq"),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dq", fp32),
         )  # fmt: skip
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 

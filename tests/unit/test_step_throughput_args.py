@@ -80,3 +80,5 @@ def test_triton_launch_defaults_follow_the_head_dim() -> None:
     assert triton_dms._blocks(256, 256, interpret=False)["dkdv"] == (32, 64)
     assert triton_dms._options(128, 128, True, "fwd") == {}
     assert set(triton_dms._blocks(128, 128, interpret=True).values()) == {(16, 16)}
+    assert triton_dms._blocks(128, 128, interpret=False, fp32=True)["fwd"] == (128, 64)  # fits fp32 tiles
+    assert triton_dms._options(64, 64, False, "dq", fp32=True) == {}

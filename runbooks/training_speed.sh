@@ -20,9 +20,10 @@
 #                                               #   settings of the first shape
 #   bash runbooks/training_speed.sh stash       # carry .carry_model/part00 (first GGUF half)
 #   bash runbooks/training_speed.sh curves      # carry .carry .carry_model/part01 (after stash): SmolLM2
-#                                               #   retrofit loss curves, flex twice (the spread), triton,
-#                                               #   triton + teacher graph, side by side (CURVE_STEPS=60),
-#                                               #   then benchmarks/curve_spread.py
+#                                               #   retrofit loss curves, flex three times (the spread),
+#                                               #   triton, and fp32 reference attention (the arbiter), side
+#                                               #   by side (CURVE_STEPS=60, CURVE_RUNS), then
+#                                               #   benchmarks/curve_spread.py
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
 #                                               #   step's small kernels (noise, fused decisions) and of the
 #                                               #   teacher's CUDA graph (TEST_SECONDS), then the SmolLM2 step
@@ -154,29 +155,41 @@ smollm2)
 curves)
     start_runbook curves
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
-    # short SmolLM2 retrofits side by side on one GPU: flex twice (the GPU's own run-to-run spread), the
-    # Triton attention, and the Triton attention with the teacher's CUDA graph (CURVE_STEPS, CURVE_SECONDS)
+    # short SmolLM2 retrofits side by side on one GPU (CURVE_STEPS, CURVE_SECONDS): flex three times (the
+    # GPU's own run-to-run spread), the Triton attention, and the same schedule with fp32 attention math
+    # (the reference backend: the arbiter each run's distance is measured from); CURVE_RUNS picks a subset
+    # (triton_graph: the Triton attention with the teacher's CUDA graph, bitwise equal to triton on an
+    # H100 on 2026-12-07)
     steps=${CURVE_STEPS:-60}
     common=(experiment=smollm2_paper "train.steps=$steps" "dms.cr_ramp_steps=$((steps * 2 / 3))"
         dms.neuron_fade_steps=10 parallel.global_batch_size=4 parallel.micro_batch_size=2
         "train.save_interval=$steps" logging.console=false)
     declare -A curve_args=(
         [flex_a]="dms.attention_backend=flex" [flex_b]="dms.attention_backend=flex"
-        [triton]="dms.attention_backend=triton"
+        [flex_c]="dms.attention_backend=flex" [triton]="dms.attention_backend=triton"
         [triton_graph]="dms.attention_backend=triton train.teacher_cuda_graph=true"
+        [exact]="dms.attention_backend=reference"
     )
-    for name in flex_a flex_b triton triton_graph; do
+    read -r -a runs <<< "${CURVE_RUNS:-flex_a flex_b flex_c triton exact}"
+    for name in "${runs[@]}"; do
         read -r -a more <<< "${curve_args[$name]}"
         boxed "${CURVE_SECONDS:-300}" python3 launch/retrofit.py "${common[@]}" "${more[@]}" \
             "run_dir=runs/curves/$name" > "$OUT/curve_$name.log" 2>&1 &
     done
     wait
-    for name in flex_a flex_b triton triton_graph; do
+    repeats=() candidates=() exact=()
+    for name in "${runs[@]}"; do
         tail -2 "$OUT/curve_$name.log"
-        cp "runs/curves/$name/metrics.jsonl" "$OUT/curve_$name.jsonl" 2>/dev/null || true
+        cp "runs/curves/$name/metrics.jsonl" "$OUT/curve_$name.jsonl" 2>/dev/null || continue
+        case "$name" in
+        flex_a) ;;
+        flex_*) repeats+=("runs/curves/$name") ;;
+        exact) exact=(--exact runs/curves/exact) ;;
+        *) candidates+=("runs/curves/$name") ;;
+        esac
     done
-    python3 benchmarks/curve_spread.py --reference runs/curves/flex_a --repeat runs/curves/flex_b \
-        --candidate runs/curves/triton runs/curves/triton_graph --out "$OUT/curve_spread.json" \
+    python3 benchmarks/curve_spread.py --reference runs/curves/flex_a --repeat "${repeats[@]}" \
+        --candidate "${candidates[@]}" "${exact[@]}" --out "$OUT/curve_spread.json" \
         | tee "$OUT/curve_spread.md"
     ;;
 *)

@@ -53,3 +53,24 @@ def test_a_candidate_within_and_one_outside_the_repeat_spread(spread, tmp_path, 
 def test_a_missing_run_is_refused(spread, tmp_path) -> None:
     with pytest.raises(SystemExit, match=r"metrics\.jsonl"):
         spread.read_curve(tmp_path)
+
+
+def test_several_repeats_widen_the_spread_and_the_exact_run_arbitrates(spread, tmp_path, capsys) -> None:
+    cr = [1.0, 2.0, 3.0]
+    ref = _run(tmp_path, "ref", [1.0, 0.8, 0.6], cr)
+    near = _run(tmp_path, "near", [1.0, 0.8, 0.603], cr)  # 0.5% at the end
+    wide = _run(tmp_path, "wide", [1.0, 0.808, 0.6], cr)  # 1% at step 2
+    cand = _run(tmp_path, "cand", [1.0, 0.804, 0.606], cr)  # 1% at step 3: within the wider repeat
+    exact = _run(tmp_path, "exact", [1.0, 0.802, 0.603], cr)
+    report = spread.compare(ref, [near, wide], [cand], keys=("loss/kd",), exact=exact)
+    s = report["spread"]["loss/kd"]
+    assert s["max"] == pytest.approx(0.01) and s["max_step"] == 2  # the wider of the two repeats
+    assert report["candidates"][str(cand)]["loss/kd"]["within_spread"] is True
+    dist = report["exact"]["distance"]
+    assert set(dist) == {str(ref), str(near), str(wide), str(cand)}
+    assert dist[str(ref)]["loss/kd"]["max"] == pytest.approx(0.003 / 0.603)
+    assert dist[str(cand)]["loss/kd"]["max"] == pytest.approx(0.003 / 0.603)  # no farther than ref
+    assert dist[str(cand)]["loss/kd"]["mean"] == pytest.approx((0.002 / 0.802 + 0.003 / 0.603) / 3)
+    spread.main(["--reference", str(ref), "--repeat", str(near), str(wide), "--candidate", str(cand),
+                 "--exact", str(exact)])  # fmt: skip
+    assert "Distance from the exact-attention run" in capsys.readouterr().out

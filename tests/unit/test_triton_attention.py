@@ -39,6 +39,15 @@ def test_fp32_output_and_gradients_equal_the_reference(report, tiling) -> None:
         assert max(r["errors"]) < 2e-5, r
 
 
+def test_fp32_equals_the_reference_at_the_cuda_default_tiles(report) -> None:
+    """The GPU's tiles (kernels.triton_dms._CUDA_LAUNCH) in the interpreter: masking and bounds at block
+    sizes up to 128 x 128 with lengths off the grid, documents and every window kind."""
+    rows = report["cuda_blocks"]
+    assert {r["case"]["D"] for r in rows} == {64, 128} and any(r["case"]["docs"] for r in rows)
+    for r in rows:
+        assert max(r["errors"]) < 2e-5, r
+
+
 def test_repeated_runs_are_bitwise_identical(report) -> None:
     repeated = [r["bitwise_repeat"] for r in report["default_blocks"] if "bitwise_repeat" in r]
     assert len(repeated) == REPEATED and all(repeated)

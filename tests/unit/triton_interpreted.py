@@ -68,6 +68,20 @@ def errors(case: dict, dtype: torch.dtype = torch.float32) -> tuple[list[float],
     return errs, [out.detach(), *grads]
 
 
+def cuda_tile_cases(seed: int) -> list[tuple[int, dict]]:
+    """(head-dim class, case) pairs at the CUDA defaults' tiles: lengths off their 64 / 128 grid, GQA
+    groups of 1, 4 and 5, documents, and the window kinds (0, 1, a band, >= T)."""
+    rng = random.Random(seed)
+    out = []
+    for i, (width, window) in enumerate([(128, 64), (128, 1), (64, 0), (64, None)]):
+        T = rng.randint(150, 400)
+        case = {"B": 1, "Hkv": 1, "g": [5, 1, 4, 5][i], "T": T, "D": width, "Dv": width,
+                "window": T + 1 if window is None else window, "docs": i != 2, "bias": True,
+                "seed": seed * 100 + i}  # fmt: skip
+        out.append((width, case))
+    return out
+
+
 def main() -> None:
     n, seed, n_other, n_repeat = (int(x) for x in sys.argv[1:5])
     report: dict = {"default_blocks": [], "other_blocks": [], "fp16": []}
@@ -79,6 +93,13 @@ def main() -> None:
             row["bitwise_repeat"] = all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
         report["default_blocks"].append(row)
     # the GPU tilings' shape: query and key blocks of different sizes in each kernel
+    # the CUDA defaults' tiles (64 x 64 up to 128 x 128, key block wider than query block in dK/dV)
+    report["cuda_blocks"] = []
+    for width, case in cuda_tile_cases(seed + 3):
+        tiles = {kernel: {"blocks": o["blocks"]} for kernel, o in triton_dms._CUDA_LAUNCH[width].items()}
+        triton_dms.LAUNCH_OVERRIDES.update(tiles)
+        report["cuda_blocks"].append({"case": case, "errors": errors(case)[0]})
+    triton_dms.LAUNCH_OVERRIDES.clear()
     other = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
     triton_dms.LAUNCH_OVERRIDES.update({kernel: {"blocks": blocks} for kernel, blocks in other.items()})
     for case in cases(n_other, seed + 1):

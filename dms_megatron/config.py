@@ -68,8 +68,9 @@ class DMSConfig:
         rows are zeroed, so every logit starts at ``-logit_offset`` like the adapter's, and the CR ramp
         begins. 0: the paper's start (channel removed and read as a logit from step 0).
     attention_backend: ``reference`` (dense chunked, CPU and oracle), ``flex`` (FlexAttention,
-        CUDA), ``triton`` (the fused Triton kernel, CUDA; opt-in: timed on an H100 it is slower than
-        flex), ``split`` (cuDNN over the keys older than the window + FlashAttention-2's sliding
+        CUDA), ``triton`` (the fused Triton kernel, CUDA; opt-in: on an H100 1.4-1.7x SDPA forward +
+        backward against flex's 2.0-2.7x, but its retrofit loss curve is not yet shown within flex's
+        run-to-run spread), ``split`` (cuDNN over the keys older than the window + FlashAttention-2's sliding
         window, merged by log-sum-exp; packed documents through FA2's variable-length form; CUDA;
         opt-in: correct on an H100 but 2.4-11x SDPA), ``auto`` (flex on CUDA tensors, reference
         otherwise).

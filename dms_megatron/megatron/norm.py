@@ -3,12 +3,19 @@ parallelism.
 
 megatron-core 0.19.2's local spec picks Apex's ``FusedLayerNorm`` when Apex is installed (it refuses
 RMSNorm, which every supported family uses) and otherwise ``WrappedTorchNorm`` (which refuses sequence
-parallelism). ``LocalNorm`` is what ``WrappedTorchNorm`` builds -- ``torch.nn.RMSNorm`` /
-``torch.nn.LayerNorm`` with fp32 weights, so numerics and checkpoints are unchanged -- and, with
+parallelism). ``LocalNorm`` builds what ``WrappedTorchNorm`` builds -- a ``torch.nn.RMSNorm`` /
+``torch.nn.LayerNorm`` with fp32 weights, so checkpoints are unchanged -- and, with
 ``sequence_parallel``, tags its parameters ``sequence_parallel`` so that megatron's
 ``finalize_model_grads`` all-reduces their gradients over the TP group (each rank normalises only its
 slice of the sequence). ``families.local_layer_spec`` / ``decoder_block_spec`` put it in every norm
 slot, including the final norm (the trainer, the converter and the tiny test GPT build through them).
+
+The fp32 weights are cast to the activations' dtype at use (bf16 in training): torch dispatches a norm
+to its fused kernel only when input and weight share a dtype. Mixed, it fell back to the composite
+form -- 8 CUDA launches a norm forward (``aten::rms_norm`` 976 launches for the 122 student norms of a
+SmolLM2 step) and the pow / rsqrt / mul backward nodes, in the DMS and the vanilla step alike (H100
+profiles of 2026-12-07, ``docs/results/2026-12-07_h100_tuned_step``). The product is then rounded once,
+with the weight in bf16, as Transformer Engine's and Hugging Face's bf16 norms have it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with its weight cast to the input's dtype at use (the fused kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        )
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with its weight and bias cast to the input's dtype at use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def cast(p: torch.Tensor | None) -> torch.Tensor | None:
+            return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+
+        return F.layer_norm(x, self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
 
 
 class LocalNorm:
@@ -36,9 +64,9 @@ class LocalNorm:
                 "LocalNorm: zero-centred gamma is not supported (the supported families use none)"
             )
         if config.normalization == "RMSNorm":
-            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm: torch.nn.Module = RMSNorm(hidden_size, eps=eps)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = LayerNorm(hidden_size, eps=eps)
         else:
             raise ValueError(f"LocalNorm: normalization {config.normalization!r} is not supported")
         if config.sequence_parallel:

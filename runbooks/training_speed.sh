@@ -183,9 +183,11 @@ smollm2)
     start_runbook smollm2
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     # the step's small kernels on CUDA first (noise, fused decisions + bias): equal to the core, few launches;
-    # and the teacher's forward as a CUDA graph: equal to its eager forward, a handful of launches
+    # the teacher's forward as a CUDA graph: equal to its eager forward, a handful of launches; the fused
+    # RMSNorm dispatch and the sync-free gradient norm (tests/gpu/test_step_parts_on_gpu.py)
     boxed "${TEST_SECONDS:-120}" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_core_on_gpu.py \
-        tests/gpu/test_teacher_graph.py -k "noise_kernel or fused_decisions or rotary or teacher" \
+        tests/gpu/test_teacher_graph.py tests/gpu/test_step_parts_on_gpu.py \
+        -k "noise_kernel or fused_decisions or rotary or teacher or fused_kernel or grad_norm" \
         > "$OUT/step_kernel_tests.log" 2>&1 || true
     grep -h "kernels\|launches per teacher\|micro-batch" "$OUT/step_kernel_tests.log" || true
     tail -1 "$OUT/step_kernel_tests.log"

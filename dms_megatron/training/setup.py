@@ -200,6 +200,8 @@ def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any
     )
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from dms_megatron.megatron.patches.grad_norm import use_foreach_grad_norm
+
     dtype = TORCH_DTYPES[cfg.model.dtype]
     t = cfg.train
     opt_config = OptimizerConfig(
@@ -219,6 +221,7 @@ def build_optimizer(cfg: RetrofitConfig, ddp: torch.nn.Module) -> tuple[Any, Any
     if t.adapter_lr_mult != 1.0:  # the scheduler reads each group's max_lr / min_lr
         mult = t.adapter_lr_mult
         overrides[ParamKey(name=f"*{ADAPTER_KEY}*")] = {"max_lr": t.lr * mult, "min_lr": t.min_lr * mult}
+    use_foreach_grad_norm()  # without TE / Apex: no host sync per gradient tensor in the norm
     optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -32,6 +32,10 @@ type names where megatron asserts them. Leaving ``cpu_training()`` puts every or
 ``adam_step.keep_torch_adam_step_on_load()``: resuming the distributed optimizer from a reshardable
 checkpoint with torch's Adam (no Apex/TE) fails upstream with ``KeyError: 'step'``; see its docstring.
 
+``grad_norm.use_foreach_grad_norm()``: without TE / Apex, megatron-core 0.19.2's fallback gradient norm
+synchronises the host once per gradient tensor each step; the norm and the gradient scaling run on torch's
+foreach kernels instead (installed only where that fallback is in use); see its docstring.
+
 Each entry's ``remove_when`` says when it can go.
 """
 
@@ -50,7 +54,7 @@ from dms_megatron.megatron.compat import SUPPORTED_MEGATRON_CORE, installed_mega
 
 log = logging.getLogger(__name__)
 
-PATCH_MODULES: tuple[str, ...] = ("pipeline_input", "cpu_convert", "cpu_training", "adam_step")
+PATCH_MODULES: tuple[str, ...] = ("pipeline_input", "cpu_convert", "cpu_training", "adam_step", "grad_norm")
 _MISSING = object()
 
 

@@ -18,8 +18,9 @@ Kernels (one program per (block, head)):
   Stores the base-2 log-sum-exp per query for the backward.
 - backward dK / dV / d(log_keep): one program per (key block, query head) over the query blocks that
   can see its keys; with GQA each query head writes its own fp32 share and the group's shares are then
-  summed in a fixed order (``sum`` over the group axis): no atomics, bitwise reproducible, and G times
-  more programs than one per KV head (5/1 heads at TP=8 left most of an H100's SMs idle).
+  summed in a fixed order (one more launch for dK and dV, one for d(log_keep)): no atomics, bitwise
+  reproducible, and G times more programs than one per KV head (5/1 heads at TP=8 left most of an H100's
+  SMs idle). ``delta = rowsum(dO * O)``, read by both backward kernels, is one launch before them.
 - backward dQ: one program per (query block, query head) over its key blocks.
 
 Query-block programs start with the last block (the one with the most key blocks), so the longest
@@ -327,6 +328,64 @@ def _bwd_dq_kernel(
     )
 
 
+@triton.jit
+def _bwd_delta_kernel(Out, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, HQ: tl.constexpr, DV: tl.constexpr,
+                      BM: tl.constexpr):  # fmt: skip
+    """delta[b*h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32: one launch instead of torch's four."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    ok = offs_m < T
+    offs_d = tl.arange(0, DV)
+    rows = offs_m[:, None]
+    o = tl.load(Out + b * sob + h * soh + rows * sot + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows * sdt + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=ok)
+
+
+@triton.jit
+def _group_sum_kernel(SRC_A, DST_A, N_A, SRC_B, DST_B, N_B, G: tl.constexpr, TWO: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """dst[kv, :] = sum over the group's g of src[kv * G + g, :] (fp32, in order g = 0..G-1), cast to
+    dst's dtype; rows of N_A (and with TWO, of N_B: dK and dV in one launch) contiguous elements."""
+    kv = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N_A
+    acc = tl.zeros([BLOCK], tl.float32)
+    for g in tl.static_range(G):
+        acc += tl.load(SRC_A + (kv * G + g) * N_A + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DST_A + kv * N_A + offs, acc.to(DST_A.dtype.element_ty), mask=ok)
+    if TWO:
+        ok = offs < N_B
+        acc = tl.zeros([BLOCK], tl.float32)
+        for g in tl.static_range(G):
+            acc += tl.load(SRC_B + (kv * G + g) * N_B + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DST_B + kv * N_B + offs, acc.to(DST_B.dtype.element_ty), mask=ok)
+
+
+def _group_sum(
+    shares: torch.Tensor, out_dtype: torch.dtype, G: int, other: torch.Tensor | None = None, other_dtype=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum each GQA group's per-query-head shares ``[B, Hkv * G, ...]`` -> ``[B, Hkv, ...]`` (and
+    ``other``'s, in the same launch)."""
+    B, HQ = shares.shape[:2]
+    rows = B * (HQ // G)
+    out = shares.new_empty((B, HQ // G, *shares.shape[2:]), dtype=out_dtype)
+    n_a = shares[0, 0].numel()
+    out_b = None
+    n_b = 1
+    if other is not None:
+        out_b = other.new_empty((B, HQ // G, *other.shape[2:]), dtype=other_dtype)
+        n_b = other[0, 0].numel()
+    block = 1024
+    _group_sum_kernel[(triton.cdiv(max(n_a, n_b), block), rows)](
+        shares, out, n_a, other if other is not None else shares, out_b if out_b is not None else out, n_b,
+        G=G, TWO=other is not None, BLOCK=block,
+    )  # fmt: skip
+    return out, out_b
+
+
 # Launch settings per kernel ("fwd", "dkdv", "dq"): "blocks" (query block, key block) and Triton's
 # num_warps / num_stages. The CUDA defaults are the fastest of benchmarks/attention_tune.py's sweep on an
 # H100 (2026-12-07; docs/results/2026-12-07_h100_tuned_step): for D = 128 the same three settings won (or
@@ -453,7 +512,11 @@ class _DMSAttentionTriton(torch.autograd.Function):
         fp32 = q.dtype == torch.float32
         blocks = _blocks(D, DV, interpret, fp32)
         dout = _last_dim_contiguous(dout)
-        delta = (dout.float() * out.float()).sum(-1).reshape(B * HQ, T)
+        delta = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
+        bm = 16 if interpret else 64
+        _bwd_delta_kernel[(triton.cdiv(T, bm), B * HQ)](
+            out, dout, delta, *_strides(out), *_strides(dout), T, HQ=HQ, DV=DV, BM=bm
+        )
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
         de = doc_end if doc_end is not None else ds
         dq = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
@@ -472,11 +535,10 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E, scale,
             HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dkdv", fp32),
         )  # fmt: skip
-        if G > 1:  # the group's shares, summed in a fixed order
-            dk = dk.view(B, HKV, G, T, D).sum(2).to(k.dtype)
-            dv = dv.view(B, HKV, G, T, DV).sum(2).to(v.dtype)
+        if G > 1:  # the group's shares, summed in a fixed order (dK and dV in one launch)
+            dk, dv = _group_sum(dk, k.dtype, G, dv, v.dtype)
             if log_keep is not None:
-                dlk = dlk.view(B, HKV, G, T).sum(2)
+                dlk, _ = _group_sum(dlk, torch.float32, G)
         BM, BN = blocks["dq"]
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, dout, lse, delta, dq,

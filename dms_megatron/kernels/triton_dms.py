@@ -440,14 +440,10 @@ def _launch(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, d
     return {kernel: settings[kernel] | LAUNCH_OVERRIDES.get(kernel, {}) for kernel in settings}
 
 
-def _blocks(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, tuple[int, int]]:
-    """(query block, key block) of each kernel (see ``_launch``)."""
-    return {kernel: tuple(o["blocks"]) for kernel, o in _launch(d, dv, interpret, fp32).items()}
-
-
-def _options(d: int, dv: int, interpret: bool, kernel: str, fp32: bool = False) -> dict:
-    """Triton's launch options (num_warps, num_stages) of one kernel (see ``_launch``)."""
-    return {k: v for k, v in _launch(d, dv, interpret, fp32)[kernel].items() if k != "blocks"}
+def _split(setting: dict) -> tuple[int, int, dict]:
+    """One kernel's setting (see ``_launch``) -> query block, key block, Triton's launch options."""
+    bm, bn = setting["blocks"]
+    return bm, bn, {k: v for k, v in setting.items() if k != "blocks"}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -485,8 +481,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
         HKV, DV = k.shape[1], v.shape[-1]
         G = HQ // HKV
         interpret = not q.is_cuda
-        fp32 = q.dtype == torch.float32
-        BM, BN = _blocks(D, DV, interpret, fp32)["fwd"]
+        BM, BN, options = _split(_launch(D, DV, interpret, q.dtype == torch.float32)["fwd"])
         out = torch.empty(B, HQ, T, DV, dtype=q.dtype, device=q.device)
         lse = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
@@ -495,7 +490,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN, **_options(D, DV, interpret, "fwd", fp32),
+            BM=BM, BN=BN, **options,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -509,8 +504,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
         HKV, DV = k.shape[1], v.shape[-1]
         G = HQ // HKV
         interpret = not q.is_cuda
-        fp32 = q.dtype == torch.float32
-        blocks = _blocks(D, DV, interpret, fp32)
+        launch = _launch(D, DV, interpret, q.dtype == torch.float32)
         dout = _last_dim_contiguous(dout)
         delta = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
         bm = 16 if interpret else 64
@@ -528,23 +522,23 @@ class _DMSAttentionTriton(torch.autograd.Function):
         flags = dict(
             D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
         )
-        BM, BN = blocks["dkdv"]
+        BM, BN, options = _split(launch["dkdv"])
         _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HQ)](
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dkdv", fp32),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **options,
         )  # fmt: skip
         if G > 1:  # the group's shares, summed in a fixed order (dK and dV in one launch)
             dk, dv = _group_sum(dk, k.dtype, G, dv, v.dtype)
             if log_keep is not None:
                 dlk, _ = _group_sum(dlk, torch.float32, G)
-        BM, BN = blocks["dq"]
+        BM, BN, options = _split(launch["dq"])
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, dout, lse, delta, dq,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **_options(D, DV, interpret, "dq", fp32),
+            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **options,
         )  # fmt: skip
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 

@@ -42,12 +42,15 @@ def test_triton_launch_settings_are_loaded_and_unknown_kernels_refused(bench, tm
     good.write_text('{"dkdv": {"blocks": [32, 128], "num_warps": 8, "num_stages": 1}}')
     try:
         bench._use_triton_launch(good)
-        assert triton_dms._blocks(128, 128, interpret=False)["dkdv"] == (32, 128)
-        assert triton_dms._options(128, 128, False, "dkdv") == {"num_warps": 8, "num_stages": 1}
+        assert triton_dms._split(triton_dms._launch(128, 128, False)["dkdv"])[:2] == (32, 128)
+        assert triton_dms._split(triton_dms._launch(128, 128, False)["dkdv"])[2] == {
+            "num_warps": 8,
+            "num_stages": 1,
+        }
         assert triton_dms._launch(128, 128, False)["fwd"] == triton_dms._CUDA_LAUNCH[128]["fwd"]
     finally:
         triton_dms.LAUNCH_OVERRIDES.clear()
-    assert triton_dms._blocks(128, 128, interpret=False)["dkdv"] == (64, 128)  # the default again
+    assert triton_dms._launch(128, 128, False)["dkdv"]["blocks"] == (64, 128)  # the default again
     bad = tmp_path / "bad.json"
     bad.write_text('{"bwd": {"num_warps": 8}}')
     with pytest.raises(SystemExit, match="unknown kernels"):
@@ -74,11 +77,16 @@ def test_triton_launch_defaults_follow_the_head_dim() -> None:
     pytest.importorskip("triton")
     from dms_megatron.kernels import triton_dms
 
-    assert triton_dms._blocks(64, 64, interpret=False) == {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)}
-    assert triton_dms._blocks(128, 128, interpret=False)["fwd"] == (128, 128)
-    assert triton_dms._options(96, 128, False, "dkdv") == {"num_warps": 8, "num_stages": 3}
-    assert triton_dms._blocks(256, 256, interpret=False)["dkdv"] == (32, 64)
-    assert triton_dms._options(128, 128, True, "fwd") == {}
-    assert set(triton_dms._blocks(128, 128, interpret=True).values()) == {(16, 16)}
-    assert triton_dms._blocks(128, 128, interpret=False, fp32=True)["fwd"] == (128, 64)  # fits fp32 tiles
-    assert triton_dms._options(64, 64, False, "dq", fp32=True) == {}
+    assert {k: s["blocks"] for k, s in triton_dms._launch(64, 64, False).items()} == dict.fromkeys(
+        ("fwd", "dkdv", "dq"), (64, 64)
+    )
+    assert triton_dms._launch(128, 128, False)["fwd"]["blocks"] == (128, 128)
+    assert triton_dms._split(triton_dms._launch(96, 128, False)["dkdv"])[2] == {
+        "num_warps": 8,
+        "num_stages": 3,
+    }
+    assert triton_dms._launch(256, 256, False)["dkdv"]["blocks"] == (32, 64)
+    assert triton_dms._split(triton_dms._launch(128, 128, True)["fwd"])[2] == {}
+    assert {s["blocks"] for s in triton_dms._launch(128, 128, True).values()} == {(16, 16)}
+    assert triton_dms._launch(128, 128, False, fp32=True)["fwd"]["blocks"] == (128, 64)  # fits fp32 tiles
+    assert triton_dms._split(triton_dms._launch(64, 64, False, fp32=True)["dq"])[2] == {}

@@ -42,8 +42,7 @@ def foreach_l2_norm(
     tensors = tensor_lists[0]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
-    norms = torch._foreach_norm(tensors)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
     return total.reshape(1), None
 
 

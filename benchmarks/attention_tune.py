@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 KERNELS = ("fwd", "dkdv", "dq")
 # (query block, key block) candidates per kernel, crossed with num_warps and each kernel's num_stages
-# (dK/dV with 1: one bf16 case went wrong at one pipelined tiling, see triton_dms._blocks)
+# (dK/dV with 1: one bf16 case went wrong at one pipelined tiling, see triton_dms._CUDA_LAUNCH)
 BLOCKS = {
     "fwd": [(128, 64), (128, 128), (64, 64), (128, 32)],
     "dkdv": [(64, 64), (32, 128), (64, 128), (32, 64)],

@@ -3,6 +3,8 @@
 Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_split`` (cuDNN over the
 old keys + FlashAttention-2 band, merged; ``dms_split_flash``: FlashAttention-2 for both),
 ``dms_flex`` (FlexAttention with the DMS bias), ``flex_causal`` (FlexAttention without the bias),
+``dms_triton_tma`` / ``dms_triton_tma_fwd`` / ``dms_triton_tma_bwd`` (the fused kernel with its tiles loaded
+through tensor descriptors, TMA on Hopper: every kernel / the forward only / the backward kernels only),
 ``dms_split_docs`` / ``flash_docs`` (the split with the DMS bias / FlashAttention-2 causal, both over the
 sequence packed as documents of ``--doc-length`` tokens: the training batches' layout; compare the two),
 ``sdpa_default`` (SDPA, its own backend choice) and ``sdpa_flash`` (SDPA restricted to its flash
@@ -22,6 +24,7 @@ time measures the Python / launch path rather than the kernels. Prints a table (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -35,6 +38,9 @@ KERNELS = (
     "sdpa_default",
     "sdpa_flash",
     "dms_triton",
+    "dms_triton_tma",
+    "dms_triton_tma_fwd",
+    "dms_triton_tma_bwd",
     "dms_split",
     "dms_split_flash",
     "dms_flex",
@@ -43,6 +49,28 @@ KERNELS = (
     "flash_docs",
 )
 SHAPES = "5x1x128,4x1x128,32x8x128,9x3x64"
+# the fused kernel under other launch settings (kernels.triton_dms.LAUNCH_OVERRIDES while timed)
+TRITON_VARIANTS = {
+    "dms_triton_tma": {kernel: {"tma": True} for kernel in ("fwd", "dkdv", "dq")},
+    "dms_triton_tma_fwd": {"fwd": {"tma": True}},
+    "dms_triton_tma_bwd": {kernel: {"tma": True} for kernel in ("dkdv", "dq")},
+}
+
+
+@contextlib.contextmanager
+def triton_variant(name: str):
+    """The launch settings of kernel ``name`` (``TRITON_VARIANTS``) in force inside the block."""
+    overrides = TRITON_VARIANTS.get(name)
+    if not overrides:
+        yield
+        return
+    from dms_megatron.kernels import triton_dms
+
+    triton_dms.LAUNCH_OVERRIDES.update(overrides)
+    try:
+        yield
+    finally:
+        triton_dms.LAUNCH_OVERRIDES.clear()
 
 
 def _causal_flops(Hq: int, T: int, D: int, backward: bool) -> float:
@@ -91,7 +119,7 @@ def _kernel_fns(
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         return flash
-    if name == "dms_triton":
+    if name == "dms_triton" or name in TRITON_VARIANTS:
         return lambda: dms_attention(q, k, v, relaxed, window, backend="triton")
     if name == "dms_split":
         return lambda: dms_attention(q, k, v, relaxed, window, backend="split")
@@ -134,36 +162,44 @@ def time_shape(
     doc_ids = packed_doc_ids(T, doc_length)
     rows = []
     for name in kernels:
-        fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention, doc_ids)
-        row: dict = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "kernel": name}
+        with triton_variant(name):
+            row = _time_kernel(
+                name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms_attention, doc_ids
+            )
         if name.endswith("_docs"):
             row["doc_length"] = doc_length
-        try:
-            with torch.no_grad():
-                fwd()  # compile / warm up
-            fwd().backward(g)
-            torch.cuda.synchronize()
-        except Exception as exc:  # e.g. a backend this GPU / shape does not support: recorded, not timed
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            rows.append(row)
-            continue
-
-        def fwd_only(fwd=fwd):
-            with torch.no_grad():
-                fwd()
-
-        def fwd_bwd(fwd=fwd):
-            fwd().backward(g)
-
-        row["fwd_ms"] = do_bench(fwd_only, warmup=25, rep=200, return_mode="median")
-        row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
-        row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
-        row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
-        row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
-        row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
         rows.append(row)
         q.grad = k.grad = v.grad = relaxed.grad = None
     return rows
+
+
+def _time_kernel(name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms_attention, doc_ids) -> dict:
+    """One kernel's row: forward and forward + backward times, host issue time, TFLOP/s (or its error)."""
+    fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention, doc_ids)
+    row: dict = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "kernel": name}
+    try:
+        with torch.no_grad():
+            fwd()  # compile / warm up
+        fwd().backward(g)
+        torch.cuda.synchronize()
+    except Exception as exc:  # e.g. a backend this GPU / shape does not support: recorded, not timed
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
+
+    def fwd_only(fwd=fwd):
+        with torch.no_grad():
+            fwd()
+
+    def fwd_bwd(fwd=fwd):
+        fwd().backward(g)
+
+    row["fwd_ms"] = do_bench(fwd_only, warmup=25, rep=200, return_mode="median")
+    row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+    row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
+    row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
+    row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
+    row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
+    return row
 
 
 def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:

@@ -61,6 +61,13 @@ def _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, 
 
 
 @triton.jit
+def _tma_rows(desc, b, h, start, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Rows ``start..start + ROWS`` of head (b, h) through a [B, H, T, WIDTH] tensor descriptor (TMA on
+    Hopper); rows past T come back as zeros."""
+    return tl.reshape(desc.load([b, h, start, 0]), [ROWS, WIDTH])
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, acc, v, PRECISION: tl.constexpr):
     """One key block of the online softmax: running max, normaliser and output accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -122,13 +129,15 @@ def _query_tile(Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, LK, DS, Out, LSE,
+    Q, K, V, LK, DS, Out, LSE, KD, VD,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
     T, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    """One query block's output and log-sum-exp; with TMA the key and value tiles come through the
+    descriptors KD / VD."""
     pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
     )
@@ -142,27 +151,40 @@ def _fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DV], tl.float32)
+    hk = h // G
     for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+        if TMA:
+            k = _tma_rows(KD, b, hk, start, BN, D)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
         if HAS_DOCS:
             s = tl.where(offs_n[None, :] >= q_doc[:, None], s, float("-inf"))
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        if TMA:
+            v = _tma_rows(VD, b, hk, start, BN, DV)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        if TMA:
+            k = _tma_rows(KD, b, hk, start, BN, D)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
         s = _masked_scores(
             q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS, PRECISION
         )
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        if TMA:
+            v = _tma_rows(VD, b, hk, start, BN, DV)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -176,15 +198,16 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV_, DLK,
+    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV_, DLK, QD, DOD,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One key block's dK / dV / d(log_keep) share from one query head, stored at row (b, h) of
-    [B, HQ, T, ...] (the outputs themselves when G == 1)."""
+    [B, HQ, T, ...] (the outputs themselves when G == 1); with TMA the query and output-gradient tiles
+    come through the descriptors QD / DOD."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -221,8 +244,12 @@ def _bwd_dkdv_kernel(
     for start in range(k_first, mask_end, BM):
         offs_m = start + offs_m0
         row_ok = offs_m < T
-        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:
+            qT = tl.trans(_tma_rows(QD, b, h, start, BM, D))
+            do = _tma_rows(DOD, b, h, start, BM, DV)
+        else:
+            qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
@@ -244,8 +271,12 @@ def _bwd_dkdv_kernel(
     for start in range(mask_end, q_hi, BM):
         offs_m = start + offs_m0
         row_ok = offs_m < q_hi
-        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:  # rows past q_hi (another document) load as they are: their lse of +inf zeroes them
+            qT = tl.trans(_tma_rows(QD, b, h, start, BM, D))
+            do = _tma_rows(DOD, b, h, start, BM, DV)
+        else:
+            qT = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sot + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
@@ -271,13 +302,14 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, LK, DS, DO, LSE, DELTA, DQ,
+    Q, K, V, LK, DS, DO, LSE, DELTA, DQ, KD, VD,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    """One query block's dQ; with TMA the key and value tiles come through the descriptors KD / VD."""
     pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
     )
@@ -293,10 +325,15 @@ def _bwd_dq_kernel(
     )
 
     dq = tl.zeros([BM, D], tl.float32)
+    hk = h // G
     for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        if TMA:
+            k = _tma_rows(KD, b, hk, start, BN, D)
+            v = _tma_rows(VD, b, hk, start, BN, DV)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
@@ -309,8 +346,12 @@ def _bwd_dq_kernel(
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        if TMA:
+            k = _tma_rows(KD, b, hk, start, BN, D)
+            v = _tma_rows(VD, b, hk, start, BN, DV)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
@@ -443,7 +484,25 @@ def _launch(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, d
 def _split(setting: dict) -> tuple[int, int, dict]:
     """One kernel's setting (see ``_launch``) -> query block, key block, Triton's launch options."""
     bm, bn = setting["blocks"]
-    return bm, bn, {k: v for k, v in setting.items() if k != "blocks"}
+    return bm, bn, {k: v for k, v in setting.items() if k not in ("blocks", "tma")}
+
+
+def _descriptors(setting: dict, rows: int, *tensors: torch.Tensor) -> tuple:
+    """With ``"tma": True`` in a kernel's setting: ``[B, H, T, W]`` tensor descriptors of blocks of ``rows``
+    rows for ``tensors`` (their tiles then load through TMA on Hopper), else (or where TMA cannot
+    address one of them: 16-byte alignment of the base and strides) ``None`` for each."""
+    none = (None,) * len(tensors)
+    if not setting.get("tma"):
+        return none
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = []
+    for x in tensors:
+        size = x.element_size()
+        if x.data_ptr() % 16 or any(stride * size % 16 for stride in x.stride()[:-1]):
+            return none
+        descs.append(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]]))
+    return tuple(descs)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -481,16 +540,18 @@ class _DMSAttentionTriton(torch.autograd.Function):
         HKV, DV = k.shape[1], v.shape[-1]
         G = HQ // HKV
         interpret = not q.is_cuda
-        BM, BN, options = _split(_launch(D, DV, interpret, q.dtype == torch.float32)["fwd"])
+        setting = _launch(D, DV, interpret, q.dtype == torch.float32)["fwd"]
+        BM, BN, options = _split(setting)
         out = torch.empty(B, HQ, T, DV, dtype=q.dtype, device=q.device)
         lse = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
+        kd, vd = _descriptors(setting, BN, k, v)
         _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
-            q, k, v, lk, ds, out, lse, *strides, *_strides(out), *lk_strides, ds_stride,
+            q, k, v, lk, ds, out, lse, kd, vd, *strides, *_strides(out), *lk_strides, ds_stride,
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN, **options,
+            BM=BM, BN=BN, TMA=kd is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -523,22 +584,24 @@ class _DMSAttentionTriton(torch.autograd.Function):
             D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
         )
         BM, BN, options = _split(launch["dkdv"])
+        qd, dod = _descriptors(launch["dkdv"], BM, q, dout)
         _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HQ)](
-            q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk,
+            q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk, qd, dod,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **options,
+            HQ=HQ, G=G, BM=BM, BN=BN, TMA=qd is not None, **flags, **options,
         )  # fmt: skip
         if G > 1:  # the group's shares, summed in a fixed order (dK and dV in one launch)
             dk, dv = _group_sum(dk, k.dtype, G, dv, v.dtype)
             if log_keep is not None:
                 dlk, _ = _group_sum(dlk, torch.float32, G)
         BM, BN, options = _split(launch["dq"])
+        kd, vd = _descriptors(launch["dq"], BN, k, v)
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
-            q, k, v, lk, ds, dout, lse, delta, dq,
+            q, k, v, lk, ds, dout, lse, delta, dq, kd, vd,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, **flags, **options,
+            HQ=HQ, G=G, BM=BM, BN=BN, TMA=kd is not None, **flags, **options,
         )  # fmt: skip
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 

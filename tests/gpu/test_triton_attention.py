@@ -1,6 +1,7 @@
 """The fused Triton DMS attention on a GPU: equal to the float64 reference over randomized shapes,
 windows, document layouts and seeds (fp32 tight, bf16 within bf16 tolerance), at the GPU tilings; two
-runs bitwise identical; and close to the FlexAttention backend at a 32B-at-TP=8 shape."""
+runs bitwise identical; the tensor-descriptor (TMA) loads as exact as the pointer loads; and close to
+the FlexAttention backend at a 32B-at-TP=8 shape."""
 
 from __future__ import annotations
 
@@ -77,6 +78,26 @@ def test_triton_equals_the_float64_reference(seed, dtype, tol):
         print("FlexAttention on the same case:", {n: f"{e:.1e}" for n, e in flex.items()})
         over = {n: e for n, e in over.items() if e > 1.5 * flex[n]}
     assert not over, (case, errs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tma_tiles_equal_the_float64_reference(seed):
+    """Every kernel's tiles through tensor descriptors (the "tma" launch option): within bf16 tolerance
+    of the reference, or no farther from it than the pointer-loaded kernel on the same inputs."""
+    from dms_megatron.kernels import triton_dms
+
+    case = _case(seed)
+    triton_dms.LAUNCH_OVERRIDES.update({kernel: {"tma": True} for kernel in ("fwd", "dkdv", "dq")})
+    try:
+        fast = _run(case, torch.bfloat16, "triton", seed)
+    finally:
+        triton_dms.LAUNCH_OVERRIDES.clear()
+    plain = _run(case, torch.bfloat16, "triton", seed)
+    ref = _run(case, torch.bfloat16, "reference", seed)
+    errs = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
+    bounds = [max(3e-2, 1.5 * _rel(a, b)) for a, b in zip(plain, ref, strict=True)]
+    print(case, "tma", [f"{e:.1e}" for e in errs])
+    assert all(e < b for e, b in zip(errs, bounds, strict=True)), (case, errs, bounds)
 
 
 def test_two_runs_are_bitwise_identical():

@@ -48,6 +48,16 @@ def test_fp32_equals_the_reference_at_the_cuda_default_tiles(report) -> None:
         assert max(r["errors"]) < 2e-5, r
 
 
+def test_fp32_equals_the_reference_through_tensor_descriptors(report) -> None:
+    """The "tma" launch option: key / value (forward, dQ) and query / output-gradient (dK/dV) tiles
+    loaded through [B, H, T, D] tensor descriptors, contiguous and Megatron-strided inputs, documents."""
+    rows = report["tma"]
+    assert len(rows) == CASES["other_blocks"] and all(r["described"] for r in rows)
+    assert any(r["case"]["strided"] for r in rows) and any(r["case"]["docs"] for r in rows)
+    for r in rows:
+        assert max(r["errors"]) < 2e-5, r
+
+
 def test_repeated_runs_are_bitwise_identical(report) -> None:
     repeated = [r["bitwise_repeat"] for r in report["default_blocks"] if "bitwise_repeat" in r]
     assert len(repeated) == REPEATED and all(repeated)

@@ -48,6 +48,8 @@ def errors(case: dict, dtype: torch.dtype = torch.float32) -> tuple[list[float],
     q = torch.randn(B, Hq, T, case["D"], generator=g, dtype=torch.float64)
     k = torch.randn(B, Hkv, T, case["D"], generator=g, dtype=torch.float64)
     v = torch.randn(B, Hkv, T, case["Dv"], generator=g, dtype=torch.float64)
+    if case.get("strided"):  # Megatron's layout: [B, T, H, D] storage seen as [B, H, T, D]
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     relaxed = torch.randn(B, Hkv, T, generator=g, dtype=torch.float64) * 3 if case["bias"] else None
     doc_ids = None
     if case["docs"]:
@@ -60,6 +62,8 @@ def errors(case: dict, dtype: torch.dtype = torch.float32) -> tuple[list[float],
     ref = dms_attention_reference(q, k, v, relaxed, case["window"], doc_ids=doc_ids)
     ref_grads = torch.autograd.grad(ref, leaves, dout)
     xs = [x.detach().to(dtype if x is not relaxed else torch.float32).requires_grad_(True) for x in leaves]
+    if case.get("strided"):
+        assert not any(x.is_contiguous() for x in xs[:3])
     rel = xs[3] if relaxed is not None else None
     out = dms_attention(xs[0], xs[1], xs[2], rel, case["window"], doc_ids=doc_ids, backend="triton")
     grads = torch.autograd.grad(out, xs, dout.to(dtype))
@@ -104,6 +108,31 @@ def main() -> None:
     triton_dms.LAUNCH_OVERRIDES.update({kernel: {"blocks": blocks} for kernel, blocks in other.items()})
     for case in cases(n_other, seed + 1):
         report["other_blocks"].append({"case": case, "errors": errors(case)[0]})
+    # tiles loaded through tensor descriptors (TMA on Hopper), contiguous and strided inputs
+    report["tma"] = []
+    described = []
+    plain = triton_dms._descriptors
+
+    def counting(setting, rows, *tensors):
+        descs = plain(setting, rows, *tensors)
+        described.append(all(d is not None for d in descs))
+        return descs
+
+    triton_dms._descriptors = counting
+    triton_dms.LAUNCH_OVERRIDES.update(
+        {k: {**o, "tma": True} for k, o in triton_dms.LAUNCH_OVERRIDES.items()}
+    )
+    for i, case in enumerate(cases(n_other, seed + 4)):
+        case["strided"] = i % 2 == 1
+        if case["strided"]:  # two heads and more than one row: the layout really differs
+            case["Hkv"] = 2
+        described.clear()
+        errs = errors(case)[0]
+        report["tma"].append(
+            {"case": case, "errors": errs, "described": len(described) == 3 and all(described)}
+        )
+    triton_dms._descriptors = plain
+    triton_dms.LAUNCH_OVERRIDES.clear()
     for case in cases(2, seed + 2):
         report["fp16"].append({"case": case, "errors": errors(case, torch.float16)[0]})
     print(json.dumps(report))

@@ -25,7 +25,9 @@
 #                                               #   by side (CURVE_STEPS=60, CURVE_RUNS), then
 #                                               #   benchmarks/curve_spread.py
 #   bash runbooks/training_speed.sh decide      # carry .carry .carry_model/part01 (after stash): attention
-#                                               #   at 4K / 8K (BENCH_SECONDS), then the Triton kernel's GPU
+#                                               #   at 4K / 8K (BENCH_SECONDS; DECIDE_SEQS, DECIDE_KERNELS:
+#                                               #   default the Triton kernel and its TMA variants vs
+#                                               #   SDPA), then the Triton kernel's GPU
 #                                               #   tests (TEST_SECONDS) beside the curves phase's runs
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
 #                                               #   step's small kernels (noise, fused decisions) and of the
@@ -208,9 +210,11 @@ decide)
     # then the kernel's GPU tests (correctness only) beside the loss-curve runs and their spread
     start_runbook decide
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
-    boxed "${BENCH_SECONDS:-70}" python3 benchmarks/attention_bench.py --seqs 4096,8192 \
-        --kernels sdpa_default,dms_triton --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
-    grep -v '^{' "$OUT/attention_bench.log" | tail -9
+    # (DECIDE_KERNELS: the fused kernel beside its tensor-descriptor (TMA) variants by default)
+    boxed "${BENCH_SECONDS:-150}" python3 benchmarks/attention_bench.py --seqs "${DECIDE_SEQS:-4096,8192}" \
+        --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma,dms_triton_tma_fwd,dms_triton_tma_bwd}" \
+        --deadline $((${BENCH_SECONDS:-150} - 25)) --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
+    grep -v '^{' "$OUT/attention_bench.log" | tail -41
     boxed "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
         > "$OUT/gpu_tests.log" 2>&1 &
     curve_runs

@@ -13,8 +13,8 @@
 #   bash runbooks/retrofit_quality_study.sh decode    # carry .carry (or after stash): the decode GPU
 #        # tests and the kernels per decode step, random weights (no training needed)
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
-#        # exports are on the machine): the decode GPU tests, kernels per decode step (split vs fused),
-#        # then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
+#        # exports are on the machine; after study alone: each run's last checkpoint is exported first):
+#        # the decode GPU tests, kernels per decode step (split vs fused), then benchmarks/serve_bench.py on each exported run (default smollm2_cr8 smollm2_cr4) with
 #        # the split and the fused decode kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
 #        # SERVE_BACKENDS="fused" runs one decode backend; SERVE_SECONDS (default 300) bounds each run
 #        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it, and a row of
@@ -121,6 +121,12 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
     [ ${#RUNS[@]} -gt 0 ] || RUNS=(smollm2_cr8 smollm2_cr4)
     read -r -a BUDGETS <<< "${SERVE_BUDGETS:-8 32}"  # GiB, space-separated
     for run in "${RUNS[@]}"; do
+        if [ ! -d "exports/study/$run" ]; then  # trained by `study` but not exported by `evaluate`: its last checkpoint
+            ckpt=$(ls -d runs/study/"$run"/checkpoints/iter_* 2>/dev/null | sort | tail -1)
+            [ -n "$ckpt" ] || { echo "no export or checkpoint of $run"; continue; }
+            python3 launch/convert.py export --ckpt "$ckpt" --out "exports/study/$run" --force --quiet
+            echo "exported $ckpt"
+        fi
         for backend in ${SERVE_BACKENDS:-triton fused}; do
             read -r -a LENGTHS <<< "${SERVE_PROMPT_LENGTHS:-7936}"
             timeout -k 5 "${SERVE_SECONDS:-300}" python3 benchmarks/serve_bench.py --model "exports/study/$run" \

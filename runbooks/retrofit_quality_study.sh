@@ -15,7 +15,8 @@
 #   bash runbooks/retrofit_quality_study.sh serve [RUN ...]   # carry nothing (after evaluate: the
 #        # exports are on the machine; after study alone: each run's last checkpoint is exported first):
 #        # the decode GPU tests, kernels per decode step (split vs fused), then benchmarks/serve_bench.py
-#        # on each exported run (default smollm2_cr8 smollm2_cr4) with the split and the fused decode kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
+#        # on each exported run (default smollm2_cr8 smollm2_cr4) with the split and the fused decode
+#        # kernels (DECODE_CHECKS=0 skips the tests and kernel counts;
 #        # SERVE_BACKENDS="fused" runs one decode backend; SERVE_SECONDS (default 300) bounds each run
 #        # of four rows: one row of 96 x 8K prompts took 61 s on an H100, prefill most of it, and a row of
 #        # 384 did not finish in 330 s (2026-12-07, before the prefill's page allocation was batched);

@@ -123,7 +123,7 @@ serve)  # serving throughput at fixed KV budgets, 8K context (SmolLM2's), DMS vs
     read -r -a BUDGETS <<< "${SERVE_BUDGETS:-8 32}"  # GiB, space-separated
     for run in "${RUNS[@]}"; do
         if [ ! -d "exports/study/$run" ]; then  # trained by `study` but not exported by `evaluate`: its last checkpoint
-            ckpt=$(ls -d runs/study/"$run"/checkpoints/iter_* 2>/dev/null | sort | tail -1)
+            ckpt=$(find runs/study/"$run"/checkpoints -maxdepth 1 -name "iter_*" 2>/dev/null | sort | tail -1 || true)
             [ -n "$ckpt" ] || { echo "no export or checkpoint of $run"; continue; }
             python3 launch/convert.py export --ckpt "$ckpt" --out "exports/study/$run" --force --quiet
             echo "exported $ckpt"

@@ -212,7 +212,7 @@ decide)
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
     # (DECIDE_KERNELS: the fused kernel beside its tensor-descriptor (TMA) variants by default)
     boxed "${BENCH_SECONDS:-150}" python3 benchmarks/attention_bench.py --seqs "${DECIDE_SEQS:-4096,8192}" \
-        --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma,dms_triton_tma_fwd,dms_triton_tma_bwd}" \
+        --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma,dms_triton_tma_fwd,dms_triton_tma_bwd,dms_triton_tma_ws}" \
         --deadline $((${BENCH_SECONDS:-150} - 25)) --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_bench.log" | tail -41
     boxed "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \

@@ -215,8 +215,9 @@ decide)
         --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma,dms_triton_tma_fwd,dms_triton_tma_bwd,dms_triton_tma_ws}" \
         --deadline $((${BENCH_SECONDS:-150} - 25)) --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_bench.log" | tail -41
+    # (and the step parts' tests: the fused-norm dispatch, the sync-free gradient norm)
     boxed "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
-        > "$OUT/gpu_tests.log" 2>&1 &
+        tests/gpu/test_step_parts_on_gpu.py > "$OUT/gpu_tests.log" 2>&1 &
     curve_runs
     tail -3 "$OUT/gpu_tests.log"
     ;;

@@ -216,7 +216,7 @@ decide)
         --deadline $((${BENCH_SECONDS:-150} - 25)) --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_bench.log" | tail -41
     # (and the step parts' tests: the fused-norm dispatch, the sync-free gradient norm)
-    boxed "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_triton_attention.py \
+    boxed "${TEST_SECONDS:-200}" python3 -m pytest -v -p no:cacheprovider tests/gpu/test_triton_attention.py \
         tests/gpu/test_step_parts_on_gpu.py > "$OUT/gpu_tests.log" 2>&1 &
     curve_runs
     tail -3 "$OUT/gpu_tests.log"

@@ -18,10 +18,14 @@ Kernels (one program per (block, head)):
   Stores the base-2 log-sum-exp per query for the backward.
 - backward dK / dV / d(log_keep): one program per (key block, query head) over the query blocks that
   can see its keys; with GQA each query head writes its own fp32 share and the group's shares are then
-  summed in a fixed order (one more launch for dK and dV, one for d(log_keep)): no atomics, bitwise
+  summed in a fixed order (one more launch for dK, dV and d(log_keep)): no atomics, bitwise
   reproducible, and G times more programs than one per KV head (5/1 heads at TP=8 left most of an H100's
-  SMs idle). ``delta = rowsum(dO * O)``, read by both backward kernels, is one launch before them.
-- backward dQ: one program per (query block, query head) over its key blocks.
+  SMs idle).
+- backward dQ: one program per (query block, query head) over its key blocks; it runs first and also
+  stores its rows' ``delta = rowsum(dO * O)``, which the dK / dV kernel reads.
+
+A forward + backward is 4 launches with GQA (3 without): the host's cost of issuing them bounds short
+sequences at small head counts (docs/benchmarks.md, "host-bound" rows).
 
 Query-block programs start with the last block (the one with the most key blocks), so the longest
 programs run first and the short ones fill the tail.
@@ -302,14 +306,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, LK, DS, DO, LSE, DELTA, DQ, KD, VD,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb,
+    Q, K, V, LK, DS, DO, LSE, DELTA, DQ, KD, VD, Out,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, sdb, s_ob, s_oh, s_ot,
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
-    """One query block's dQ; with TMA the key and value tiles come through the descriptors KD / VD."""
+    """One query block's dQ, and its rows' ``delta = rowsum(dO * O)`` in fp32 (stored for the dK / dV
+    kernel, which runs after this one); with TMA the key and value tiles come through the descriptors
+    KD / VD."""
     pid_bh, b, h, q_first, offs_m, row_ok, q, k_base, v_base, lk_base = _query_tile(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
     )
@@ -319,7 +325,11 @@ def _bwd_dq_kernel(
     do_ptrs = DO + b * sob + h * soh + offs_m[:, None] * sot + offs_dv[None, :]
     do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    o = tl.load(
+        Out + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_dv[None, :], mask=row_ok[:, None], other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh * T + offs_m, delta, mask=row_ok)
     q_doc, lo, full_end, hi = _key_range(
         q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
     )
@@ -370,61 +380,44 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _bwd_delta_kernel(Out, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, HQ: tl.constexpr, DV: tl.constexpr,
-                      BM: tl.constexpr):  # fmt: skip
-    """delta[b*h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32: one launch instead of torch's four."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    ok = offs_m < T
-    offs_d = tl.arange(0, DV)
-    rows = offs_m[:, None]
-    o = tl.load(Out + b * sob + h * soh + rows * sot + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows * sdt + offs_d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=ok)
+def _group_sum_rows(SRC, DST, N, kv, offs, G: tl.constexpr, BLOCK: tl.constexpr):
+    ok = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for g in tl.static_range(G):
+        acc += tl.load(SRC + (kv * G + g) * N + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DST + kv * N + offs, acc.to(DST.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _group_sum_kernel(SRC_A, DST_A, N_A, SRC_B, DST_B, N_B, G: tl.constexpr, TWO: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+def _group_sum_kernel(SRC_A, DST_A, N_A, SRC_B, DST_B, N_B, SRC_C, DST_C, N_C, G: tl.constexpr,
+                      COUNT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """dst[kv, :] = sum over the group's g of src[kv * G + g, :] (fp32, in order g = 0..G-1), cast to
-    dst's dtype; rows of N_A (and with TWO, of N_B: dK and dV in one launch) contiguous elements."""
+    dst's dtype, for COUNT (1-3) tensors of rows of N_A, N_B, N_C contiguous elements (dK, dV and
+    d(log_keep) in one launch)."""
     kv = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N_A
-    acc = tl.zeros([BLOCK], tl.float32)
-    for g in tl.static_range(G):
-        acc += tl.load(SRC_A + (kv * G + g) * N_A + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DST_A + kv * N_A + offs, acc.to(DST_A.dtype.element_ty), mask=ok)
-    if TWO:
-        ok = offs < N_B
-        acc = tl.zeros([BLOCK], tl.float32)
-        for g in tl.static_range(G):
-            acc += tl.load(SRC_B + (kv * G + g) * N_B + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DST_B + kv * N_B + offs, acc.to(DST_B.dtype.element_ty), mask=ok)
+    _group_sum_rows(SRC_A, DST_A, N_A, kv, offs, G, BLOCK)
+    if COUNT > 1:
+        _group_sum_rows(SRC_B, DST_B, N_B, kv, offs, G, BLOCK)
+    if COUNT > 2:
+        _group_sum_rows(SRC_C, DST_C, N_C, kv, offs, G, BLOCK)
 
 
-def _group_sum(
-    shares: torch.Tensor, out_dtype: torch.dtype, G: int, other: torch.Tensor | None = None, other_dtype=None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum each GQA group's per-query-head shares ``[B, Hkv * G, ...]`` -> ``[B, Hkv, ...]`` (and
-    ``other``'s, in the same launch)."""
-    B, HQ = shares.shape[:2]
-    rows = B * (HQ // G)
-    out = shares.new_empty((B, HQ // G, *shares.shape[2:]), dtype=out_dtype)
-    n_a = shares[0, 0].numel()
-    out_b = None
-    n_b = 1
-    if other is not None:
-        out_b = other.new_empty((B, HQ // G, *other.shape[2:]), dtype=other_dtype)
-        n_b = other[0, 0].numel()
+def _group_sum(G: int, *shares: tuple[torch.Tensor, torch.dtype]) -> list[torch.Tensor]:
+    """Sum each GQA group's per-query-head shares ``[B, Hkv * G, ...]`` -> ``[B, Hkv, ...]`` in the given
+    dtypes, for one to three ``(shares, dtype)`` pairs in one launch."""
+    B, HQ = shares[0][0].shape[:2]
+    outs = [x.new_empty((B, HQ // G, *x.shape[2:]), dtype=dtype) for x, dtype in shares]
+    sizes = [x[0, 0].numel() for x, _ in shares]
+    args = []
+    for i in range(3):
+        j = min(i, len(shares) - 1)  # unused slots repeat the last tensor (never read: COUNT)
+        args += [shares[j][0], outs[j], sizes[j]]
     block = 1024
-    _group_sum_kernel[(triton.cdiv(max(n_a, n_b), block), rows)](
-        shares, out, n_a, other if other is not None else shares, out_b if out_b is not None else out, n_b,
-        G=G, TWO=other is not None, BLOCK=block,
-    )  # fmt: skip
-    return out, out_b
+    _group_sum_kernel[(triton.cdiv(max(sizes), block), B * (HQ // G))](
+        *args, G=G, COUNT=len(shares), BLOCK=block
+    )
+    return outs
 
 
 # Launch settings per kernel ("fwd", "dkdv", "dq"): "blocks" (query block, key block) and Triton's
@@ -453,12 +446,14 @@ _CUDA_LAUNCH = {
         "dq": {"blocks": (64, 32)},
     },
 }
-# fp32 inputs (tests, oracles) take twice the shared memory per tile: the 16-bit tiles above ran out of it
-# or stalled on an H100 (2026-12-07), so they keep the smaller tiles used before the sweep
+# fp32 inputs (tests, oracles; speed does not matter) take twice the shared memory and registers per tile:
+# the 16-bit tiles ran out of them or stalled on an H100 (2026-12-07), and at the pre-sweep tiles (128 x
+# 64 forward, Triton's 3 stages) the first fp32 GPU test failed on 2026-12-08 (its message lost: the run
+# was cut). Small tiles at 2 stages, the interpreter's checks only so far (tests/unit).
 _FP32_LAUNCH = {
-    "fwd": {"blocks": (128, 64)},
-    "dkdv": {"blocks": (64, 64)},
-    "dq": {"blocks": (128, 32)},
+    "fwd": {"blocks": (64, 32), "num_warps": 4, "num_stages": 2},
+    "dkdv": {"blocks": (32, 64), "num_warps": 4, "num_stages": 2},
+    "dq": {"blocks": (64, 32), "num_warps": 4, "num_stages": 2},
 }
 _INTERPRETED_LAUNCH = {kernel: {"blocks": (16, 16)} for kernel in ("fwd", "dkdv", "dq")}
 # Diagnostics and tuning only (benchmarks/attention_tune.py, step_throughput --triton-launch): per kernel,
@@ -569,21 +564,27 @@ class _DMSAttentionTriton(torch.autograd.Function):
         launch = _launch(D, DV, interpret, q.dtype == torch.float32)
         dout = _last_dim_contiguous(dout)
         delta = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
-        bm = 16 if interpret else 64
-        _bwd_delta_kernel[(triton.cdiv(T, bm), B * HQ)](
-            out, dout, delta, *_strides(out), *_strides(dout), T, HQ=HQ, DV=DV, BM=bm
-        )
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
         de = doc_end if doc_end is not None else ds
+        flags = dict(
+            D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
+        )
+        # dQ first: it also computes delta = rowsum(dO * O), which the dK / dV kernel reads
         dq = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
+        BM, BN, options = _split(launch["dq"])
+        kd, vd = _descriptors(launch["dq"], BN, k, v)
+        _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+            q, k, v, lk, ds, dout, lse, delta, dq, kd, vd, out,
+            *strides, *_strides(dout), *lk_strides, ds_stride, *_strides(out),
+            T, window, scale * LOG2E, scale,
+            HQ=HQ, G=G, BM=BM, BN=BN, TMA=kd is not None, WS=bool(launch["dq"].get("ws")), **flags,
+            **options,
+        )  # fmt: skip
         # one share per query head (fp32 when a GQA group's shares are summed after the kernel)
         share = torch.float32 if G > 1 else None
         dk = torch.empty(B, HQ, T, D, dtype=share or k.dtype, device=k.device)
         dv = torch.empty(B, HQ, T, DV, dtype=share or v.dtype, device=v.device)
         dlk = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
-        flags = dict(
-            D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None, PRECISION=_precision(q)
-        )
         BM, BN, options = _split(launch["dkdv"])
         qd, dod = _descriptors(launch["dkdv"], BM, q, dout)
         _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HQ)](
@@ -593,19 +594,10 @@ class _DMSAttentionTriton(torch.autograd.Function):
             HQ=HQ, G=G, BM=BM, BN=BN, TMA=qd is not None, WS=bool(launch["dkdv"].get("ws")), **flags,
             **options,
         )  # fmt: skip
-        if G > 1:  # the group's shares, summed in a fixed order (dK and dV in one launch)
-            dk, dv = _group_sum(dk, k.dtype, G, dv, v.dtype)
-            if log_keep is not None:
-                dlk, _ = _group_sum(dlk, torch.float32, G)
-        BM, BN, options = _split(launch["dq"])
-        kd, vd = _descriptors(launch["dq"], BN, k, v)
-        _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
-            q, k, v, lk, ds, dout, lse, delta, dq, kd, vd,
-            *strides, *_strides(dout), *lk_strides, ds_stride,
-            T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, TMA=kd is not None, WS=bool(launch["dq"].get("ws")), **flags,
-            **options,
-        )  # fmt: skip
+        if G > 1:  # the group's shares, summed in a fixed order (dK, dV and d(log_keep) in one launch)
+            pairs = [(dk, k.dtype), (dv, v.dtype)] + ([(dlk, torch.float32)] if log_keep is not None else [])
+            dk, dv, *rest = _group_sum(G, *pairs)
+            dlk = rest[0] if rest else dlk
         return dq, dk, dv, (dlk if log_keep is not None else None), None, None, None, None
 
 

@@ -10,8 +10,8 @@ the Triton kernel; the teacher to SDPA, or FlashAttention-2 over documents; opt-
 but 2.4-11x SDPA forward + backward, docs/benchmarks.md).
 ``auto``: flex for CUDA tensors, reference otherwise. The Triton kernel is faster than flex on an H100
 (1.4-1.7x SDPA forward + backward against 2.0-2.7x, docs/benchmarks.md) and becomes the CUDA default once
-its bf16 GPU tests pass at the tuned tiles and its retrofit loss curve is no farther from an fp32-attention
-run than flex's (``runbooks/training_speed.sh curves``).
+its GPU tests pass at the current tiles and its retrofit loss curve is no farther from an fp32-attention
+run than flex's (``runbooks/training_speed.sh decide``; on 2026-12-08 a little farther, docs/dms.md).
 """
 
 from __future__ import annotations

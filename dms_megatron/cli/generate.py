@@ -51,8 +51,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--backend",
         default="auto",
-        help="decode attention: auto, reference, triton, flash_attn, fused (pages and window ring in one "
-        "kernel; opt-in until GPU-checked)",
+        help="decode attention: auto (fused on CUDA, reference on CPU), reference, triton (pages by kernel, "
+        "ring in torch), flash_attn, fused (pages and window ring in one kernel)",
     )
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 manifest check of the weights")
     return ap.parse_args(argv)

@@ -40,6 +40,16 @@ def kv_bytes(model: DMSCausalLM, block_size: int) -> tuple[int, int]:
     return 2 * block_size * model.d * elem, streams * w * (2 * model.d * elem + 1)
 
 
+def decode_backend(device: torch.device, block_size: int, head_dim: int, backend: str = "auto") -> str:
+    """The decode path a cache on ``device`` runs for ``backend``: ``auto`` is the fused step (pages and
+    window ring in one kernel; 3.61 vs 10.05 ms a CUDA-graph step against the split path at 8K, batch 32,
+    on an H100, docs/benchmarks.md) on CUDA where its kernel takes the head dim (a power of two >= 16),
+    else ``kernels.paged_decode.pick_backend``'s choice."""
+    if backend == "auto" and device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
+        return "fused"
+    return pick_backend(device, block_size, backend)
+
+
 class CompressedKV:
     """Rows of sequences against shared K/V block pools; see the module docstring."""
 
@@ -56,7 +66,7 @@ class CompressedKV:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         a = model.arch
         self.model, self.backend = model, backend
-        self.fused = pick_backend(model.device, block_size, backend) == "fused"
+        self.fused = decode_backend(model.device, block_size, model.d, backend) == "fused"
         self.L, self.H, self.D, self.g = a.num_layers, model.hkv, model.d, model.hq // model.hkv
         self.W = model.window + 1
         self.bs = block_size

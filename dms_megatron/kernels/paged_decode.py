@@ -16,7 +16,8 @@ Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-de
 size that is a multiple of 256; untested here, as flash-attn cannot be installed on our machines),
 ``auto``: flash_attn when installed and the block size allows it, else triton on CUDA, else reference.
 ``fused`` (for ``CompressedKV``, not this function): pages and window ring in one kernel
-(``kernels.fused_decode``); opt-in until a GPU run has checked and timed it.
+(``kernels.fused_decode``); what ``CompressedKV`` runs for ``auto`` on CUDA
+(``inference.compressed_cache.decode_backend``).
 """
 
 from __future__ import annotations

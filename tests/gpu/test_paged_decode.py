@@ -38,7 +38,7 @@ def test_triton_matches_reference(dtype, S, g, D, bs) -> None:
     assert torch.isinf(lse[~live]).all() and (out[~live] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "fused"])
+@pytest.mark.parametrize("backend", ["triton", "fused", "auto"])
 def test_engine_on_cuda_equals_cpu_reference(tiny, backend) -> None:  # noqa: F811
     cpu = _with_dms(tiny[1], "adapter", "head", 4)
     gpu = _with_dms(tiny[1], "adapter", "head", 4)
@@ -47,7 +47,9 @@ def test_engine_on_cuda_equals_cpu_reference(tiny, backend) -> None:  # noqa: F8
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (3, 17, 40, 90)]
     requests = [Request(p, max_new_tokens=12) for p in prompts]
     a = BatchEngine(cpu, num_blocks=800, block_size=16, max_batch=3).generate(requests)
-    b = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend=backend).generate(requests)
+    engine = BatchEngine(gpu, num_blocks=800, block_size=16, max_batch=3, backend=backend)
+    assert engine.cache.fused == (backend in ("fused", "auto"))  # auto: the fused step on CUDA
+    b = engine.generate(requests)
     for x, y in zip(a, b, strict=True):
         assert x.error is None and y.error is None
         assert x.tokens == y.tokens

@@ -264,3 +264,15 @@ def test_prefill_pages_blocks_in_one_write_and_a_full_pool_raises_without_leakin
     assert int((small.table >= 0).sum()) == small.allocated_blocks()  # the failed layer took nothing
     small.remove_rows([row])
     assert small.allocated_blocks() == 0
+
+
+def test_auto_decode_backend_is_the_fused_step_on_cuda() -> None:
+    """``auto``: the fused decode step on CUDA where its kernel takes the head dim, the split Triton path
+    otherwise (head dims off the power-of-two grid), the reference on CPU; a named backend is kept."""
+    from dms_megatron.inference.compressed_cache import decode_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_backend(cuda, 16, 64) == "fused" and decode_backend(cuda, 16, 128) == "fused"
+    assert decode_backend(cuda, 16, 80) in ("triton", "flash_attn")
+    assert decode_backend(cpu, 16, 64) == "reference"
+    assert decode_backend(cuda, 16, 64, "triton") == "triton"

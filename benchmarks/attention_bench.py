@@ -15,7 +15,8 @@ backend). Per-rank shapes (Hq, Hkv, D):
 Median of ``triton.testing.do_bench`` (CUDA events). Beside each forward + backward time, the host's
 time to issue one call (``host_issue_ms``: no synchronisation, the GPU still busy with earlier calls): where
 it reaches 80% of the device time the row is marked ``host-bound`` -- the GPU waited for the launches, so the
-time measures the Python / launch path rather than the kernels. Prints a table (ratios to
+time measures the Python / launch path rather than the kernels; ``fwd_bwd_kernel_ms`` (the torch
+profiler's GPU time of the call's kernels) measures the kernels alone. Prints a table (ratios to
 ``sdpa_default``) and writes JSON (--out).
 
     python benchmarks/attention_bench.py --out results.json
@@ -109,6 +110,21 @@ def host_issue_ms(fn: Callable[[], object], calls: int = 20, sync: Callable[[], 
     return 1e3 * times[len(times) // 2]
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """GPU time (ms) of the kernels one ``fn()`` call runs, from the torch profiler (the sum of every op's
+    self device time over ``calls`` calls, divided by ``calls``): the call's cost without the host's, which
+    a host-bound row's wall time hides."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e3
+
+
 def _kernel_fns(
     name: str, q, k, v, relaxed, window: int, dms_attention, doc_ids=None
 ) -> Callable[[], torch.Tensor]:
@@ -200,6 +216,7 @@ def _time_kernel(name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms
     row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
     row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
     row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
+    row["fwd_bwd_kernel_ms"] = kernel_ms(fwd_bwd)
     row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
     row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
     return row
@@ -219,13 +236,16 @@ def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:
             continue
         r[f"fwd_vs_{key}"] = r["fwd_ms"] / base["fwd_ms"]
         r[f"fwd_bwd_vs_{key}"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+        if r.get("fwd_bwd_kernel_ms") and base.get("fwd_bwd_kernel_ms"):
+            r[f"fwd_bwd_kernel_vs_{key}"] = r["fwd_bwd_kernel_ms"] / base["fwd_bwd_kernel_ms"]
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'Hq/Hkv/D':>10} {'T':>6} {'kernel':>13} {'fwd ms':>8} {'x sdpa':>7} {'fwd+bwd ms':>11} "
-        f"{'x sdpa':>7} {'TFLOP/s':>8} {'host ms':>8}   (*_docs: x flash_docs; TFLOP/s of dense causal; "
-        "host ms: issuing one fwd+bwd)"
+        f"{'x sdpa':>7} {'TFLOP/s':>8} {'host ms':>8} {'kernel ms':>9} {'x sdpa':>7}   "
+        "(*_docs: x flash_docs; TFLOP/s of dense causal; host ms: issuing one fwd+bwd; kernel ms: its "
+        "kernels' GPU time)"
     ]
     for r in rows:
         head = f"{r['Hq']:>4}/{r['Hkv']}/{r['D']:<3} {r['T']:>6} {r['kernel']:>13}"
@@ -237,7 +257,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{head} {r['fwd_ms']:>8.3f} {r.get(f'fwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
             f"{r.get(f'fwd_bwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f} "
-            f"{r.get('fwd_bwd_host_ms', nan):>8.3f}{'  host-bound' if r.get('host_bound') else ''}"
+            f"{r.get('fwd_bwd_host_ms', nan):>8.3f} {r.get('fwd_bwd_kernel_ms', nan):>9.3f} "
+            f"{r.get(f'fwd_bwd_kernel_vs_{key}', nan):>6.2f}x{'  host-bound' if r.get('host_bound') else ''}"
         )
     return "\n".join(lines)
 

@@ -4,8 +4,7 @@ Kernels, one process, same inputs: ``dms_triton`` (the fused kernel), ``dms_spli
 old keys + FlashAttention-2 band, merged; ``dms_split_flash``: FlashAttention-2 for both),
 ``dms_flex`` (FlexAttention with the DMS bias), ``flex_causal`` (FlexAttention without the bias),
 ``dms_triton_tma`` / ``dms_triton_tma_fwd`` / ``dms_triton_tma_bwd`` (the fused kernel with its tiles loaded
-through tensor descriptors, TMA on Hopper: every kernel / the forward only / the backward kernels only;
-``dms_triton_tma_ws``: every kernel with TMA and Triton's automatic warp specialisation of its main loop),
+through tensor descriptors, TMA on Hopper: every kernel / the forward only / the backward kernels only),
 ``dms_split_docs`` / ``flash_docs`` (the split with the DMS bias / FlashAttention-2 causal, both over the
 sequence packed as documents of ``--doc-length`` tokens: the training batches' layout; compare the two),
 ``sdpa_default`` (SDPA, its own backend choice) and ``sdpa_flash`` (SDPA restricted to its flash
@@ -43,7 +42,6 @@ KERNELS = (
     "dms_triton_tma",
     "dms_triton_tma_fwd",
     "dms_triton_tma_bwd",
-    "dms_triton_tma_ws",
     "dms_split",
     "dms_split_flash",
     "dms_flex",
@@ -57,7 +55,6 @@ TRITON_VARIANTS = {
     "dms_triton_tma": {kernel: {"tma": True} for kernel in ("fwd", "dkdv", "dq")},
     "dms_triton_tma_fwd": {"fwd": {"tma": True}},
     "dms_triton_tma_bwd": {kernel: {"tma": True} for kernel in ("dkdv", "dq")},
-    "dms_triton_tma_ws": {kernel: {"tma": True, "ws": True} for kernel in ("fwd", "dkdv", "dq")},
 }
 
 

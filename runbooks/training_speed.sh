@@ -26,7 +26,7 @@
 #                                               #   benchmarks/curve_spread.py
 #   bash runbooks/training_speed.sh decide      # carry .carry .carry_model/part01 (after stash): attention
 #                                               #   at 4K / 8K (BENCH_SECONDS; DECIDE_SEQS, DECIDE_KERNELS:
-#                                               #   default the Triton kernel and its TMA variants vs
+#                                               #   default the Triton kernel and its TMA forward vs
 #                                               #   SDPA), then the Triton kernel's GPU
 #                                               #   tests (TEST_SECONDS) beside the curves phase's runs
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
@@ -210,9 +210,9 @@ decide)
     # then the kernel's GPU tests (correctness only) beside the loss-curve runs and their spread
     start_runbook decide
     model_and_data > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; exit 1; }
-    # (DECIDE_KERNELS: the fused kernel beside its tensor-descriptor (TMA) variants by default)
+    # (DECIDE_KERNELS: the fused kernel beside its variant with a TMA forward by default)
     boxed "${BENCH_SECONDS:-150}" python3 benchmarks/attention_bench.py --seqs "${DECIDE_SEQS:-4096,8192}" \
-        --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma,dms_triton_tma_fwd,dms_triton_tma_bwd,dms_triton_tma_ws}" \
+        --kernels "${DECIDE_KERNELS:-sdpa_default,dms_triton,dms_triton_tma_fwd}" \
         --deadline $((${BENCH_SECONDS:-150} - 25)) --out "$OUT/attention_bench.json" > "$OUT/attention_bench.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_bench.log" | tail -41
     # (and the step parts' tests: the fused-norm dispatch, the sync-free gradient norm)

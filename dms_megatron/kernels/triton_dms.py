@@ -138,7 +138,7 @@ def _fwd_kernel(
     T, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One query block's output and log-sum-exp; with TMA the key and value tiles come through the
     descriptors KD / VD."""
@@ -156,7 +156,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DV], tl.float32)
     hk = h // G
-    for start in tl.range(lo, full_end, BN, warp_specialize=WS):
+    for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
         if TMA:
             k = _tma_rows(KD, b, hk, start, BN, D)
@@ -207,7 +207,7 @@ def _bwd_dkdv_kernel(
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One key block's dK / dV / d(log_keep) share from one query head, stored at row (b, h) of
     [B, HQ, T, ...] (the outputs themselves when G == 1); with TMA the query and output-gradient tiles
@@ -272,7 +272,7 @@ def _bwd_dkdv_kernel(
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         if HAS_BIAS:
             dlk += tl.sum(tl.where(outside, dsT, 0.0), axis=1)
-    for start in tl.range(mask_end, q_hi, BM, warp_specialize=WS):
+    for start in range(mask_end, q_hi, BM):
         offs_m = start + offs_m0
         row_ok = offs_m < q_hi
         if TMA:  # rows past q_hi (another document) load as they are: their lse of +inf zeroes them
@@ -311,7 +311,7 @@ def _bwd_dq_kernel(
     T, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One query block's dQ, and its rows' ``delta = rowsum(dO * O)`` in fp32 (stored for the dK / dV
     kernel, which runs after this one); with TMA the key and value tiles come through the descriptors
@@ -336,7 +336,7 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BM, D], tl.float32)
     hk = h // G
-    for start in tl.range(lo, full_end, BN, warp_specialize=WS):
+    for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
         if TMA:
             k = _tma_rows(KD, b, hk, start, BN, D)
@@ -421,13 +421,14 @@ def _group_sum(G: int, *shares: tuple[torch.Tensor, torch.dtype]) -> list[torch.
 
 
 # Launch settings per kernel ("fwd", "dkdv", "dq"): "blocks" (query block, key block) and Triton's
-# num_warps / num_stages; optional "tma" (tiles loaded through tensor descriptors) and "ws" (Triton's
-# automatic warp specialisation of the kernel's unmasked loop). The CUDA defaults are the fastest of
-# benchmarks/attention_tune.py's sweep on an H100 (2026-12-07; docs/results/2026-12-07_h100_tuned_step):
-# for D = 128 the same three settings won (or were within 1.5% of the winner) at 5/1, 4/1 and 32/8 heads,
-# T = 8K and 32K, and cut fwd+bwd by 28-31% against the earlier 128x64 / 64x64 / 128x32 tiles at Triton's
-# default warps. dK/dV stays off the 32 x 128 and 16 x 128 tiles at 4 warps: those gave dK 0.11-0.15 off
-# the reference for one bf16 case (T=777, D=64, documents) on an H100 on 2026-12-05.
+# num_warps / num_stages; optional "tma" (streamed tiles loaded through tensor descriptors; Triton 3.6's
+# automatic warp specialisation of the main loops did not compile on an H100, 2026-12-08). The CUDA
+# defaults are the fastest of benchmarks/attention_tune.py's sweep on an H100 (2026-12-07;
+# docs/results/2026-12-07_h100_tuned_step): for D = 128 the same three settings won (or were within 1.5%
+# of the winner) at 5/1, 4/1 and 32/8 heads, T = 8K and 32K, and cut fwd+bwd by 28-31% against the
+# earlier 128x64 / 64x64 / 128x32 tiles at Triton's default warps. dK/dV stays off the 32 x 128 and
+# 16 x 128 tiles at 4 warps: those gave dK 0.11-0.15 off the reference for one bf16 case (T=777, D=64,
+# documents) on an H100 on 2026-12-05.
 _CUDA_LAUNCH = {
     64: {
         "fwd": {"blocks": (64, 64), "num_warps": 4, "num_stages": 3},
@@ -480,7 +481,7 @@ def _launch(d: int, dv: int, interpret: bool, fp32: bool = False) -> dict[str, d
 def _split(setting: dict) -> tuple[int, int, dict]:
     """One kernel's setting (see ``_launch``) -> query block, key block, Triton's launch options."""
     bm, bn = setting["blocks"]
-    return bm, bn, {k: v for k, v in setting.items() if k not in ("blocks", "tma", "ws")}
+    return bm, bn, {k: v for k, v in setting.items() if k not in ("blocks", "tma")}
 
 
 def _descriptors(setting: dict, rows: int, *tensors: torch.Tensor) -> tuple:
@@ -547,7 +548,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
             PRECISION=_precision(q),
-            BM=BM, BN=BN, TMA=kd is not None, WS=bool(setting.get("ws")), **options,
+            BM=BM, BN=BN, TMA=kd is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
         ctx.window, ctx.scale = window, scale
@@ -577,8 +578,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, dout, lse, delta, dq, kd, vd, out,
             *strides, *_strides(dout), *lk_strides, ds_stride, *_strides(out),
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, TMA=kd is not None, WS=bool(launch["dq"].get("ws")), **flags,
-            **options,
+            HQ=HQ, G=G, BM=BM, BN=BN, TMA=kd is not None, **flags, **options,
         )  # fmt: skip
         # one share per query head (fp32 when a GQA group's shares are summed after the kernel)
         share = torch.float32 if G > 1 else None
@@ -591,8 +591,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk, qd, dod,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,
-            HQ=HQ, G=G, BM=BM, BN=BN, TMA=qd is not None, WS=bool(launch["dkdv"].get("ws")), **flags,
-            **options,
+            HQ=HQ, G=G, BM=BM, BN=BN, TMA=qd is not None, **flags, **options,
         )  # fmt: skip
         if G > 1:  # the group's shares, summed in a fixed order (dK, dV and d(log_keep) in one launch)
             pairs = [(dk, k.dtype), (dv, v.dtype)] + ([(dlk, torch.float32)] if log_keep is not None else [])

@@ -49,6 +49,10 @@ LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @triton.jit
 def _masked_scores(q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS: tl.constexpr,
                    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
@@ -408,15 +412,13 @@ def _group_sum(G: int, *shares: tuple[torch.Tensor, torch.dtype]) -> list[torch.
     dtypes, for one to three ``(shares, dtype)`` pairs in one launch."""
     B, HQ = shares[0][0].shape[:2]
     outs = [x.new_empty((B, HQ // G, *x.shape[2:]), dtype=dtype) for x, dtype in shares]
-    sizes = [x[0, 0].numel() for x, _ in shares]
+    sizes = [math.prod(x.shape[2:]) for x, _ in shares]
     args = []
     for i in range(3):
         j = min(i, len(shares) - 1)  # unused slots repeat the last tensor (never read: COUNT)
         args += [shares[j][0], outs[j], sizes[j]]
     block = 1024
-    _group_sum_kernel[(triton.cdiv(max(sizes), block), B * (HQ // G))](
-        *args, G=G, COUNT=len(shares), BLOCK=block
-    )
+    _group_sum_kernel[(_cdiv(max(sizes), block), B * (HQ // G))](*args, G=G, COUNT=len(shares), BLOCK=block)
     return outs
 
 
@@ -516,10 +518,15 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+# per device: stand-ins for an absent bias / document bound (their kernels never dereference them)
+_placeholders: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _launch_args(q, k, v, log_keep, doc_start):
-    dummy = q.new_empty(1, dtype=torch.float32)
-    lk = log_keep if log_keep is not None else dummy
-    ds = doc_start if doc_start is not None else dummy.new_empty(1, dtype=torch.int32)
+    if q.device not in _placeholders:
+        _placeholders[q.device] = (q.new_empty(1, dtype=torch.float32), q.new_empty(1, dtype=torch.int32))
+    lk = log_keep if log_keep is not None else _placeholders[q.device][0]
+    ds = doc_start if doc_start is not None else _placeholders[q.device][1]
     strides = (
         *_strides(q),
         *_strides(k),
@@ -543,7 +550,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
         lse = torch.empty(B * HQ, T, dtype=torch.float32, device=q.device)
         lk, ds, strides, lk_strides, ds_stride = _launch_args(q, k, v, log_keep, doc_start)
         kd, vd = _descriptors(setting, BN, k, v)
-        _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
+        _fwd_kernel[(_cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, out, lse, kd, vd, *strides, *_strides(out), *lk_strides, ds_stride,
             T, window, scale * LOG2E,
             HQ=HQ, G=G, D=D, DV=DV, HAS_BIAS=log_keep is not None, HAS_DOCS=doc_start is not None,
@@ -574,7 +581,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
         dq = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
         BM, BN, options = _split(launch["dq"])
         kd, vd = _descriptors(launch["dq"], BN, k, v)
-        _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+        _bwd_dq_kernel[(_cdiv(T, BM), B * HQ)](
             q, k, v, lk, ds, dout, lse, delta, dq, kd, vd, out,
             *strides, *_strides(dout), *lk_strides, ds_stride, *_strides(out),
             T, window, scale * LOG2E, scale,
@@ -587,7 +594,7 @@ class _DMSAttentionTriton(torch.autograd.Function):
         dlk = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device) if log_keep is not None else lk
         BM, BN, options = _split(launch["dkdv"])
         qd, dod = _descriptors(launch["dkdv"], BM, q, dout)
-        _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * HQ)](
+        _bwd_dkdv_kernel[(_cdiv(T, BN), B * HQ)](
             q, k, v, lk, ds, de, dout, lse, delta, dk, dv, dlk, qd, dod,
             *strides, *_strides(dout), *lk_strides, ds_stride,
             T, window, scale * LOG2E, scale,

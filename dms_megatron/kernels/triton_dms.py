@@ -449,14 +449,15 @@ _CUDA_LAUNCH = {
         "dq": {"blocks": (64, 32)},
     },
 }
-# fp32 inputs (tests, oracles; speed does not matter) take twice the shared memory and registers per tile:
-# the 16-bit tiles ran out of them or stalled on an H100 (2026-12-07), and at the pre-sweep tiles (128 x
-# 64 forward, Triton's 3 stages) the first fp32 GPU test failed on 2026-12-08 (its message lost: the run
-# was cut). Small tiles at 2 stages, the interpreter's checks only so far (tests/unit).
+# fp32 inputs (tests, oracles; speed does not matter) multiply in IEEE fp32 without tensor cores, which
+# takes far more registers per tile: compiled for sm_90 on CPU (benchmarks/kernel_resources.py,
+# 2026-12-08), the earlier fp32 tiles (forward 128 x 64, dK/dV 64 x 64, dQ 128 x 32; 3 stages) needed
+# 213-230 KB of shared memory and ran at 32 registers with 21-25 KB of spill stack per thread, and any
+# 64-wide tile at 4 warps fell into the same mode (7-18 KB): the likely cause of the fp32 GPU tests that
+# failed or stalled on H100s (2026-12-07 / 08). At 32 x 32 tiles, 4 warps, 2 stages: 255 registers,
+# <= 1.2 KB of stack, <= 70 KB of shared memory.
 _FP32_LAUNCH = {
-    "fwd": {"blocks": (64, 32), "num_warps": 4, "num_stages": 2},
-    "dkdv": {"blocks": (32, 64), "num_warps": 4, "num_stages": 2},
-    "dq": {"blocks": (64, 32), "num_warps": 4, "num_stages": 2},
+    kernel: {"blocks": (32, 32), "num_warps": 4, "num_stages": 2} for kernel in ("fwd", "dkdv", "dq")
 }
 _INTERPRETED_LAUNCH = {kernel: {"blocks": (16, 16)} for kernel in ("fwd", "dkdv", "dq")}
 # Diagnostics and tuning only (benchmarks/attention_tune.py, step_throughput --triton-launch): per kernel,

@@ -89,7 +89,7 @@ def test_triton_launch_defaults_follow_the_head_dim() -> None:
     assert triton_dms._split(triton_dms._launch(128, 128, True)["fwd"])[2] == {}
     assert {s["blocks"] for s in triton_dms._launch(128, 128, True).values()} == {(16, 16)}
     fp32 = triton_dms._launch(128, 128, False, fp32=True)  # small tiles, 2 stages
-    assert fp32["fwd"]["blocks"] == (64, 32) and fp32["dkdv"]["blocks"] == (32, 64)
+    assert {s["blocks"] for s in fp32.values()} == {(32, 32)}
     assert triton_dms._split(triton_dms._launch(64, 64, False, fp32=True)["dq"])[2] == {
         "num_warps": 4,
         "num_stages": 2,

@@ -48,6 +48,13 @@ def test_fp32_equals_the_reference_at_the_cuda_default_tiles(report) -> None:
         assert max(r["errors"]) < 2e-5, r
 
 
+def test_fp32_equals_the_reference_at_the_cuda_fp32_tiles(report) -> None:
+    rows = report["fp32_blocks"]
+    assert len(rows) == 3 and any(r["case"]["docs"] for r in rows)
+    for r in rows:
+        assert max(r["errors"]) < 2e-5, r
+
+
 def test_fp32_equals_the_reference_through_tensor_descriptors(report) -> None:
     """The "tma" launch option: key / value (forward, dQ) and query / output-gradient (dK/dV) tiles
     loaded through [B, H, T, D] tensor descriptors, contiguous and Megatron-strided inputs, documents."""

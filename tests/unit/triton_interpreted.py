@@ -104,6 +104,12 @@ def main() -> None:
         triton_dms.LAUNCH_OVERRIDES.update(tiles)
         report["cuda_blocks"].append({"case": case, "errors": errors(case)[0]})
     triton_dms.LAUNCH_OVERRIDES.clear()
+    # the fp32 inputs' CUDA tiles
+    triton_dms.LAUNCH_OVERRIDES.update(
+        {k: {"blocks": o["blocks"]} for k, o in triton_dms._FP32_LAUNCH.items()}
+    )
+    report["fp32_blocks"] = [{"case": case, "errors": errors(case)[0]} for case in cases(3, seed + 5)]
+    triton_dms.LAUNCH_OVERRIDES.clear()
     other = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
     triton_dms.LAUNCH_OVERRIDES.update({kernel: {"blocks": blocks} for kernel, blocks in other.items()})
     for case in cases(n_other, seed + 1):

@@ -1,0 +1,30 @@
+"""The Triton attention's CUDA launch settings compiled for sm_90 on CPU (``benchmarks/kernel_resources.py``,
+Triton's bundled ptxas): every kernel fits an H100's shared memory and keeps its spills small (the fp32
+tiles used until 2026-12-08 spilled 21-25 KB per thread to local memory)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.benchmark_module import load_benchmark
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return load_benchmark("kernel_resources").default_rows(["bf16", "fp32"], [128])
+
+
+def test_default_settings_fit_an_h100_and_spill_little(rows) -> None:
+    assert {(r["dtype"], r["kernel"]) for r in rows} == {
+        (d, k) for d in ("bf16", "fp32") for k in ("fwd", "dkdv", "dq")
+    }
+    for r in rows:
+        assert r["fits"] and 0 < r["shared_bytes"] <= 232448, r
+        assert r["registers"] > 32 and r["stack_bytes"] < 2048, r
+
+
+def test_table_lists_every_row(rows) -> None:
+    text = load_benchmark("kernel_resources").table(rows)
+    assert len(text.splitlines()) == len(rows) + 1 and "does not fit" not in text

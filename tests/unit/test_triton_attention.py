@@ -90,3 +90,16 @@ def test_clear_errors_without_running_a_kernel() -> None:
         document_bounds(torch.tensor([[0, 0, 1, 1, 0]]))
     start, end = document_bounds(torch.tensor([[0, 0, 1, 1, 1, 4]]))
     assert start.tolist() == [[0, 0, 2, 2, 2, 5]] and end.tolist() == [[2, 2, 5, 5, 5, 6]]
+
+
+def test_tma_descriptors_only_where_requested_and_addressable() -> None:
+    """``"tma"`` asks for [B, H, T, D] descriptors of ``rows``-row blocks; without it, or for a tensor TMA
+    cannot address (base or a stride off 16 bytes), every kernel argument stays None (pointer loads)."""
+    from dms_megatron.kernels.triton_dms import _descriptors
+
+    x = torch.randn(1, 2, 40, 16)
+    (desc,) = _descriptors({"tma": True}, 32, x)
+    assert list(desc.shape) == [1, 2, 40, 16] and list(desc.block_shape) == [1, 1, 32, 16]
+    assert _descriptors({}, 32, x) == (None,)
+    shifted = torch.randn(2 * 40 * 16 + 1)[1:].view(1, 2, 40, 16)  # base 4 bytes off 16-byte alignment
+    assert _descriptors({"tma": True}, 32, x, shifted) == (None, None)

@@ -38,13 +38,16 @@ WARPS = (4, 8)
 TOLERANCE = 2e-2  # relative error vs the default settings' result, bf16
 
 
-def candidates(kernel: str, head_dim: int) -> list[dict]:
-    """Settings to try for one kernel; large tiles are left out at head dims above 128 (shared memory)."""
+def candidates(kernel: str, head_dim: int, tma: bool = False) -> list[dict]:
+    """Settings to try for one kernel; large tiles are left out at head dims above 128 (shared memory).
+    With ``tma`` each setting also with its tiles loaded through tensor descriptors."""
     out = []
     for blocks, warps, stages in itertools.product(BLOCKS[kernel], WARPS, STAGES[kernel]):
         if head_dim > 128 and blocks[0] * blocks[1] > 64 * 64:
             continue
         out.append({"blocks": blocks, "num_warps": warps, "num_stages": stages})
+        if tma:
+            out.append({"blocks": blocks, "num_warps": warps, "num_stages": stages, "tma": True})
     return out
 
 
@@ -54,7 +57,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tune_shape(
-    Hq: int, Hkv: int, D: int, T: int, window: int, do_bench, deadline: float, device: str = "cuda"
+    Hq: int,
+    Hkv: int,
+    D: int,
+    T: int,
+    window: int,
+    do_bench,
+    deadline: float,
+    device: str = "cuda",
+    tma: bool = False,
 ) -> dict:
     """Sweep one shape (see the module docstring); each kernel gets an equal share of the time left
     before ``deadline`` (``time.monotonic()`` seconds)."""
@@ -111,7 +122,7 @@ def tune_shape(
     for i, kernel in enumerate(KERNELS):
         rows = []
         share = time.monotonic() + (deadline - time.monotonic()) / (len(KERNELS) - i)
-        for cand in candidates(kernel, D):
+        for cand in candidates(kernel, D, tma):
             if time.monotonic() > share:
                 result["cut_by_deadline"] = True
                 break
@@ -122,7 +133,9 @@ def tune_shape(
         good = [r for r in rows if r.get("ok")]
         if good:
             fastest = min(good, key=lambda r: r["ms"])
-            best[kernel] = {x: fastest[x] for x in ("blocks", "num_warps", "num_stages")}
+            best[kernel] = {
+                x: fastest[x] for x in ("blocks", "num_warps", "num_stages", "tma") if x in fastest
+            }
     chosen = {"settings": best}
     if best:
         for timed, key in ((fwd_only, "fwd_ms"), (fwd_bwd, "fwd_bwd_ms")):
@@ -171,6 +184,7 @@ def main() -> None:
         "--deadline", type=float, default=1e6, help="seconds for the sweep, shared by shape and kernel"
     )
     ap.add_argument("--out", default=None, help="JSON file")
+    ap.add_argument("--tma", action="store_true", help="each candidate also with TMA tile loads")
     ap.add_argument(
         "--settings-out",
         default=None,
@@ -194,7 +208,7 @@ def main() -> None:
     for n, (shape, seq) in enumerate(todo):  # each shape gets an equal share of the time left
         Hq, Hkv, D = (int(x) for x in shape.split("x"))
         shape_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(todo) - n)
-        result = tune_shape(Hq, Hkv, D, int(seq), args.window, do_bench, shape_deadline)
+        result = tune_shape(Hq, Hkv, D, int(seq), args.window, do_bench, shape_deadline, tma=args.tma)
         report["shapes"].append(result)
         print(summary(result), flush=True)
         if args.settings_out and n == 0 and result["best"]["settings"]:

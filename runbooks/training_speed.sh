@@ -14,7 +14,8 @@
 #   bash runbooks/training_speed.sh tune        # carry .carry: the split parts' probe (PROBE_SECONDS), the
 #                                               #   fused kernel's bf16 GPU tests
 #                                               #   (TEST_SECONDS), benchmarks/attention_tune.py: its launch
-#                                               #   settings swept (TUNE_SHAPES, TUNE_SEQS, TUNE_SECONDS),
+#                                               #   settings swept (TUNE_SHAPES, TUNE_SEQS, TUNE_SECONDS;
+#                                               #   TUNE_TMA=1: each also with TMA tile loads),
 #                                               #   then the KD kernel's GPU test (KD_SECONDS) and, with
 #                                               #   STEP_SECONDS, the 32B-rank step on triton at the best
 #                                               #   settings of the first shape
@@ -163,7 +164,7 @@ tune)
         -k "bf16 or bitwise or flex" > "$OUT/gpu_tests.log" 2>&1 || true
     tail -5 "$OUT/gpu_tests.log"
     boxed "${TUNE_SECONDS:-240}" python3 benchmarks/attention_tune.py --shapes "${TUNE_SHAPES:-5x1x128,9x3x64}" \
-        --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) --out "$OUT/attention_tune.json" \
+        --seqs "${TUNE_SEQS:-8192}" --deadline $((${TUNE_SECONDS:-240} - 20)) ${TUNE_TMA:+--tma} --out "$OUT/attention_tune.json" \
         --settings-out "$OUT/triton_launch.json" > "$OUT/attention_tune.log" 2>&1 || true
     grep -v '^{' "$OUT/attention_tune.log" | tail -20
     boxed "${KD_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_core_on_gpu.py -k kd -s \

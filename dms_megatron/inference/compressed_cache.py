@@ -29,7 +29,12 @@ from dms_megatron.core.dms_rules import evicts, visible
 from dms_megatron.inference.model import DMSCausalLM
 from dms_megatron.inference.paged_cache import CacheFullError
 from dms_megatron.kernels import dms_attention
-from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention, pick_backend
+from dms_megatron.kernels.paged_decode import (
+    decode_head_dims_ok,
+    merge_attention,
+    paged_decode_attention,
+    pick_backend,
+)
 
 
 def kv_bytes(model: DMSCausalLM, block_size: int) -> tuple[int, int]:
@@ -45,7 +50,7 @@ def decode_backend(device: torch.device, block_size: int, head_dim: int, backend
     window ring in one kernel; 3.61 vs 10.05 ms a CUDA-graph step against the split path at 8K, batch 32,
     on an H100, docs/benchmarks.md) on CUDA where its kernel takes the head dim (a power of two >= 16),
     else ``kernels.paged_decode.pick_backend``'s choice."""
-    if backend == "auto" and device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
+    if backend == "auto" and device.type == "cuda" and decode_head_dims_ok(head_dim, head_dim):
         return "fused"
     return pick_backend(device, block_size, backend)
 

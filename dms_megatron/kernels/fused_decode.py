@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dms_megatron.kernels.paged_decode import TOKENS_PER_TILE, _int32, _sm_count
+from dms_megatron.kernels.paged_decode import TOKENS_PER_TILE, _int32, _sm_count, decode_head_dims_ok
 from dms_megatron.kernels.triton_device import require_triton_device
 
 
@@ -139,7 +139,7 @@ def ring_paged_decode_attention(
     S, G, D = q.shape
     DV, W = v_pool.shape[-1], ring_k.shape[1]
     require_triton_device(q, "the fused decode kernel")
-    if D & (D - 1) or DV & (DV - 1) or D < 16:
+    if not decode_head_dims_ok(D, DV):
         raise ValueError(f"the fused decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     if ring_k.shape[0] != S or ring_v.shape[:2] != ring_k.shape[:2] or ring_lengths.shape != (S,):
         raise ValueError(f"ring_k / ring_v [S, W, D], ring_lengths [S]; got {tuple(ring_k.shape)} for S={S}")

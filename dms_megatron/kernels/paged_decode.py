@@ -148,6 +148,12 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_head_dims_ok(d: int, dv: int) -> bool:
+    """Whether the Triton decode kernels (this split kernel and ``fused_decode``'s) take these head dims:
+    powers of two, queries / keys >= 16."""
+    return d >= 16 and d & (d - 1) == 0 and dv > 0 and dv & (dv - 1) == 0
+
+
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.int().contiguous()
 
@@ -158,7 +164,7 @@ def _triton_decode(q, k_pool, v_pool, block_table, lengths, scale):
     S, G, D = q.shape
     DV = v_pool.shape[-1]
     q = q.to(k_pool.dtype)
-    if D & (D - 1) or DV & (DV - 1) or D < 16:
+    if not decode_head_dims_ok(D, DV):
         raise ValueError(f"the triton paged decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     block_g = max(16, 1 << (G - 1).bit_length())
     max_len = block_table.shape[1] * k_pool.shape[1]

@@ -26,24 +26,24 @@ import torch
 import torch.nn.functional as F
 
 
+def _as(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return p if p is None or p.dtype == dtype else p.to(dtype)
+
+
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` with its weight cast to the input's dtype at use (the fused kernel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        )
-        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, _as(self.weight, x.dtype), self.eps)
 
 
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` with its weight and bias cast to the input's dtype at use."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def cast(p: torch.Tensor | None) -> torch.Tensor | None:
-            return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
-
-        return F.layer_norm(x, self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+        return F.layer_norm(
+            x, self.normalized_shape, _as(self.weight, x.dtype), _as(self.bias, x.dtype), self.eps
+        )
 
 
 class LocalNorm:

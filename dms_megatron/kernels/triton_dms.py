@@ -76,6 +76,22 @@ def _tma_rows(desc, b, h, start, ROWS: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(desc, base, b, h, start, offs, stride, ok, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+             TMA: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """A key or value tile ``[ROWS, WIDTH]`` at rows ``offs`` (from ``start``): through the descriptor with
+    TMA, else by pointer from ``base`` (rows with ``ok`` false as zeros when ``MASKED``)."""
+    if TMA:
+        rows = _tma_rows(desc, b, h, start, ROWS, WIDTH)
+    elif MASKED:
+        rows = tl.load(
+            base + offs[:, None] * stride + tl.arange(0, WIDTH)[None, :], mask=ok[:, None], other=0.0
+        )
+    else:
+        rows = tl.load(base + offs[:, None] * stride + tl.arange(0, WIDTH)[None, :])
+    return rows
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, acc, v, PRECISION: tl.constexpr):
     """One key block of the online softmax: running max, normaliser and output accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -150,7 +166,6 @@ def _fwd_kernel(
         Q, K, V, LK, sqb, sqh, sqt, skb, skh, svb, svh, slb, slh, T, HQ, G, D, BM
     )
     offs_n0 = tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q_doc, lo, full_end, hi = _key_range(
         q_first, offs_m, row_ok, DS, b, sdb, T, window, HAS_BIAS, HAS_DOCS, BM, BN
@@ -162,37 +177,25 @@ def _fwd_kernel(
     hk = h // G
     for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
-        if TMA:
-            k = _tma_rows(KD, b, hk, start, BN, D)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
+        k = _kv_rows(KD, k_base, b, hk, start, offs_n, skt, offs_n, BN, D, TMA, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
         if HAS_DOCS:
             s = tl.where(offs_n[None, :] >= q_doc[:, None], s, float("-inf"))
-        if TMA:
-            v = _tma_rows(VD, b, hk, start, BN, DV)
-        else:
-            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        v = _kv_rows(VD, v_base, b, hk, start, offs_n, svt, offs_n, BN, DV, TMA, False)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
-        if TMA:
-            k = _tma_rows(KD, b, hk, start, BN, D)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = _kv_rows(KD, k_base, b, hk, start, offs_n, skt, col_ok, BN, D, TMA, True)
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634
         s = _masked_scores(
             q, k, bias, q_doc, offs_m, offs_n, col_ok, window, qk_scale, HAS_BIAS, HAS_DOCS, PRECISION
         )
-        if TMA:
-            v = _tma_rows(VD, b, hk, start, BN, DV)
-        else:
-            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        v = _kv_rows(VD, v_base, b, hk, start, offs_n, svt, col_ok, BN, DV, TMA, True)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -342,12 +345,8 @@ def _bwd_dq_kernel(
     hk = h // G
     for start in range(lo, full_end, BN):
         offs_n = start + offs_n0
-        if TMA:
-            k = _tma_rows(KD, b, hk, start, BN, D)
-            v = _tma_rows(VD, b, hk, start, BN, DV)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :])
+        k = _kv_rows(KD, k_base, b, hk, start, offs_n, skt, offs_n, BN, D, TMA, False)
+        v = _kv_rows(VD, v_base, b, hk, start, offs_n, svt, offs_n, BN, DV, TMA, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
             s += tl.load(lk_base + offs_n)[None, :] * 1.4426950408889634
@@ -360,12 +359,8 @@ def _bwd_dq_kernel(
     for start in range(full_end, hi, BN):
         offs_n = start + offs_n0
         col_ok = offs_n < T
-        if TMA:
-            k = _tma_rows(KD, b, hk, start, BN, D)
-            v = _tma_rows(VD, b, hk, start, BN, DV)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :], mask=col_ok[:, None], other=0.0)
+        k = _kv_rows(KD, k_base, b, hk, start, offs_n, skt, col_ok, BN, D, TMA, True)
+        v = _kv_rows(VD, v_base, b, hk, start, offs_n, svt, col_ok, BN, DV, TMA, True)
         bias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(lk_base + offs_n, mask=col_ok, other=0.0) * 1.4426950408889634

@@ -9,6 +9,7 @@ both show here before any GPU time is spent.
 
     python benchmarks/kernel_resources.py                      # defaults: bf16 / fp32, head dims 64 / 128
     python benchmarks/kernel_resources.py --dtypes fp32 --dims 128 --setting '{"fwd": {"blocks": [64, 32]}}'
+    python benchmarks/kernel_resources.py --decode             # also the decode kernel (kernels.fused_decode)
 """
 
 from __future__ import annotations
@@ -100,6 +101,54 @@ def kernel_resources(
     return row
 
 
+_DECODE_POINTERS = {"TABLE": "*i32", "LENS": "*i32", "RLENS": "*i32", "ARRIVED": "*i32"} | {
+    name: "*fp32"
+    for name in ("ACC", "M", "L", "OUT", "LSE")  # partials, output, log-sum-exp
+}
+
+
+def decode_resources(dtype: str, head_dim: int, ring: bool = True, block_size: int = 16) -> dict:
+    """Compile ``fused_decode.decode_split_kernel`` (GQA groups up to 16, with the window ring or, as the
+    paged triton backend, without it and writing log-sum-exp) for sm_90; its resources, plus what the PTX
+    holds of the in-kernel merge's memory ordering: the arrival atomic's semantics, L1-bypassing loads of
+    the other programs' partials, block barriers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dms_megatron.kernels import fused_decode
+
+    fn = fused_decode.decode_split_kernel
+    constants = {
+        "BLOCK_SIZE": block_size, "D": head_dim, "DV": head_dim, "BLOCK_G": 16, "HAS_RING": ring,
+        "TILE": fused_decode.TOKENS_PER_TILE, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "WRITE_LSE": not ring,
+    }  # fmt: skip
+    signature, constexprs = {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        if param.is_constexpr:
+            signature[name], constexprs[(i,)] = "constexpr", constants[name]
+        elif name in _DECODE_POINTERS:
+            signature[name] = _DECODE_POINTERS[name]
+        elif name in ("Q", "K", "V", "RK", "RV"):
+            signature[name] = f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)
+    )
+    ptx = compiled.asm["ptx"]
+    row = {"kernel": "decode" if ring else "decode_no_ring", "dtype": dtype, "head_dim": head_dim}
+    row["setting"] = {"block_size": block_size, "block_g": 16}
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    row |= _res_usage(compiled.asm["cubin"])
+    row["fits"] = row["shared_bytes"] <= H100_SHARED_LIMIT
+    row["atomics"] = sorted(set(re.findall(r"atom\.[a-z0-9_.]+", ptx)))
+    row["l1_bypassing_loads"] = len(re.findall(r"ld\.global\.cg", ptx))
+    row["barriers"] = len(re.findall(r"\bbar(?:rier)?\.sync", ptx))
+    return row
+
+
 def default_rows(dtypes: list[str], dims: list[int], overrides: dict | None = None) -> list[dict]:
     """Every kernel at the wrapper's CUDA launch settings (plus ``overrides``, as LAUNCH_OVERRIDES)."""
     from dms_megatron.kernels import triton_dms
@@ -116,12 +165,12 @@ def default_rows(dtypes: list[str], dims: list[int], overrides: dict | None = No
 
 def table(rows: list[dict]) -> str:
     lines = [
-        f"{'dtype':>5} {'D':>4} {'kernel':>5} {'setting':<52} {'shared B':>9} {'regs':>5} {'stack B':>8}"
+        f"{'dtype':>5} {'D':>4} {'kernel':>14} {'setting':<52} {'shared B':>9} {'regs':>5} {'stack B':>8}"
     ]
     for r in rows:
         setting = json.dumps(r["setting"], sort_keys=True)
         lines.append(
-            f"{r['dtype']:>5} {r['head_dim']:>4} {r['kernel']:>5} {setting:<52} {r['shared_bytes']:>9} "
+            f"{r['dtype']:>5} {r['head_dim']:>4} {r['kernel']:>14} {setting:<52} {r['shared_bytes']:>9} "
             f"{r['registers']:>5} {r['stack_bytes']:>8}{'' if r['fits'] else '  does not fit an H100'}"
         )
     return "\n".join(lines)
@@ -135,9 +184,13 @@ def main() -> None:
         "--setting", default=None, help="JSON per kernel overriding the defaults, as LAUNCH_OVERRIDES"
     )
     ap.add_argument("--out", default=None, help="JSON file")
+    ap.add_argument("--decode", action="store_true", help="also the decode kernel (fused_decode)")
     args = ap.parse_args()
     overrides = json.loads(args.setting) if args.setting else None
-    rows = default_rows(args.dtypes.split(","), [int(d) for d in args.dims.split(",")], overrides)
+    dtypes, dims = args.dtypes.split(","), [int(d) for d in args.dims.split(",")]
+    rows = default_rows(dtypes, dims, overrides)
+    if args.decode:
+        rows += [decode_resources(t, d, ring) for t in dtypes for d in dims for ring in (True, False)]
     print(table(rows))
     if args.out:
         with open(args.out, "w") as f:

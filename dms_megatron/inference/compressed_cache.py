@@ -221,7 +221,7 @@ class CompressedKV:
             else:
                 self._commit(layer, k, v, logits, *moves)
             qs = q.view(R * H, g, self.D).to(self.k_pool.dtype)
-            if self.fused:  # pages and ring in one kernel, then one merge kernel
+            if self.fused:  # pages and ring in one kernel launch (its last program per stream merges)
                 out = ring_paged_decode_attention(
                     qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
                     self.paged[layer].view(-1), self.ring_k[layer].view(R * H, W, self.D),

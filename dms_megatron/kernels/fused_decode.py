@@ -1,21 +1,32 @@
-"""Triton decode attention: one split-K kernel (``decode_split_kernel``) over each stream's pages and,
-fused, its window ring, and one kernel that merges the splits. ``paged_decode``'s ``triton`` backend
-runs the same split kernel without the ring (its own merge returns the log-sum-exp too);
-``ring_paged_decode_attention`` is DMS decode attention in two launches.
+"""Triton decode attention in one launch: a split-K kernel (``decode_split_kernel``) over each stream's
+pages and, fused, its window ring, whose last program to finish for a stream merges that stream's splits.
+``paged_decode``'s ``triton`` backend runs the same kernel without the ring (and has it write the
+log-sum-exp too); ``ring_paged_decode_attention`` is DMS decode attention.
 
 A stream (one sequence, one KV head) holds its recent tokens in a dense ring of ``W`` slots and its
 older kept tokens in pages (``kernels.paged_decode``). The unfused path runs the paged kernel, then
 separate torch operations for merging its splits, attending over the ring and merging the two; here the
 ring is one more split of the paged kernel (its slots ``0 .. ring_len - 1`` are all visible: delayed
-eviction keeps every ring token visible to the next query) and the merge of all splits by log-sum-exp
-is a second kernel.
+eviction keeps every ring token visible to the next query). Each program stores its split's running max,
+normaliser and unnormalised output, then counts itself in on the stream's arrival counter (an atomic
+add, acquire-release at GPU scope, after a block barrier: its stores are visible before its arrival); the
+program that arrives last merges the splits by log-sum-exp in fixed split order (so the result does not
+depend on which program merges) and resets the counter to 0. A stream with one split writes its result
+directly. No second kernel and no host work per launch beyond the launch itself.
+
+The counters are one int32 per stream in a buffer kept per device (``_arrival_counters``): zero between
+launches, grown outside CUDA-graph capture (a kernel captured at a size must first have run eagerly at
+it, which the engine's warm-up step does), never freed (a captured graph keeps pointing at it). Two
+launches must not run concurrently on one device (they would share counters): the engine decodes on one
+CUDA stream.
 
 Contract: q [S, g, D]; k_pool / v_pool [num_blocks, block_size, D(v)]; block_table [S, max_blocks];
 lengths [S] (paged tokens); ring_k / ring_v [S, W, D(v)]; ring_lengths [S] (valid ring slots, a prefix)
 -> out [S, g, Dv] fp32, softmax over pages and ring together (0 for a stream with neither).
 
-CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests). ``tests/unit/test_fused_decode.py`` holds it equal to
-the unfused reference composition.
+CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests; the interpreter runs programs one after another, so it
+checks the arrival logic and the merge but not the GPU's memory ordering, which ``tests/gpu`` does).
+``tests/unit/test_fused_decode.py`` holds it equal to the unfused reference composition.
 """
 
 from __future__ import annotations
@@ -59,14 +70,43 @@ def _attend_pages(q, K, V, TABLE, s, lo, hi, table_stride, m_i, l_i, acc, scale,
 
 
 @triton.jit
+def _write_result(acc, m_i, l_i, OUT, LSE, s, rows, dvs, G, DV: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Normalised output (0 for no keys) and, with ``WRITE_LSE``, log-sum-exp (-inf for no keys)."""
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(OUT + (s * G + rows[:, None]) * DV + dvs[None, :], out, mask=rows[:, None] < G)
+    if WRITE_LSE:
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), -float("inf"))
+        tl.store(LSE + s * G + rows, lse, mask=rows < G)
+
+
+@triton.jit
+def _merge_splits(ACC, M, L, s, n_splits, rows, dvs, BLOCK_G: tl.constexpr, DV: tl.constexpr):
+    """The stream's splits merged by log-sum-exp in split order: (unnormalised output, max, normaliser).
+    Loads bypass L1 (``.cg``): other programs wrote these rows."""
+    top = tl.full([BLOCK_G], -float("inf"), tl.float32)
+    for j in range(0, n_splits):
+        top = tl.maximum(top, tl.load(M + (s * n_splits + j) * BLOCK_G + rows, cache_modifier=".cg"))
+    safe = tl.where(top == -float("inf"), 0.0, top)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    out = tl.zeros([BLOCK_G, DV], tl.float32)
+    for j in range(0, n_splits):
+        row = (s * n_splits + j) * BLOCK_G + rows
+        w = tl.exp(tl.load(M + row, cache_modifier=".cg") - safe)  # 0 for an empty split (m = -inf)
+        total += w * tl.load(L + row, cache_modifier=".cg")
+        out += w[:, None] * tl.load(ACC + row[:, None] * DV + dvs[None, :], cache_modifier=".cg")
+    return out, safe, total
+
+
+@triton.jit
 def decode_split_kernel(
-    Q, K, V, TABLE, LENS, RK, RV, RLENS, ACC, M, L,
+    Q, K, V, TABLE, LENS, RK, RV, RLENS, ACC, M, L, ARRIVED, OUT, LSE,
     scale, tokens_per_split, table_stride, G, W,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, HAS_RING: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):  # fmt: skip
     """Program (stream, split): a share of the stream's pages, or (``HAS_RING``, the last split) its
-    window ring; writes the split's running max, normaliser and unnormalised output."""
+    window ring; the last program of a stream to arrive writes the stream's result (module docstring)."""
     s = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -91,36 +131,101 @@ def decode_split_kernel(
             k = tl.load(RK + (s * W + tok[:, None]) * D + dims[None, :], mask=live[:, None], other=0.0)
             v = tl.load(RV + (s * W + tok[:, None]) * DV + dvs[None, :], mask=live[:, None], other=0.0)
             m_i, l_i, acc = _tile_step(q, k, v, live, m_i, l_i, acc, scale, PRECISION)
-    out_row = (s * n_splits + split) * BLOCK_G + rows
-    tl.store(M + out_row, m_i)
-    tl.store(L + out_row, l_i)
-    tl.store(ACC + out_row[:, None] * DV + dvs[None, :], acc)
-
-
-@triton.jit
-def _merge_splits(ACC, M, L, OUT, G, N_SPLITS, BLOCK_G: tl.constexpr, DV: tl.constexpr):
-    s = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_G)
-    dvs = tl.arange(0, DV)
-    top = tl.full([BLOCK_G], -float("inf"), tl.float32)
-    for j in range(0, N_SPLITS):
-        top = tl.maximum(top, tl.load(M + (s * N_SPLITS + j) * BLOCK_G + rows))
-    safe = tl.where(top == -float("inf"), 0.0, top)
-    total = tl.zeros([BLOCK_G], tl.float32)
-    out = tl.zeros([BLOCK_G, DV], tl.float32)
-    for j in range(0, N_SPLITS):
-        row = (s * N_SPLITS + j) * BLOCK_G + rows
-        w = tl.exp(tl.load(M + row) - safe)  # 0 for an empty split (m = -inf)
-        total += w * tl.load(L + row)
-        out += w[:, None] * tl.load(ACC + row[:, None] * DV + dvs[None, :])
-    out = out / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(OUT + (s * G + rows[:, None]) * DV + dvs[None, :], out, mask=rows[:, None] < G)
+    if n_splits == 1:
+        _write_result(acc, m_i, l_i, OUT, LSE, s, rows, dvs, G, DV, WRITE_LSE)
+    else:
+        out_row = (s * n_splits + split) * BLOCK_G + rows
+        tl.store(M + out_row, m_i)
+        tl.store(L + out_row, l_i)
+        tl.store(ACC + out_row[:, None] * DV + dvs[None, :], acc)
+        tl.debug_barrier()  # every thread's stores issued before this program's arrival (a release)
+        arrived = tl.atomic_add(ARRIVED + s, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:  # the last split of this stream: merge them all
+            tl.debug_barrier()
+            acc, m_i, l_i = _merge_splits(ACC, M, L, s, n_splits, rows, dvs, BLOCK_G, DV)
+            _write_result(acc, m_i, l_i, OUT, LSE, s, rows, dvs, G, DV, WRITE_LSE)
+            tl.store(ARRIVED + s, 0)  # ready for the next launch
 
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so that the split logic is exercised
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def page_split_count(streams: int, max_len: int, device: torch.device) -> int:
+    """Programs sharing each stream's pages: about two programs per SM in all, at least a tile each."""
+    return max(1, min(math.ceil(2 * num_sms(device) / max(streams, 1)), math.ceil(max_len / TOKENS_PER_TILE)))
+
+
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counters(device: torch.device, streams: int) -> torch.Tensor:
+    """One zeroed int32 arrival counter per stream on ``device``; see the module docstring."""
+    held = _ARRIVALS.setdefault(device, [])
+    if held and held[-1].numel() >= streams:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the decode kernel's arrival counters must grow to {streams} streams during CUDA-graph "
+            "capture; run it once eagerly at this size first"
+        )
+    held.append(torch.zeros(max(streams, 2 * (held[-1].numel() if held else 512)), dtype=torch.int32,
+                            device=device))  # fmt: skip
+    return held[-1]
+
+
+def split_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    with_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of ``decode_split_kernel``: ``(out [S, g, Dv] fp32, lse [S, g] fp32 or None)`` over each
+    stream's pages and, given ``ring = (ring_k, ring_v, ring_lengths)``, its window ring. Splits: about
+    two programs per SM in all (flash-decoding split-K when there are few streams)."""
+    S, G, D = q.shape
+    DV = v_pool.shape[-1]
+    q = q.to(k_pool.dtype).contiguous()
+    block_g = max(16, 1 << (G - 1).bit_length())
+    max_len = block_table.shape[1] * k_pool.shape[1]
+    page_splits = page_split_count(S, max_len, q.device)
+    per_split = math.ceil(math.ceil(max_len / page_splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
+    splits = page_splits + (ring is not None)
+    if S == 0:
+        return q.new_zeros(0, G, DV, dtype=torch.float32), q.new_zeros(
+            0, G, dtype=torch.float32
+        ) if with_lse else None
+    out = torch.empty(S, G, DV, device=q.device, dtype=torch.float32)  # every row written by the kernel
+    lse = torch.empty(S, G, device=q.device, dtype=torch.float32) if with_lse else None
+    if splits > 1:
+        acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
+        m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
+        lsum = torch.empty_like(m)
+        arrived = _arrival_counters(q.device, S)
+    lens = _int32(lengths)
+    if splits == 1:  # one split writes its stream's result itself: no partials, no counters (not read)
+        acc, m, lsum, arrived = out, out, out, lens
+    if ring is None:
+        ring_k = ring_v = k_pool
+        ring_lengths, W = lens, 0  # not read
+    else:
+        ring_k, ring_v = (t.to(k_pool.dtype).contiguous() for t in ring[:2])
+        ring_lengths, W = _int32(ring[2]), ring_k.shape[1]
+    decode_split_kernel[(S, splits)](
+        q, k_pool, v_pool, _int32(block_table), lens, ring_k, ring_v, ring_lengths,
+        acc, m, lsum, arrived, out, out if lse is None else lse,
+        scale, per_split, block_table.shape[1], G, W,
+        BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
+        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", HAS_RING=ring is not None,
+        WRITE_LSE=with_lse,
+    )  # fmt: skip
+    return out, lse
 
 
 def ring_paged_decode_attention(
@@ -135,35 +240,12 @@ def ring_paged_decode_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of one query token per stream over its pages and its window ring; see the
-    module docstring. Two kernel launches."""
-    S, G, D = q.shape
-    DV, W = v_pool.shape[-1], ring_k.shape[1]
+    module docstring. One kernel launch."""
+    S, D, DV = q.shape[0], q.shape[-1], v_pool.shape[-1]
     require_triton_device(q, "the fused decode kernel")
     if not decode_head_dims_ok(D, DV):
         raise ValueError(f"the fused decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     if ring_k.shape[0] != S or ring_v.shape[:2] != ring_k.shape[:2] or ring_lengths.shape != (S,):
         raise ValueError(f"ring_k / ring_v [S, W, D], ring_lengths [S]; got {tuple(ring_k.shape)} for S={S}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q = q.to(k_pool.dtype).contiguous()
-    block_g = max(16, 1 << (G - 1).bit_length())
-    max_len = block_table.shape[1] * k_pool.shape[1]
-    page_splits = max(
-        1, min(math.ceil(2 * num_sms(q.device) / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE))
-    )
-    per_split = math.ceil(math.ceil(max_len / page_splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
-    splits = page_splits + 1  # + the ring
-    acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
-    m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    out = torch.zeros(S, G, DV, device=q.device, dtype=torch.float32)
-    if S == 0:
-        return out
-    decode_split_kernel[(S, splits)](
-        q, k_pool, v_pool, _int32(block_table), _int32(lengths),
-        ring_k.to(k_pool.dtype).contiguous(), ring_v.to(k_pool.dtype).contiguous(), _int32(ring_lengths),
-        acc, m, lsum, scale, per_split, block_table.shape[1], G, W,
-        BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
-        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", HAS_RING=True,
-    )  # fmt: skip
-    _merge_splits[(S,)](acc, m, lsum, out, G, splits, BLOCK_G=block_g, DV=DV)
-    return out
+    return split_decode(q, k_pool, v_pool, block_table, lengths, scale, (ring_k, ring_v, ring_lengths))[0]

@@ -10,8 +10,9 @@ Contract (every backend):
 ``lse`` lets the caller merge this with attention over other keys (the DMS window ring) exactly
 (``merge_attention``).
 
-Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-decoding kernel,
-``fused_decode.decode_split_kernel`` without the ring; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+Backends: ``reference`` (torch gather, any device), ``triton`` (split-K flash-decoding kernel that merges
+its splits itself, ``fused_decode.split_decode`` without the ring: one launch; CUDA, or CPU under
+``TRITON_INTERPRET=1``),
 ``flash_attn`` (``flash_attn_with_kvcache`` with ``block_table``; needs flash-attn installed and a block
 size that is a multiple of 256; untested here, as flash-attn cannot be installed on our machines),
 ``auto``: flash_attn when installed and the block size allows it, else triton on CUDA, else reference.
@@ -159,34 +160,9 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_decode(q, k_pool, v_pool, block_table, lengths, scale):
-    from dms_megatron.kernels.fused_decode import decode_split_kernel, num_sms
+    from dms_megatron.kernels.fused_decode import split_decode
 
-    S, G, D = q.shape
-    DV = v_pool.shape[-1]
-    q = q.to(k_pool.dtype)
+    D, DV = q.shape[-1], v_pool.shape[-1]
     if not decode_head_dims_ok(D, DV):
         raise ValueError(f"the triton paged decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
-    block_g = max(16, 1 << (G - 1).bit_length())
-    max_len = block_table.shape[1] * k_pool.shape[1]
-    # enough programs to fill the GPU (~2 per SM) when there are few streams (flash-decoding split-K)
-    splits = max(1, min(math.ceil(2 * num_sms(q.device) / max(S, 1)), math.ceil(max_len / TOKENS_PER_TILE)))
-    per_split = math.ceil(math.ceil(max_len / splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
-    acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
-    m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    if S:
-        no_ring = lengths.new_zeros(1)
-        decode_split_kernel[(S, splits)](
-            q.contiguous(), k_pool, v_pool, _int32(block_table), _int32(lengths), k_pool, v_pool, no_ring,
-            acc, m, lsum, scale, per_split, block_table.shape[1], G, 0,
-            BLOCK_SIZE=k_pool.shape[1], D=D, DV=DV, BLOCK_G=block_g, TILE=TOKENS_PER_TILE,
-            PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", HAS_RING=False,
-        )  # fmt: skip
-    acc, m, lsum = acc[:, :, :G], m[:, :, :G], lsum[:, :, :G]
-    top = m.max(1).values
-    safe = top.clamp(min=-1e30)
-    w = torch.exp(m - safe[:, None])  # [S, splits, G]; 0 for empty splits
-    total = (w * lsum).sum(1)
-    out = (w[..., None] * acc).sum(1) / total.clamp(min=1e-30)[..., None]
-    lse = torch.where(total > 0, safe + torch.log(total.clamp(min=1e-30)), -math.inf)
-    return out, lse
+    return split_decode(q, k_pool, v_pool, block_table, lengths, scale, with_lse=True)

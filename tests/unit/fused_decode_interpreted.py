@@ -14,7 +14,8 @@ import sys
 import interpreter_setup  # noqa: F401  (TRITON_INTERPRET=1 before any kernel exists)
 import torch
 
-from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
+from dms_megatron.kernels import fused_decode
+from dms_megatron.kernels.fused_decode import page_split_count, ring_paged_decode_attention
 from dms_megatron.kernels.paged_decode import merge_attention, paged_decode_attention, paged_decode_reference
 
 
@@ -36,7 +37,7 @@ def case(seed: int, dtype: torch.dtype) -> dict:
     S, G = rng.randint(1, 5), rng.choice([1, 3, 5])
     D, DV = rng.choice([16, 32]), rng.choice([16, 32])
     bs, W = rng.choice([4, 16]), rng.choice([1, 5, 17, 70])
-    lengths = torch.tensor([rng.choice([0, rng.randint(1, 150)]) for _ in range(S)])
+    lengths = torch.tensor([rng.choice([0, rng.randint(1, 300)]) for _ in range(S)])
     ring_lengths = torch.tensor([rng.randint(1, W) for _ in range(S)])
     per_stream = math.ceil(int(lengths.max()) / bs) + 1
     blocks = torch.randperm(S * per_stream, generator=gen).int().view(S, per_stream)
@@ -59,11 +60,38 @@ def case(seed: int, dtype: torch.dtype) -> dict:
     )
     return {
         "S": S, "G": G, "D": D, "DV": DV, "block_size": bs, "W": W,
+        "page_splits": page_split_count(S, blocks.shape[1] * bs, q.device),
+        "counters_zero_after": counters_zero(),
         "lengths": lengths.tolist(), "ring_lengths": ring_lengths.tolist(),
         "max_abs_error": float((got - want).abs().max()),
         "split_path_max_abs_error": split_err,
         "split_path_empty_ok": bool(torch.isinf(split[1][~live]).all() and (split[0][~live] == 0).all()),
     }  # fmt: skip
+
+
+def counters_zero() -> bool:
+    """Whether every arrival counter the kernel has used is back to 0 (ready for the next launch)."""
+    return all(int(t.abs().sum()) == 0 for t in fused_decode._ARRIVALS.get(torch.device("cpu"), []))
+
+
+def single_split_case(seed: int) -> dict:
+    """Enough streams for one program each (no ring): the program writes output and log-sum-exp itself."""
+    gen = torch.Generator().manual_seed(seed)
+    S, G, D, bs = 9, 3, 16, 4
+    lengths = torch.randint(0, 40, (S,), generator=gen)
+    lengths[0] = 0
+    blocks = torch.randperm(S * 10, generator=gen).int().view(S, 10)
+    k_pool, v_pool = torch.randn(S * 10, bs, D, generator=gen), torch.randn(S * 10, bs, D, generator=gen)
+    q = torch.randn(S, G, D, generator=gen)
+    out, lse = paged_decode_attention(q, k_pool, v_pool, blocks, lengths, 0.25, backend="triton")
+    want, want_lse = paged_decode_reference(q, k_pool, v_pool, blocks, lengths, 0.25)
+    live = lengths > 0
+    return {
+        "page_splits": page_split_count(S, 40, q.device),
+        "max_abs_error": float((out - want).abs().max()),
+        "lse_max_abs_error": float((lse[live] - want_lse[live]).abs().max()),
+        "empty_ok": bool(torch.isinf(lse[~live]).all() and (out[~live] == 0).all()),
+    }
 
 
 def tiny_dms_llama(window: int):
@@ -209,6 +237,7 @@ def main() -> None:
     table = torch.zeros(1, 1, dtype=torch.int32)
     z = ring_paged_decode_attention(torch.randn(1, 2, 16), pool, pool, table, none, ring, ring, none)
     report["empty_stream_is_zero"] = bool((z == 0).all())
+    report["single_split"] = single_split_case(7)
     model = tiny_dms_llama(4)
     report["engine"] = engine_case(model)
     report["commit"] = commit_cases(model, range(6)) + commit_cases(tiny_dms_llama(0), range(6, 10))

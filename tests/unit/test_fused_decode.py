@@ -1,10 +1,10 @@
 """The fused ring + pages decode kernel, and the same kernel without the ring (``paged_decode``'s triton
-backend), equal the unfused reference composition (paged attention, torch
-attention over the window ring, log-sum-exp merge) over seeded streams: empty and long page lists,
-rings from 1 slot to 70, GQA groups 1-5, head dims 16/32, block sizes 4/16; and the batch engine with it
-(its decode step then also runs the one-kernel RMSNorm and RoPE of ``kernels.fused_elementwise``,
-checked against the torch functions here too) equals the engine with the reference backend. Run by
-the Triton interpreter on CPU (fp32 and fp16; bf16 is left to tests/gpu)."""
+backend), equal the unfused reference composition (paged attention, torch attention over the window
+ring, log-sum-exp merge) over seeded streams: empty and long page lists (1-4 programs per stream, merged
+by the last to arrive), rings from 1 slot to 70, GQA groups 1-5, head dims 16/32, block sizes 4/16; and
+the batch engine with it (its decode step then also runs the one-kernel RMSNorm and RoPE of
+``kernels.fused_elementwise``, checked against the torch functions here too) equals the engine with the
+reference backend. Run by the Triton interpreter on CPU (fp32 and fp16; bf16 is left to tests/gpu)"""
 
 from __future__ import annotations
 
@@ -35,6 +35,17 @@ def test_fp32_equals_the_unfused_reference(report) -> None:
         assert r["max_abs_error"] < 1e-5, r
         # the same kernel without the ring: paged_decode's triton backend (output and log-sum-exp)
         assert r["split_path_max_abs_error"] < 1e-5 and r["split_path_empty_ok"], r
+
+
+def test_the_last_program_of_a_stream_merges_its_splits(report) -> None:
+    """One launch: the split programs of a stream count in on its arrival counter and the last one merges
+    (the fp32 cases above run 1-4 page splits plus the ring); every counter is back to 0 after each launch;
+    a stream with one program (enough streams, no ring) writes output and log-sum-exp directly."""
+    assert {r["page_splits"] for r in report["fp32"]} >= {1, 2, 4}
+    assert all(r["counters_zero_after"] for r in report["fp32"] + report["fp16"])
+    one = report["single_split"]
+    assert one["page_splits"] == 1 and one["empty_ok"], one
+    assert one["max_abs_error"] < 1e-5 and one["lse_max_abs_error"] < 1e-5, one
 
 
 def test_fp16_within_half_precision(report) -> None:

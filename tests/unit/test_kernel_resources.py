@@ -28,3 +28,15 @@ def test_default_settings_fit_an_h100_and_spill_little(rows) -> None:
 def test_table_lists_every_row(rows) -> None:
     text = load_benchmark("kernel_resources").table(rows)
     assert len(text.splitlines()) == len(rows) + 1 and "does not fit" not in text
+
+
+def test_decode_kernel_compiles_with_its_merge_ordering() -> None:
+    """The one-launch decode kernel for sm_90, with the ring (DMS) and without (paged backend): it fits,
+    its arrival counter is an acquire-release add at GPU scope, the merging program reads the other
+    programs' partials past L1, and block barriers surround the arrival."""
+    bench = load_benchmark("kernel_resources")
+    for ring in (True, False):
+        r = bench.decode_resources("bf16", 128, ring=ring)
+        assert r["fits"] and r["stack_bytes"] < 256, r
+        assert r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], r
+        assert r["l1_bypassing_loads"] > 0 and r["barriers"] >= 2, r

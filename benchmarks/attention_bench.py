@@ -10,13 +10,16 @@ sequence packed as documents of ``--doc-length`` tokens: the training batches' l
 ``sdpa_default`` (SDPA, its own backend choice) and ``sdpa_flash`` (SDPA restricted to its flash
 backend). Per-rank shapes (Hq, Hkv, D):
 (5, 1, 128) R1-Distill-Qwen-32B at TP=8, (4, 1, 128) Qwen3-32B-like at TP=8, (32, 8, 128) 8B at TP=1,
-(9, 3, 64) SmolLM2-135M; T in 4K, 8K, 32K by default. bf16 inputs; the DMS bias gets a gradient.
+(9, 3, 64) SmolLM2-135M; T in 4K, 8K, 32K by default. bf16 inputs; the DMS kernels take the log-keep bias
+as the training step gives it (``--bias-from relaxed``: computed from relaxed logits inside each call, as
+rows before 2026-12-08 did); the bias gets a gradient.
 Median of ``triton.testing.do_bench`` (CUDA events). Beside each forward + backward time, the host's
 time to issue one call (``host_issue_ms``: no synchronisation, the GPU still busy with earlier calls): where
 it reaches 80% of the device time the row is marked ``host-bound`` -- the GPU waited for the launches, so the
-time measures the Python / launch path rather than the kernels; ``fwd_bwd_kernel_ms`` (the torch
-profiler's GPU time of the call's kernels) measures the kernels alone. Prints a table (ratios to
-``sdpa_default``) and writes JSON (--out).
+time measures the Python / launch path rather than the kernels (for the fused kernel also the same time with
+its Triton launches skipped, ``fwd_bwd_host_no_launch_ms``: the rest is Triton's launching);
+``fwd_bwd_kernel_ms`` (the torch profiler's GPU time of the call's kernels) measures the kernels alone.
+Prints a table (ratios to ``sdpa_default``) and writes JSON (--out).
 
     python benchmarks/attention_bench.py --out results.json
     python benchmarks/attention_bench.py --shapes 5x1x128 --seqs 8192 --kernels dms_triton,sdpa_default
@@ -107,6 +110,27 @@ def host_issue_ms(fn: Callable[[], object], calls: int = 20, sync: Callable[[], 
     return 1e3 * times[len(times) // 2]
 
 
+@contextlib.contextmanager
+def no_triton_launches(module):
+    """Inside the block every Triton kernel of ``module`` is launched as a no-op (outputs left unwritten),
+    so that timing a call measures the host's work around the launches: the wrapper, allocations,
+    autograd. Its kernels must be compiled already (nothing compiles while they are swapped out)."""
+    from triton.runtime.jit import JITFunction
+
+    class _Skipped:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, JITFunction)}
+    try:
+        for name in kernels:
+            setattr(module, name, _Skipped())
+        yield
+    finally:
+        for name, fn in kernels.items():
+            setattr(module, name, fn)
+
+
 def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
     """GPU time (ms) of the kernels one ``fn()`` call runs, from the torch profiler (the sum of every op's
     self device time over ``calls`` calls, divided by ``calls``): the call's cost without the host's, which
@@ -123,8 +147,18 @@ def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float:
 
 
 def _kernel_fns(
-    name: str, q, k, v, relaxed, window: int, dms_attention, doc_ids=None
+    name: str, q, k, v, relaxed, window: int, dms_attention, doc_ids=None, log_keep=None
 ) -> Callable[[], torch.Tensor]:
+    """``log_keep``: ``(bias, bias over the packed documents)`` given to the DMS kernels instead of the
+    relaxed logits (as the training step passes them, from the decisions kernel), or None."""
+
+    def dms(backend: str, docs: bool = False) -> Callable[[], torch.Tensor]:
+        ids = doc_ids if docs else None
+        if log_keep is None:
+            return lambda: dms_attention(q, k, v, relaxed, window, doc_ids=ids, backend=backend)
+        lk = log_keep[1] if docs else log_keep[0]
+        return lambda: dms_attention(q, k, v, None, window, doc_ids=ids, backend=backend, log_keep=lk)
+
     if name == "sdpa_default":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if name == "sdpa_flash":
@@ -136,24 +170,25 @@ def _kernel_fns(
 
         return flash
     if name == "dms_triton" or name in TRITON_VARIANTS:
-        return lambda: dms_attention(q, k, v, relaxed, window, backend="triton")
+        return dms("triton")
     if name == "dms_split":
-        return lambda: dms_attention(q, k, v, relaxed, window, backend="split")
+        return dms("split")
     if name == "dms_split_flash":  # the split with FlashAttention-2 for the old keys too
 
         def split_flash():
             from dms_megatron.core.shift import shifted_log_keep
             from dms_megatron.kernels.split_attention import dms_attention_split
 
-            return dms_attention_split(q, k, v, shifted_log_keep(relaxed), window, old_engine="flash")
+            bias = shifted_log_keep(relaxed) if log_keep is None else log_keep[0]
+            return dms_attention_split(q, k, v, bias, window, old_engine="flash")
 
         return split_flash
     if name == "dms_split_docs":
-        return lambda: dms_attention(q, k, v, relaxed, window, doc_ids=doc_ids, backend="split")
+        return dms("split", docs=True)
     if name == "flash_docs":
         return lambda: dms_attention(q, k, v, None, window, doc_ids=doc_ids, backend="split")
     if name == "dms_flex":
-        return lambda: dms_attention(q, k, v, relaxed, window, backend="flex")
+        return dms("flex")
     if name == "flex_causal":
         return lambda: dms_attention(q, k, v, None, window, backend="flex")
     raise ValueError(f"unknown kernel {name!r}; choose from {KERNELS}")
@@ -169,29 +204,37 @@ def time_shape(
     do_bench,
     dms_attention,
     doc_length: int = 2048,
+    bias_from: str = "log_keep",
 ) -> list[dict]:
+    """Rows of every kernel at one shape; the DMS kernels get the log-keep bias (``bias_from="log_keep"``,
+    as in the training step) or compute it from the relaxed logits inside the call (``"relaxed"``)."""
     q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     relaxed = (torch.randn(1, Hkv, T, device="cuda") * 3).requires_grad_()
     g = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16)
     doc_ids = packed_doc_ids(T, doc_length)
+    log_keep = None
+    if bias_from == "log_keep":
+        from dms_megatron.kernels.bias import shifted_bias
+
+        log_keep = tuple(shifted_bias(relaxed.detach(), ids).requires_grad_() for ids in (None, doc_ids))
     rows = []
     for name in kernels:
         with triton_variant(name):
-            row = _time_kernel(
-                name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms_attention, doc_ids
-            )
+            fn = _kernel_fns(name, q, k, v, relaxed, window, dms_attention, doc_ids, log_keep)
+            row = _time_kernel(name, fn, Hq, Hkv, D, T, g, do_bench)
         if name.endswith("_docs"):
             row["doc_length"] = doc_length
         rows.append(row)
-        q.grad = k.grad = v.grad = relaxed.grad = None
+        for x in (q, k, v, relaxed, *(log_keep or ())):
+            x.grad = None
     return rows
 
 
-def _time_kernel(name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms_attention, doc_ids) -> dict:
-    """One kernel's row: forward and forward + backward times, host issue time, TFLOP/s (or its error)."""
-    fwd = _kernel_fns(name, q, k, v, relaxed, window, dms_attention, doc_ids)
+def _time_kernel(name, fwd, Hq, Hkv, D, T, g, do_bench) -> dict:
+    """One kernel's row: forward and forward + backward times, host issue time (for the fused kernel also
+    without its launches), TFLOP/s (or its error)."""
     row: dict = {"Hq": Hq, "Hkv": Hkv, "D": D, "T": T, "kernel": name}
     try:
         with torch.no_grad():
@@ -213,6 +256,11 @@ def _time_kernel(name, Hq, Hkv, D, T, q, k, v, relaxed, g, window, do_bench, dms
     row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
     row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
     row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
+    if name == "dms_triton" or name in TRITON_VARIANTS:
+        from dms_megatron.kernels import triton_dms
+
+        with no_triton_launches(triton_dms):
+            row["fwd_bwd_host_no_launch_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
     row["fwd_bwd_kernel_ms"] = kernel_ms(fwd_bwd)
     row["fwd_tflops"] = _causal_flops(Hq, T, D, False) / row["fwd_ms"] / 1e9
     row["fwd_bwd_tflops"] = _causal_flops(Hq, T, D, True) / row["fwd_bwd_ms"] / 1e9
@@ -240,9 +288,9 @@ def add_ratios(rows: list[dict], baseline: str = "sdpa_default") -> None:
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'Hq/Hkv/D':>10} {'T':>6} {'kernel':>13} {'fwd ms':>8} {'x sdpa':>7} {'fwd+bwd ms':>11} "
-        f"{'x sdpa':>7} {'TFLOP/s':>8} {'host ms':>8} {'kernel ms':>9} {'x sdpa':>7}   "
-        "(*_docs: x flash_docs; TFLOP/s of dense causal; host ms: issuing one fwd+bwd; kernel ms: its "
-        "kernels' GPU time)"
+        f"{'x sdpa':>7} {'TFLOP/s':>8} {'host ms':>8} {'no-launch':>9} {'kernel ms':>9} {'x sdpa':>7}   "
+        "(*_docs: x flash_docs; TFLOP/s of dense causal; host ms: issuing one fwd+bwd; no-launch: the same "
+        "with the Triton launches skipped; kernel ms: its kernels' GPU time)"
     ]
     for r in rows:
         head = f"{r['Hq']:>4}/{r['Hkv']}/{r['D']:<3} {r['T']:>6} {r['kernel']:>13}"
@@ -254,7 +302,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{head} {r['fwd_ms']:>8.3f} {r.get(f'fwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_ms']:>11.3f} "
             f"{r.get(f'fwd_bwd_vs_{key}', nan):>6.2f}x {r['fwd_bwd_tflops']:>8.1f} "
-            f"{r.get('fwd_bwd_host_ms', nan):>8.3f} {r.get('fwd_bwd_kernel_ms', nan):>9.3f} "
+            f"{r.get('fwd_bwd_host_ms', nan):>8.3f} {r.get('fwd_bwd_host_no_launch_ms', nan):>9.3f} "
+            f"{r.get('fwd_bwd_kernel_ms', nan):>9.3f} "
             f"{r.get(f'fwd_bwd_kernel_vs_{key}', nan):>6.2f}x{'  host-bound' if r.get('host_bound') else ''}"
         )
     return "\n".join(lines)
@@ -267,6 +316,14 @@ def main() -> None:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {KERNELS}")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--doc-length", type=int, default=2048, help="tokens per document of the *_docs kernels")
+    ap.add_argument(
+        "--bias-from",
+        choices=("log_keep", "relaxed"),
+        default="log_keep",
+        help="the DMS kernels take the log-keep bias, as the training step gives it (default), or compute "
+        "it from relaxed logits inside each call (logsigmoid + shift, forward and backward; as rows before "
+        "2026-12-08 did)",
+    )
     ap.add_argument("--out", default=None, help="JSON file for the rows and the run's metadata")
     ap.add_argument(
         "--deadline", type=float, default=None, help="seconds: no shape starts after this (rows so far kept)"
@@ -289,6 +346,7 @@ def main() -> None:
         "python": platform.python_version(),
         "window": args.window,
         "doc_length": args.doc_length,
+        "bias_from": args.bias_from,
         "command": " ".join(sys.argv),
     }
     print(json.dumps(meta), flush=True)
@@ -301,7 +359,9 @@ def main() -> None:
                 meta.setdefault("skipped", []).append(f"{shape} T={T}")
                 continue
             Hq, Hkv, D = (int(x) for x in shape.split("x"))
-            new = time_shape(Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention, args.doc_length)
+            new = time_shape(
+                Hq, Hkv, D, T, args.window, kernels, do_bench, dms_attention, args.doc_length, args.bias_from
+            )
             add_ratios(new)
             rows += new
             print(table(new).split("\n", 1)[1], f"   [{time.time() - start:.0f} s]", flush=True)

@@ -29,7 +29,8 @@
 #                                               #   at 4K / 8K (BENCH_SECONDS; DECIDE_SEQS, DECIDE_KERNELS:
 #                                               #   default the Triton kernel and its TMA forward vs
 #                                               #   SDPA), then the Triton kernel's GPU
-#                                               #   tests (TEST_SECONDS) beside the curves phase's runs
+#                                               #   tests (TEST_SECONDS) and the decode kernels' GPU tests
+#                                               #   (DECODE_TEST_SECONDS) beside the curves phase's runs
 #   bash runbooks/training_speed.sh smollm2     # carry .carry .carry_model/part01: the GPU tests of the
 #                                               #   step's small kernels (noise, fused decisions) and of the
 #                                               #   teacher's CUDA graph (TEST_SECONDS), then the SmolLM2 step
@@ -219,8 +220,12 @@ decide)
     # (and the step parts' tests: the fused-norm dispatch, the sync-free gradient norm)
     boxed "${TEST_SECONDS:-200}" python3 -m pytest -v -p no:cacheprovider tests/gpu/test_triton_attention.py \
         tests/gpu/test_step_parts_on_gpu.py > "$OUT/gpu_tests.log" 2>&1 &
+    # (and the decode kernels: the one-launch split merge, the engine on CUDA; DECODE_TEST_SECONDS=0 skips)
+    boxed "${DECODE_TEST_SECONDS:-150}" python3 -m pytest -v -p no:cacheprovider tests/gpu/test_paged_decode.py \
+        > "$OUT/gpu_decode_tests.log" 2>&1 &
     curve_runs
-    tail -3 "$OUT/gpu_tests.log"
+    wait
+    tail -3 "$OUT/gpu_tests.log" "$OUT/gpu_decode_tests.log"
     ;;
 *)
     echo "unknown phase $PHASE" >&2

@@ -207,7 +207,7 @@ class CompressedKV:
             from dms_megatron.kernels.fused_decode import ring_paged_decode_attention
             from dms_megatron.kernels.ring_commit import commit_decode_token
 
-            ring_len = (pos + 1).clamp(max=W).repeat_interleave(H)  # [R * H]: valid slots, a prefix
+            ring_len = (pos + 1).clamp(max=W).repeat_interleave(H).int()  # [R * H]: valid slots, a prefix
         else:  # the same for every layer: valid ring slots after the write; what _commit moves
             ring_valid = torch.arange(W, device=pos.device)[None] <= pos[:, None]  # [R, W]
             moves = self._moves()
@@ -225,7 +225,7 @@ class CompressedKV:
                 out = ring_paged_decode_attention(
                     qs, self.k_pool, self.v_pool, self.table[layer].view(R * H, -1),
                     self.paged[layer].view(-1), self.ring_k[layer].view(R * H, W, self.D),
-                    self.ring_v[layer].view(R * H, W, -1), ring_len,
+                    self.ring_v[layer].view(R * H, W, -1), ring_len, out_dtype=h.dtype,
                 ).view(R, H, g, -1)  # fmt: skip
             else:
                 out = self._paged_and_ring(layer, q, qs, ring_valid)

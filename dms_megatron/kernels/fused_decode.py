@@ -22,7 +22,8 @@ CUDA stream.
 
 Contract: q [S, g, D]; k_pool / v_pool [num_blocks, block_size, D(v)]; block_table [S, max_blocks];
 lengths [S] (paged tokens); ring_k / ring_v [S, W, D(v)]; ring_lengths [S] (valid ring slots, a prefix)
--> out [S, g, Dv] fp32, softmax over pages and ring together (0 for a stream with neither).
+-> out [S, g, Dv] (fp32, or ``out_dtype``), softmax over pages and ring together (0 for a stream with
+neither).
 
 CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests; the interpreter runs programs one after another, so it
 checks the arrival logic and the merge but not the GPU's memory ordering, which ``tests/gpu`` does).
@@ -185,10 +186,12 @@ def split_decode(
     scale: float,
     ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     with_lse: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One launch of ``decode_split_kernel``: ``(out [S, g, Dv] fp32, lse [S, g] fp32 or None)`` over each
-    stream's pages and, given ``ring = (ring_k, ring_v, ring_lengths)``, its window ring. Splits: about
-    two programs per SM in all (flash-decoding split-K when there are few streams)."""
+    """One launch of ``decode_split_kernel``: ``(out [S, g, Dv] out_dtype, lse [S, g] fp32 or None)`` over
+    each stream's pages and, given ``ring = (ring_k, ring_v, ring_lengths)``, its window ring (softmax in
+    fp32; the output rounded to ``out_dtype`` as it is stored). Splits: about two programs per SM in all
+    (flash-decoding split-K when there are few streams)."""
     S, G, D = q.shape
     DV = v_pool.shape[-1]
     q = q.to(k_pool.dtype).contiguous()
@@ -197,12 +200,10 @@ def split_decode(
     page_splits = page_split_count(S, max_len, q.device)
     per_split = math.ceil(math.ceil(max_len / page_splits) / TOKENS_PER_TILE) * TOKENS_PER_TILE
     splits = page_splits + (ring is not None)
-    if S == 0:
-        return q.new_zeros(0, G, DV, dtype=torch.float32), q.new_zeros(
-            0, G, dtype=torch.float32
-        ) if with_lse else None
-    out = torch.empty(S, G, DV, device=q.device, dtype=torch.float32)  # every row written by the kernel
+    out = torch.empty(S, G, DV, device=q.device, dtype=out_dtype)  # every row written by the kernel
     lse = torch.empty(S, G, device=q.device, dtype=torch.float32) if with_lse else None
+    if S == 0:
+        return out, lse
     if splits > 1:
         acc = torch.empty(S, splits, block_g, DV, device=q.device, dtype=torch.float32)
         m = torch.empty(S, splits, block_g, device=q.device, dtype=torch.float32)
@@ -210,7 +211,8 @@ def split_decode(
         arrived = _arrival_counters(q.device, S)
     lens = _int32(lengths)
     if splits == 1:  # one split writes its stream's result itself: no partials, no counters (not read)
-        acc, m, lsum, arrived = out, out, out, lens
+        acc = m = lsum = torch.empty(1, device=q.device, dtype=torch.float32)
+        arrived = lens
     if ring is None:
         ring_k = ring_v = k_pool
         ring_lengths, W = lens, 0  # not read
@@ -238,9 +240,10 @@ def ring_paged_decode_attention(
     ring_v: torch.Tensor,
     ring_lengths: torch.Tensor,
     scale: float | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Softmax attention of one query token per stream over its pages and its window ring; see the
-    module docstring. One kernel launch."""
+    module docstring. One kernel launch; the output in ``out_dtype`` (fp32 softmax either way)."""
     S, D, DV = q.shape[0], q.shape[-1], v_pool.shape[-1]
     require_triton_device(q, "the fused decode kernel")
     if not decode_head_dims_ok(D, DV):
@@ -248,4 +251,5 @@ def ring_paged_decode_attention(
     if ring_k.shape[0] != S or ring_v.shape[:2] != ring_k.shape[:2] or ring_lengths.shape != (S,):
         raise ValueError(f"ring_k / ring_v [S, W, D], ring_lengths [S]; got {tuple(ring_k.shape)} for S={S}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    return split_decode(q, k_pool, v_pool, block_table, lengths, scale, (ring_k, ring_v, ring_lengths))[0]
+    ring = (ring_k, ring_v, ring_lengths)
+    return split_decode(q, k_pool, v_pool, block_table, lengths, scale, ring, out_dtype=out_dtype)[0]

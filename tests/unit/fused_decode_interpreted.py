@@ -49,6 +49,9 @@ def case(seed: int, dtype: torch.dtype) -> dict:
     args = (q, k_pool, v_pool, blocks, lengths, ring_k, ring_v, ring_lengths)
     got = ring_paged_decode_attention(*args)
     want = reference(*args)
+    # the output rounded as it is stored (the engine's model dtype) == the fp32 output rounded by torch
+    rounded = ring_paged_decode_attention(*args, out_dtype=torch.float16)
+    rounded_equal = rounded.dtype == torch.float16 and torch.equal(rounded, got.to(torch.float16))
     # the split path (paged_decode's triton backend: the same kernel without the ring) vs its reference
     scale = 1.0 / math.sqrt(D)
     split = paged_decode_attention(q, k_pool, v_pool, blocks, lengths, scale, backend="triton")
@@ -64,6 +67,7 @@ def case(seed: int, dtype: torch.dtype) -> dict:
         "counters_zero_after": counters_zero(),
         "lengths": lengths.tolist(), "ring_lengths": ring_lengths.tolist(),
         "max_abs_error": float((got - want).abs().max()),
+        "fp16_output_equals_rounded_fp32": rounded_equal,
         "split_path_max_abs_error": split_err,
         "split_path_empty_ok": bool(torch.isinf(split[1][~live]).all() and (split[0][~live] == 0).all()),
     }  # fmt: skip

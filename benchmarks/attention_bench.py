@@ -16,7 +16,8 @@ rows before 2026-12-08 did); the bias gets a gradient.
 Median of ``triton.testing.do_bench`` (CUDA events). Beside each forward + backward time, the host's
 time to issue one call (``host_issue_ms``: no synchronisation, the GPU still busy with earlier calls): where
 it reaches 80% of the device time the row is marked ``host-bound`` -- the GPU waited for the launches, so the
-time measures the Python / launch path rather than the kernels (for the fused kernel also the same time with
+time measures the Python / launch path rather than the kernels (``fwd_host_ms``: the forward alone; for the
+fused kernel also the forward + backward time with
 its Triton launches skipped, ``fwd_bwd_host_no_launch_ms``: the rest is Triton's launching);
 ``fwd_bwd_kernel_ms`` (the torch profiler's GPU time of the call's kernels) measures the kernels alone.
 Prints a table (ratios to ``sdpa_default``) and writes JSON (--out).
@@ -254,6 +255,7 @@ def _time_kernel(name, fwd, Hq, Hkv, D, T, g, do_bench) -> dict:
 
     row["fwd_ms"] = do_bench(fwd_only, warmup=25, rep=200, return_mode="median")
     row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
+    row["fwd_host_ms"] = host_issue_ms(fwd_only, sync=torch.cuda.synchronize)
     row["fwd_bwd_host_ms"] = host_issue_ms(fwd_bwd, sync=torch.cuda.synchronize)
     row["host_bound"] = row["fwd_bwd_host_ms"] >= HOST_BOUND * row["fwd_bwd_ms"]
     if name == "dms_triton" or name in TRITON_VARIANTS:

@@ -511,7 +511,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 # per device: stand-ins for an absent bias / document bound (their kernels never dereference them)
@@ -528,7 +528,7 @@ def _launch_args(q, k, v, log_keep, doc_start):
         *_strides(k),
         *_strides(v),
     )
-    lk_strides = (lk.stride(0), lk.stride(1)) if log_keep is not None else (0, 0)
+    lk_strides = lk.stride()[:2] if log_keep is not None else (0, 0)
     ds_stride = ds.stride(0) if doc_start is not None else 0
     return lk, ds, strides, lk_strides, ds_stride
 

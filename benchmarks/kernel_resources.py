@@ -101,10 +101,10 @@ def kernel_resources(
     return row
 
 
-_DECODE_POINTERS = {"TABLE": "*i32", "LENS": "*i32", "RLENS": "*i32", "ARRIVED": "*i32"} | {
-    name: "*fp32"
-    for name in ("ACC", "M", "L", "OUT", "LSE")  # partials, output, log-sum-exp
-}
+_DECODE_POINTERS = {
+    "TABLE": "*i32", "LENS": "*i32", "RLENS": "*i32", "ARRIVED": "*i32",
+    "ACC": "*fp32", "M": "*fp32", "L": "*fp32", "OUT": "*fp32", "LSE": "*fp32",  # partials, results
+}  # fmt: skip
 
 
 def decode_resources(dtype: str, head_dim: int, ring: bool = True, block_size: int = 16) -> dict:

@@ -172,8 +172,8 @@ def _arrival_counters(device: torch.device, streams: int) -> torch.Tensor:
             f"the decode kernel's arrival counters must grow to {streams} streams during CUDA-graph "
             "capture; run it once eagerly at this size first"
         )
-    held.append(torch.zeros(max(streams, 2 * (held[-1].numel() if held else 512)), dtype=torch.int32,
-                            device=device))  # fmt: skip
+    size = max(streams, 2 * held[-1].numel() if held else 512)
+    held.append(torch.zeros(size, dtype=torch.int32, device=device))
     return held[-1]
 
 

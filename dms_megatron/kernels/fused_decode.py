@@ -194,6 +194,8 @@ def split_decode(
     (flash-decoding split-K when there are few streams)."""
     S, G, D = q.shape
     DV = v_pool.shape[-1]
+    if not decode_head_dims_ok(D, DV):
+        raise ValueError(f"the Triton decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     q = q.to(k_pool.dtype).contiguous()
     block_g = max(16, 1 << (G - 1).bit_length())
     max_len = block_table.shape[1] * k_pool.shape[1]
@@ -244,10 +246,8 @@ def ring_paged_decode_attention(
 ) -> torch.Tensor:
     """Softmax attention of one query token per stream over its pages and its window ring; see the
     module docstring. One kernel launch; the output in ``out_dtype`` (fp32 softmax either way)."""
-    S, D, DV = q.shape[0], q.shape[-1], v_pool.shape[-1]
+    S, D = q.shape[0], q.shape[-1]
     require_triton_device(q, "the fused decode kernel")
-    if not decode_head_dims_ok(D, DV):
-        raise ValueError(f"the fused decode kernel needs power-of-two head dims >= 16, got {D}, {DV}")
     if ring_k.shape[0] != S or ring_v.shape[:2] != ring_k.shape[:2] or ring_lengths.shape != (S,):
         raise ValueError(f"ring_k / ring_v [S, W, D], ring_lengths [S]; got {tuple(ring_k.shape)} for S={S}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale

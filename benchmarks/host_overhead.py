@@ -54,11 +54,6 @@ class StandInDriver:
         return GPUTarget("cuda", 90, 32)
 
 
-class _Skipped:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 def median_us(fn, calls: int) -> float:
     times = []
     for _ in range(calls):
@@ -75,6 +70,8 @@ def measure(calls: int = 2000) -> dict:
     from triton.runtime.jit import JITFunction
 
     driver.set_active(StandInDriver())
+    from attention_bench import no_triton_launches
+
     from dms_megatron.kernels import dms_attention, triton_dms
 
     triton_dms.require_triton_device = lambda *args, **kwargs: None  # CPU tensors; nothing launches
@@ -100,12 +97,8 @@ def measure(calls: int = 2000) -> dict:
     attention()  # compiles the four kernels for sm_90
     JITFunction.run = run
     rows = {"jit": median_us(attention, calls)}
-    kernels = {name: fn for name, fn in vars(triton_dms).items() if isinstance(fn, JITFunction)}
-    for name in kernels:
-        setattr(triton_dms, name, _Skipped())
-    rows["no_triton"] = median_us(attention, calls)
-    for name, fn in kernels.items():
-        setattr(triton_dms, name, fn)
+    with no_triton_launches(triton_dms):
+        rows["no_triton"] = median_us(attention, calls)
     fwd, args, kwargs = triton_dms._fwd_kernel, captured["args"], captured["kwargs"]
     compiled = fwd[(1, 5)](*args, **kwargs)
     bound = fwd.device_caches[0][4](*args, **kwargs)[0]
